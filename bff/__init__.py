@@ -1,0 +1,1 @@
+"""bff: a backend-for-frontend session proxy (see README.md)."""
