@@ -1,0 +1,79 @@
+"""The browser's two cookies. They carry signed random secrets; no storage, no tokens.
+
+* The session cookie (``__Host-bff``): HttpOnly, Secure, SameSite=Strict by default, Path=/, no
+  Domain. Its value is ``sign(secret)``; the secret is 256 random bits.
+* The login cookie (``<name>-tx``): binds a login transaction to the browser that started it. It
+  must be SameSite=Lax, because the OP's redirect back to ``/bff/callback`` is a cross-site
+  navigation on which a Strict cookie is never sent.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from aiohttp import web
+
+from bff.keys import Keyring, SessionSecret
+
+__all__ = ["CookiePolicy"]
+
+
+class CookiePolicy:
+    def __init__(
+        self,
+        keyring: Keyring,
+        *,
+        name: str = "__Host-bff",
+        same_site: Literal["strict", "lax"] = "strict",
+        secure: bool = True,
+        max_age: float = 86400,
+        login_max_age: float = 600,
+    ) -> None:
+        self._keyring = keyring
+        self.name = name
+        self.tx_name = f"{name}-tx"
+        self._same_site = "Strict" if same_site == "strict" else "Lax"
+        self._secure = secure
+        self._max_age = int(max_age)
+        self._login_max_age = int(login_max_age)
+
+    def session_secret(self, request: web.Request) -> SessionSecret | None:
+        """The verified secret of the session cookie; None when absent, tampered or foreign."""
+        return self._read(request, self.name)
+
+    def browser_secret(self, request: web.Request) -> SessionSecret | None:
+        return self._read(request, self.tx_name)
+
+    def set_session(self, response: web.StreamResponse, secret: SessionSecret) -> None:
+        self._set(response, self.name, secret, self._max_age, self._same_site)
+
+    def clear_session(self, response: web.StreamResponse) -> None:
+        self._set(response, self.name, "", 0, self._same_site)
+
+    def set_browser(self, response: web.StreamResponse, secret: SessionSecret) -> None:
+        self._set(response, self.tx_name, secret, self._login_max_age, "Lax")
+
+    def clear_browser(self, response: web.StreamResponse) -> None:
+        self._set(response, self.tx_name, "", 0, "Lax")
+
+    def _read(self, request: web.Request, name: str) -> SessionSecret | None:
+        raw = request.cookies.get(name)
+        if not raw or len(raw) > 512:
+            return None
+        value = self._keyring.unsign(raw)
+        return SessionSecret(value) if value else None
+
+    def _set(
+        self, response: web.StreamResponse, name: str, value: str, max_age: int, same_site: str
+    ) -> None:
+        signed = self._keyring.sign(value) if value else ""
+        # No Domain attribute and Path=/: required by the __Host- prefix, and the narrowest scope.
+        response.set_cookie(
+            name,
+            signed,
+            max_age=max_age,
+            path="/",
+            secure=self._secure,
+            httponly=True,
+            samesite=same_site,
+        )

@@ -1,0 +1,537 @@
+"""OpenID Connect relying-party client: discovery, JWKS, token endpoint, token validation.
+
+It speaks to the OP with an ``aiohttp.ClientSession`` it is given and knows nothing of the server
+side: it returns values (:class:`TokenSet`, claims dicts) and raises
+
+* :class:`InvalidToken` for an ID or logout token that fails validation,
+* :class:`InvalidGrant` when the OP answers ``invalid_grant`` (code or refresh token dead),
+* :class:`TokenRequestRefused` for any other OAuth error from the token endpoint,
+* :class:`bff.errors.ProviderUnavailable` when the OP cannot be reached, is slow, or answers 5xx.
+
+Specs: OpenID Connect Core 1.0 (3.1.3.7 ID token validation, 12 refresh), Discovery 1.0,
+Back-Channel Logout 1.0 (2.6), RFC 6749, RFC 7636 (PKCE), RFC 7009 (revocation), RFC 7523
+(``private_key_jwt``), RFC 9207 (``iss`` authorization response parameter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
+from joserfc import jws, jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, KeySet, OKPKey, RSAKey
+
+from bff.errors import ProviderUnavailable
+
+__all__ = [
+    "BACKCHANNEL_EVENT",
+    "InvalidGrant",
+    "InvalidToken",
+    "OidcClient",
+    "OidcError",
+    "ProviderMetadata",
+    "TokenRequestRefused",
+    "TokenSet",
+    "new_pkce_pair",
+]
+
+log = logging.getLogger(__name__)
+
+BACKCHANNEL_EVENT = "http://schemas.openid.net/event/backchannel-logout"
+_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+_MAX_JWT = 16_384
+
+
+class OidcError(Exception):
+    pass
+
+
+class InvalidToken(OidcError):
+    """An ID token or logout token failed validation; the message says which check."""
+
+
+class InvalidGrant(OidcError):
+    """The OP refused the grant (``invalid_grant``): the code or refresh token is dead."""
+
+
+class TokenRequestRefused(OidcError):
+    """The token endpoint answered another OAuth error (``invalid_client``, ...)."""
+
+    def __init__(self, error: str, description: str = "") -> None:
+        self.error = error
+        super().__init__(f"{error}: {description}" if description else error)
+
+
+def new_pkce_pair() -> tuple[str, str]:
+    """A fresh (verifier, S256 challenge): 256 bits of entropy, RFC 7636 4.1 alphabet."""
+    verifier = secrets.token_urlsafe(48)
+    return verifier, create_s256_code_challenge(verifier)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderMetadata:
+    issuer: str
+    authorization_endpoint: str
+    token_endpoint: str
+    jwks_uri: str
+    userinfo_endpoint: str | None
+    revocation_endpoint: str | None
+    end_session_endpoint: str | None
+    iss_parameter_supported: bool
+    id_token_algs: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, doc: Mapping[str, Any], expected_issuer: str) -> ProviderMetadata:
+        # Discovery 4.3: the issuer in the document MUST be exactly the one we asked for.
+        if doc.get("issuer") != expected_issuer:
+            raise ValueError(f"discovery issuer {doc.get('issuer')!r} != {expected_issuer!r}")
+        for required in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
+            if not isinstance(doc.get(required), str):
+                raise ValueError(f"discovery document lacks {required}")
+        methods = doc.get("code_challenge_methods_supported")
+        if isinstance(methods, list) and "S256" not in methods:
+            raise ValueError("the OP does not support PKCE S256")
+        algs = doc.get("id_token_signing_alg_values_supported") or []
+        return cls(
+            issuer=doc["issuer"],
+            authorization_endpoint=doc["authorization_endpoint"],
+            token_endpoint=doc["token_endpoint"],
+            jwks_uri=doc["jwks_uri"],
+            userinfo_endpoint=doc.get("userinfo_endpoint"),
+            revocation_endpoint=doc.get("revocation_endpoint"),
+            end_session_endpoint=doc.get("end_session_endpoint"),
+            iss_parameter_supported=bool(doc.get("authorization_response_iss_parameter_supported")),
+            id_token_algs=tuple(a for a in algs if isinstance(a, str)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSet:
+    access_token: str
+    token_type: str
+    expires_at: float | None
+    refresh_token: str | None
+    id_token: str | None
+    scope: tuple[str, ...] | None
+
+    def __repr__(self) -> str:  # tokens never reach a log line or a traceback
+        return f"TokenSet(expires_at={self.expires_at}, scope={self.scope}, tokens='**********')"
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any], now: float) -> TokenSet:
+        token = body.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise ValueError("no access_token in the token response")
+        token_type = str(body.get("token_type", ""))
+        if token_type.lower() != "bearer":
+            raise ValueError(f"unsupported token_type {token_type!r}")
+        expires_in = body.get("expires_in")
+        expires_at = None
+        if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
+            expires_at = now + float(expires_in)
+        scope = body.get("scope")
+        return cls(
+            access_token=token,
+            token_type="Bearer",
+            expires_at=expires_at,
+            refresh_token=body.get("refresh_token") or None,
+            id_token=body.get("id_token") or None,
+            scope=tuple(scope.split()) if isinstance(scope, str) else None,
+        )
+
+
+class OidcClient:
+    def __init__(
+        self,
+        settings: Any,  # bff.config.OidcSettings
+        http: aiohttp.ClientSession,
+        redirect_uri: str,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.issuer: str = settings.issuer
+        self.client_id: str = settings.client_id
+        self.redirect_uri = redirect_uri
+        self._http = http
+        self._clock = clock
+        self._timeout = aiohttp.ClientTimeout(total=settings.http_timeout)
+        self._metadata: ProviderMetadata | None = None
+        self._discovery_lock = asyncio.Lock()
+        self._last_discovery_try = 0.0
+        self._jwks: KeySet | None = None
+        self._jwks_fetched_at = float("-inf")
+        self._jwks_lock = asyncio.Lock()
+        self._signing_key: RSAKey | ECKey | OKPKey | None = None
+        if settings.token_endpoint_auth_method == "private_key_jwt":
+            self._signing_key = _load_private_key(
+                Path(settings.private_key_file), settings.private_key_kid
+            )
+
+    # -- discovery --------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._metadata is not None
+
+    async def metadata(self) -> ProviderMetadata:
+        """The OP's metadata; fetched on first use, then cached for the process lifetime."""
+        if self._metadata is not None:
+            return self._metadata
+        async with self._discovery_lock:
+            if self._metadata is None:
+                # Requests arriving while the OP is down must not each hammer it.
+                if self._clock() - self._last_discovery_try < 1.0:
+                    raise ProviderUnavailable("the OpenID Provider's metadata is not loaded yet")
+                self._last_discovery_try = self._clock()
+                self._metadata = await self._discover()
+        return self._metadata
+
+    async def discover_forever(self, initial_delay: float = 0.5, max_delay: float = 30.0) -> None:
+        """Background task: retry discovery with exponential backoff until it succeeds."""
+        delay = initial_delay
+        while self._metadata is None:
+            try:
+                await self.metadata()
+                log.info("oidc.discovered", extra={"event": "oidc.discovered", "issuer": self.issuer})
+                return
+            except ProviderUnavailable as exc:
+                log.warning(
+                    "oidc.discovery_failed",
+                    extra={"event": "oidc.discovery_failed", "err": str(exc), "retry_in": delay},
+                )
+            await asyncio.sleep(delay)
+            delay = min(max_delay, delay * 2)
+
+    async def _discover(self) -> ProviderMetadata:
+        url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+        doc = await self._get_json(url)
+        try:
+            return ProviderMetadata.parse(doc, self.issuer)
+        except ValueError as exc:
+            raise ProviderUnavailable(f"bad discovery document: {exc}") from exc
+
+    # -- authorization request --------------------------------------------------------------
+
+    async def authorization_url(self, *, state: str, nonce: str, code_challenge: str) -> str:
+        meta = await self.metadata()
+        params = {
+            **self.settings.extra_auth_params,
+            "response_type": "code",
+            "client_id": self.client_id,
+            "redirect_uri": self.redirect_uri,
+            "scope": " ".join(self.settings.scopes),
+            "state": state,
+            "nonce": nonce,
+            "code_challenge": code_challenge,
+            "code_challenge_method": "S256",
+        }
+        sep = "&" if "?" in meta.authorization_endpoint else "?"
+        return f"{meta.authorization_endpoint}{sep}{urlencode(params, quote_via=quote)}"
+
+    async def check_response_issuer(self, iss: str | None) -> None:
+        """RFC 9207: a present ``iss`` must be ours; a supporting OP must send one."""
+        meta = await self.metadata()
+        if iss is None:
+            if meta.iss_parameter_supported:
+                raise InvalidToken("the authorization response lacks the iss parameter")
+            return
+        if iss != meta.issuer:
+            raise InvalidToken("the authorization response came from another issuer")
+
+    # -- token endpoint ---------------------------------------------------------------------
+
+    async def exchange_code(self, code: str, code_verifier: str) -> TokenSet:
+        return await self._token_request(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": self.redirect_uri,
+                "code_verifier": code_verifier,
+            }
+        )
+
+    async def refresh(self, refresh_token: str) -> TokenSet:
+        return await self._token_request(
+            {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        )
+
+    async def client_credentials(self, scopes: tuple[str, ...] = ()) -> TokenSet:
+        form = {"grant_type": "client_credentials"}
+        if scopes:
+            form["scope"] = " ".join(scopes)
+        return await self._token_request(form)
+
+    async def revoke(self, token: str, hint: str) -> bool:
+        """RFC 7009; best effort: False when the OP has no endpoint or did not confirm."""
+        meta = await self.metadata()
+        if not meta.revocation_endpoint:
+            return False
+        form, headers = self._client_auth({"token": token, "token_type_hint": hint}, meta)
+        try:
+            async with self._http.post(
+                meta.revocation_endpoint, data=form, headers=headers, timeout=self._timeout
+            ) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("oidc.revoke_failed", extra={"event": "oidc.revoke_failed", "err": str(exc)})
+            return False
+
+    async def userinfo(self, access_token: str) -> dict[str, Any]:
+        meta = await self.metadata()
+        if not meta.userinfo_endpoint:
+            return {}
+        return await self._get_json(
+            meta.userinfo_endpoint, headers={"Authorization": f"Bearer {access_token}"}
+        )
+
+    async def _token_request(self, form: dict[str, str]) -> TokenSet:
+        meta = await self.metadata()
+        body, headers = self._client_auth(form, meta)
+        headers["Accept"] = "application/json"
+        try:
+            async with self._http.post(
+                meta.token_endpoint, data=body, headers=headers, timeout=self._timeout
+            ) as resp:
+                status = resp.status
+                raw = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ProviderUnavailable("the OpenID Provider's token endpoint is unreachable") from exc
+        if status >= 500:
+            raise ProviderUnavailable(f"the OpenID Provider's token endpoint answered {status}")
+        try:
+            payload = json.loads(raw)
+            if not isinstance(payload, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            raise ProviderUnavailable("the token endpoint answered something other than JSON") from exc
+        if status != 200:
+            error = str(payload.get("error", "invalid_request"))
+            description = str(payload.get("error_description", ""))[:200]
+            log.warning(
+                "oidc.token_refused",
+                extra={"event": "oidc.token_refused", "grant": form["grant_type"], "error": error},
+            )
+            if error == "invalid_grant":
+                raise InvalidGrant(description or error)
+            raise TokenRequestRefused(error, description)
+        try:
+            return TokenSet.parse(payload, self._clock())
+        except ValueError as exc:
+            raise TokenRequestRefused("invalid_response", str(exc)) from exc
+
+    def _client_auth(
+        self, form: dict[str, str], meta: ProviderMetadata
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        method = self.settings.token_endpoint_auth_method
+        if method == "client_secret_basic":
+            # RFC 6749 2.3.1: both parts are form-urlencoded before base64.
+            pair = f"{quote(self.client_id, safe='')}:{quote(self.settings.client_secret.get(), safe='')}"
+            basic = base64.b64encode(pair.encode()).decode()
+            return form, {"Authorization": f"Basic {basic}"}
+        if method == "client_secret_post":
+            return {
+                **form,
+                "client_id": self.client_id,
+                "client_secret": self.settings.client_secret.get(),
+            }, {}
+        assert self._signing_key is not None
+        now = int(self._clock())
+        claims = {
+            "iss": self.client_id,
+            "sub": self.client_id,
+            "aud": meta.token_endpoint,
+            "jti": uuid.uuid4().hex,
+            "iat": now,
+            "exp": now + 60,
+        }
+        header: dict[str, Any] = {"alg": _signing_alg(self._signing_key)}
+        if self._signing_key.kid:
+            header["kid"] = self._signing_key.kid
+        assertion = jwt.encode(header, claims, self._signing_key)
+        return {
+            **form,
+            "client_id": self.client_id,
+            "client_assertion_type": _ASSERTION_TYPE,
+            "client_assertion": assertion,
+        }, {}
+
+    async def _get_json(self, url: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        try:
+            async with self._http.get(url, headers=headers, timeout=self._timeout) as resp:
+                if resp.status != 200:
+                    raise ProviderUnavailable(f"{url} answered {resp.status}")
+                data = json.loads(await resp.read())
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise ProviderUnavailable(f"{url} is unreachable or not JSON") from exc
+        if not isinstance(data, dict):
+            raise ProviderUnavailable(f"{url} did not answer a JSON object")
+        return data
+
+    # -- JWT validation ---------------------------------------------------------------------
+
+    async def validate_id_token(
+        self, id_token: str, *, nonce: str | None, expected_sub: str | None = None
+    ) -> dict[str, Any]:
+        """OpenID Connect Core 3.1.3.7 (and 12.2 for a refreshed ID token: ``nonce=None``)."""
+        claims = await self._verify_jwt(id_token)
+        self._check_common(claims)
+        now = self._clock()
+        exp = claims.get("exp")
+        if not _is_number(exp):
+            raise InvalidToken("the ID token has no exp")
+        if exp + self.settings.clock_skew < now:
+            raise InvalidToken("the ID token has expired")
+        if not isinstance(claims.get("sub"), str) or not claims["sub"]:
+            raise InvalidToken("the ID token has no sub")
+        if expected_sub is not None and claims["sub"] != expected_sub:
+            raise InvalidToken("the refreshed ID token is for another subject")
+        if nonce is not None and claims.get("nonce") != nonce:
+            raise InvalidToken("the ID token's nonce does not match this login")
+        return claims
+
+    async def validate_logout_token(self, token: str) -> dict[str, Any]:
+        """Back-Channel Logout 1.0, 2.6. The caller checks ``jti`` replay in the store."""
+        claims = await self._verify_jwt(token)
+        self._check_common(claims)
+        exp = claims.get("exp")
+        if exp is not None and (not _is_number(exp) or exp + self.settings.clock_skew < self._clock()):
+            raise InvalidToken("the logout token has expired")
+        events = claims.get("events")
+        if not isinstance(events, dict) or not isinstance(events.get(BACKCHANNEL_EVENT), dict):
+            raise InvalidToken("the logout token lacks the back-channel logout event")
+        if "nonce" in claims:
+            raise InvalidToken("a logout token must not contain a nonce")
+        if not isinstance(claims.get("jti"), str) or not claims["jti"]:
+            raise InvalidToken("the logout token has no jti")
+        sid, sub = claims.get("sid"), claims.get("sub")
+        if not (isinstance(sid, str) and sid) and not (isinstance(sub, str) and sub):
+            raise InvalidToken("the logout token names neither sid nor sub")
+        return claims
+
+    def _check_common(self, claims: Mapping[str, Any]) -> None:
+        if claims.get("iss") != self.issuer:
+            raise InvalidToken("the token was issued by another issuer")
+        aud = claims.get("aud")
+        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if self.client_id not in audiences:
+            raise InvalidToken("the token is not meant for this client (aud)")
+        # Core 3.1.3.7 (3): reject audiences we do not trust; (4)-(5): azp must be us.
+        if any(a != self.client_id for a in audiences):
+            raise InvalidToken("the token lists audiences this client does not trust")
+        if "azp" in claims and claims["azp"] != self.client_id:
+            raise InvalidToken("the token's azp is another client")
+        iat = claims.get("iat")
+        if not _is_number(iat):
+            raise InvalidToken("the token has no iat")
+        if iat > self._clock() + self.settings.clock_skew:
+            raise InvalidToken("the token was issued in the future (iat)")
+
+    async def _verify_jwt(self, token: str) -> dict[str, Any]:
+        if not isinstance(token, str) or len(token) > _MAX_JWT or token.count(".") != 2:
+            raise InvalidToken("not a signed JWT (encrypted or malformed)")
+        try:
+            header = jws.extract_compact(token.encode()).headers()
+        except (JoseError, ValueError, TypeError) as exc:
+            raise InvalidToken("the token is not a well-formed JWS") from exc
+        alg = header.get("alg")
+        meta = await self.metadata()
+        allowed = [a for a in self.settings.id_token_algs if not meta.id_token_algs or a in meta.id_token_algs]
+        if not isinstance(alg, str) or alg not in allowed:
+            raise InvalidToken(f"the token's algorithm {alg!r} is not allowed")
+        kid = header.get("kid")
+        key = await self._key_for(kid if isinstance(kid, str) else None, alg)
+        try:
+            decoded = jwt.decode(token, key, algorithms=[alg])
+        except (JoseError, ValueError, TypeError) as exc:
+            raise InvalidToken("the token's signature is invalid") from exc
+        return dict(decoded.claims)
+
+    async def _key_for(self, kid: str | None, alg: str) -> RSAKey | ECKey | OKPKey:
+        key = self._find_key(kid, alg)
+        if key is None and self._clock() - self._jwks_fetched_at >= self.settings.jwks_refetch_interval:
+            # An unknown kid usually means the OP rotated its keys: refetch, at most once per
+            # interval, so forged kids cannot turn us into a JWKS request amplifier.
+            await self._refresh_jwks()
+            key = self._find_key(kid, alg)
+        if key is None:
+            raise InvalidToken("the token is signed with a key the OP does not publish")
+        return key
+
+    def _find_key(self, kid: str | None, alg: str) -> RSAKey | ECKey | OKPKey | None:
+        if self._jwks is None:
+            return None
+        kty = _kty_for(alg)
+        for key in self._jwks.keys:
+            if not isinstance(key, RSAKey | ECKey | OKPKey) or key.key_type != kty:
+                continue
+            if key.get("use") not in (None, "sig"):
+                continue
+            if kid is None or key.kid == kid:
+                return key
+        return None
+
+    async def _refresh_jwks(self) -> None:
+        async with self._jwks_lock:
+            if self._clock() - self._jwks_fetched_at < self.settings.jwks_refetch_interval:
+                return
+            meta = await self.metadata()
+            self._jwks_fetched_at = self._clock()
+            doc = await self._get_json(meta.jwks_uri)
+            try:
+                # Only public asymmetric keys: an "oct" key in a JWKS would be an HMAC trap.
+                keys = [k for k in doc.get("keys", []) if isinstance(k, dict) and k.get("kty") in ("RSA", "EC", "OKP")]
+                self._jwks = KeySet.import_key_set({"keys": keys})
+            except (JoseError, ValueError, TypeError) as exc:
+                raise ProviderUnavailable("the OP's JWKS could not be read") from exc
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _kty_for(alg: str) -> str:
+    if alg.startswith(("RS", "PS")):
+        return "RSA"
+    if alg.startswith("ES"):
+        return "EC"
+    return "OKP"
+
+
+def _signing_alg(key: RSAKey | ECKey | OKPKey) -> str:
+    if isinstance(key, RSAKey):
+        return "RS256"
+    if isinstance(key, ECKey):
+        return {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}[key.curve_name]
+    return "EdDSA"
+
+
+def _load_private_key(path: Path, kid: str | None) -> RSAKey | ECKey | OKPKey:
+    data = path.read_bytes()
+    params: Any = {"kid": kid} if kid else None
+    if data.lstrip().startswith(b"{"):
+        jwk = json.loads(data)
+        for cls in (RSAKey, ECKey, OKPKey):
+            if jwk.get("kty") == cls.key_type:
+                return cls.import_key(jwk, params)
+        raise ValueError("unsupported private key type")
+    for cls in (RSAKey, ECKey, OKPKey):
+        try:
+            return cls.import_key(data, params)
+        except (JoseError, ValueError, TypeError):
+            continue
+    raise ValueError(f"{path} holds no RSA, EC or OKP private key")

@@ -1,0 +1,294 @@
+"""Sessions and login transactions: Python values <-> encrypted bytes <-> the store.
+
+This is the only module that knows how records are laid out in the store:
+
+==========================  ===================================================  ===============
+key                         value                                                 lifetime
+==========================  ===================================================  ===============
+``bff:{<id>}:s``            the session, AES-GCM under its cookie-derived key     idle/absolute
+``bff:{<id>}:lock``         refresh lock owner (``refresh.py``)                   lease
+``bff:{<tx>}:tx``           a login transaction, under the browser-binding key    login_timeout
+``bff:{sub:<h>}:sessions``  index sub -> session ids (no tokens)                  longest member
+``bff:{sid:<h>}:sessions``  index OP sid -> session ids (no tokens)               longest member
+==========================  ===================================================  ===============
+
+``<id>`` is a one-way hash of the cookie secret, so a store dump reveals neither the cookie nor the
+tokens. A session and its lock share one Redis Cluster hash slot through the ``{<id>}`` tag.
+
+Reads go through a small per-process cache (``session.cache_ttl``, 1 s by default) so the hot
+path needs neither a store round trip nor a decryption per request; a logout on another instance
+is therefore seen within that time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bff.errors import LoginFailed
+from bff.keys import (
+    DecryptError,
+    SessionSecret,
+    StoreKey,
+    new_secret,
+    open_sealed,
+    public_handle,
+    seal,
+    secret_key,
+    store_id,
+)
+from bff.store import SessionStore
+
+__all__ = [
+    "LoginTransaction",
+    "Session",
+    "SessionData",
+    "SessionManager",
+    "lock_key",
+    "session_key",
+]
+
+log = logging.getLogger(__name__)
+
+_CACHE_MAX = 50_000
+
+
+def session_key(sid: StoreKey) -> str:
+    return f"bff:{{{sid}}}:s"
+
+
+def lock_key(sid: StoreKey) -> str:
+    return f"bff:{{{sid}}}:lock"
+
+
+def _index_key(kind: str, value: str) -> str:
+    digest = hashlib.sha256(value.encode()).hexdigest()[:32]
+    return f"bff:{{{kind}:{digest}}}:sessions"
+
+
+@dataclass(slots=True)
+class SessionData:
+    """What a session holds. Tokens appear only here and only ever encrypted at rest."""
+
+    sub: str
+    claims: dict[str, Any]
+    access_token: str
+    access_expires_at: float | None  # epoch seconds; None when the OP said nothing
+    refresh_token: str | None
+    id_token: str | None
+    scopes: tuple[str, ...]
+    created_at: float
+    expires_at: float  # absolute end of the session, epoch seconds
+    sid: str | None = None  # the OP's session id, for back-channel logout
+    version: int = 1
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> SessionData:
+        values = json.loads(raw)
+        values["scopes"] = tuple(values["scopes"])
+        return cls(**values)
+
+
+@dataclass(slots=True)
+class Session:
+    secret: SessionSecret
+    id: StoreKey
+    data: SessionData
+    blob: bytes  # the stored bytes this value was read from: the compare-and-set base
+    handle: str = field(default="")  # public value the SPA passes to /bff/logout?sid=
+
+    @property
+    def key(self) -> str:
+        return session_key(self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class LoginTransaction:
+    state: str
+    nonce: str
+    code_verifier: str
+    return_to: str
+    created_at: float
+
+
+@dataclass(slots=True)
+class _Cached:
+    session: Session
+    fetched_at: float
+
+
+class SessionManager:
+    def __init__(
+        self,
+        store: SessionStore,
+        *,
+        idle_timeout: float,
+        absolute_timeout: float,
+        login_timeout: float = 600.0,
+        cache_ttl: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.idle_timeout = idle_timeout
+        self.absolute_timeout = absolute_timeout
+        self.login_timeout = login_timeout
+        self.cache_ttl = cache_ttl
+        self._clock = clock
+        self._cache: dict[SessionSecret, _Cached] = {}
+        self._touched: dict[StoreKey, float] = {}
+        # Sliding the idle timeout costs a store write; once per interval is precise enough.
+        self._touch_interval = min(60.0, idle_timeout / 20)
+
+    # -- sessions -------------------------------------------------------------------------
+
+    async def create(self, data: SessionData) -> Session:
+        """Store a brand-new session under a brand-new secret (no fixation)."""
+        secret = new_secret()
+        sid = store_id(secret)
+        blob = self._seal(secret, sid, data)
+        await self.store.set(session_key(sid), blob, self._ttl(data))
+        remaining = max(1.0, data.expires_at - self._clock())
+        await self.store.index_add(_index_key("sub", data.sub), sid, remaining)
+        if data.sid:
+            await self.store.index_add(_index_key("sid", data.sid), sid, remaining)
+        session = Session(secret, sid, data, blob, public_handle(secret))
+        self._remember(session)
+        log.info("session.created", extra={"event": "session.created", "session": sid[:8]})
+        return session
+
+    async def load(self, secret: SessionSecret | None, *, fresh: bool = False) -> Session | None:
+        """The live session of a cookie secret, or None. ``fresh`` skips the local cache."""
+        if secret is None:
+            return None
+        now = self._clock()
+        if not fresh:
+            cached = self._cache.get(secret)
+            if cached is not None and now - cached.fetched_at < self.cache_ttl:
+                if cached.session.data.expires_at > now:
+                    return cached.session
+                self._cache.pop(secret, None)
+        sid = store_id(secret)
+        blob = await self.store.get(session_key(sid))
+        if blob is None:
+            self._forget(secret, sid)
+            return None
+        try:
+            data = SessionData.from_bytes(open_sealed(secret_key(secret), blob, sid.encode()))
+        except (DecryptError, ValueError, TypeError, KeyError):
+            log.warning("session.undecryptable", extra={"event": "session.undecryptable"})
+            return None
+        if data.expires_at <= now:
+            await self.end_ids(sid)
+            self._forget(secret, sid)
+            return None
+        if now - self._touched.get(sid, 0.0) >= self._touch_interval:
+            await self.store.expire(session_key(sid), self._ttl(data))
+            self._touched[sid] = now
+        session = Session(secret, sid, data, blob, public_handle(secret))
+        self._remember(session)
+        return session
+
+    async def save(self, session: Session, data: SessionData) -> Session | None:
+        """Replace ``session`` with ``data`` unless someone wrote a newer version first."""
+        data.version = session.data.version + 1
+        blob = self._seal(session.secret, session.id, data)
+        if not await self.store.replace(session.key, session.blob, blob, self._ttl(data)):
+            self._cache.pop(session.secret, None)
+            return None
+        updated = Session(session.secret, session.id, data, blob, session.handle)
+        self._remember(updated)
+        return updated
+
+    async def end(self, session: Session) -> None:
+        self._cache.pop(session.secret, None)
+        await self.end_ids(session.id)
+        await self.store.index_remove(_index_key("sub", session.data.sub), session.id)
+        if session.data.sid:
+            await self.store.index_remove(_index_key("sid", session.data.sid), session.id)
+
+    async def end_ids(self, *ids: StoreKey) -> int:
+        """End sessions by id, without their cookie (back-channel logout, operators)."""
+        for sid in ids:
+            self._touched.pop(sid, None)
+        return await self.store.delete(*(session_key(sid) for sid in ids))
+
+    async def ids_for(self, *, sub: str | None = None, sid: str | None = None) -> list[StoreKey]:
+        """Ids of the live sessions of a subject and/or an OP session."""
+        found: set[str] = set()
+        if sub is not None:
+            found.update(await self.store.index_members(_index_key("sub", sub)))
+        if sid is not None:
+            found.update(await self.store.index_members(_index_key("sid", sid)))
+        live = [StoreKey(i) for i in sorted(found) if await self.store.ttl(session_key(StoreKey(i)))]
+        return live
+
+    async def end_matching(self, *, sub: str | None = None, sid: str | None = None) -> int:
+        ids = await self.ids_for(sub=sub, sid=sid)
+        ended = await self.end_ids(*ids) if ids else 0
+        if sub is not None:
+            await self.store.index_remove(_index_key("sub", sub), *ids)
+        if sid is not None:
+            await self.store.index_remove(_index_key("sid", sid), *ids)
+        return ended
+
+    def forget_local(self, secret: SessionSecret) -> None:
+        self._cache.pop(secret, None)
+
+    def _ttl(self, data: SessionData) -> float:
+        return max(0.001, min(self.idle_timeout, data.expires_at - self._clock()))
+
+    def _seal(self, secret: SessionSecret, sid: StoreKey, data: SessionData) -> bytes:
+        # The store id is the associated data: a blob moved to another key does not open.
+        return seal(secret_key(secret), data.to_bytes(), sid.encode())
+
+    def _remember(self, session: Session) -> None:
+        if self.cache_ttl <= 0:
+            return
+        if len(self._cache) >= _CACHE_MAX:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[session.secret] = _Cached(session, self._clock())
+
+    def _forget(self, secret: SessionSecret, sid: StoreKey) -> None:
+        self._cache.pop(secret, None)
+        self._touched.pop(sid, None)
+
+    # -- login transactions ---------------------------------------------------------------
+
+    async def begin_login(self, browser: SessionSecret, tx: LoginTransaction) -> None:
+        key = _tx_key(tx.state)
+        raw = json.dumps(dataclasses.asdict(tx)).encode()
+        await self.store.set(key, seal(secret_key(browser, "tx"), raw, key.encode()), self.login_timeout)
+
+    async def finish_login(self, browser: SessionSecret | None, state: str | None) -> LoginTransaction:
+        """The transaction ``state`` names, consumed: single use and bound to this browser."""
+        if not state:
+            raise LoginFailed("the state parameter is missing")
+        key = _tx_key(state)
+        blob = await self.store.get(key)
+        if blob is None:
+            raise LoginFailed("unknown, expired or already used state")
+        if browser is None:
+            raise LoginFailed("this login was not started in this browser")
+        try:
+            tx = LoginTransaction(**json.loads(open_sealed(secret_key(browser, "tx"), blob, key.encode())))
+        except (DecryptError, ValueError, TypeError):
+            raise LoginFailed("this login was not started in this browser") from None
+        # GETDEL decides between two racing callbacks with the same state: one wins.
+        if await self.store.take(key) != blob or tx.state != state:
+            raise LoginFailed("unknown, expired or already used state")
+        if tx.created_at + self.login_timeout < self._clock():
+            raise LoginFailed("the login took too long; start again")
+        return tx
+
+
+def _tx_key(state: str) -> str:
+    return f"bff:{{{store_id(SessionSecret(state), 'tx')}}}:tx"
