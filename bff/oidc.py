@@ -46,6 +46,7 @@ __all__ = [
     "TokenRequestRefused",
     "TokenSet",
     "new_pkce_pair",
+    "user_claims",
 ]
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class TokenSet:
         scope = body.get("scope")
         return cls(
             access_token=token,
-            token_type="Bearer",
+            token_type="Bearer",  # noqa: S106 (a token type, not a password)
             expires_at=expires_at,
             refresh_token=body.get("refresh_token") or None,
             id_token=body.get("id_token") or None,
@@ -176,7 +177,7 @@ class OidcClient:
         self._jwks_fetched_at = float("-inf")
         self._jwks_lock = asyncio.Lock()
         self._signing_key: RSAKey | ECKey | OKPKey | None = None
-        if settings.token_endpoint_auth_method == "private_key_jwt":
+        if settings.token_endpoint_auth_method == "private_key_jwt":  # noqa: S105
             self._signing_key = _load_private_key(
                 Path(settings.private_key_file), settings.private_key_kid
             )
@@ -206,7 +207,9 @@ class OidcClient:
         while self._metadata is None:
             try:
                 await self.metadata()
-                log.info("oidc.discovered", extra={"event": "oidc.discovered", "issuer": self.issuer})
+                log.info(
+                    "oidc.discovered", extra={"event": "oidc.discovered", "issuer": self.issuer}
+                )
                 return
             except ProviderUnavailable as exc:
                 log.warning(
@@ -288,7 +291,9 @@ class OidcClient:
                 await resp.read()
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("oidc.revoke_failed", extra={"event": "oidc.revoke_failed", "err": str(exc)})
+            log.warning(
+                "oidc.revoke_failed", extra={"event": "oidc.revoke_failed", "err": str(exc)}
+            )
             return False
 
     async def userinfo(self, access_token: str) -> dict[str, Any]:
@@ -310,7 +315,9 @@ class OidcClient:
                 status = resp.status
                 raw = await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable("the OpenID Provider's token endpoint is unreachable") from exc
+            raise ProviderUnavailable(
+                "the OpenID Provider's token endpoint is unreachable"
+            ) from exc
         if status >= 500:
             raise ProviderUnavailable(f"the OpenID Provider's token endpoint answered {status}")
         try:
@@ -318,7 +325,9 @@ class OidcClient:
             if not isinstance(payload, dict):
                 raise ValueError("not an object")
         except ValueError as exc:
-            raise ProviderUnavailable("the token endpoint answered something other than JSON") from exc
+            raise ProviderUnavailable(
+                "the token endpoint answered something other than JSON"
+            ) from exc
         if status != 200:
             error = str(payload.get("error", "invalid_request"))
             description = str(payload.get("error_description", ""))[:200]
@@ -340,7 +349,8 @@ class OidcClient:
         method = self.settings.token_endpoint_auth_method
         if method == "client_secret_basic":
             # RFC 6749 2.3.1: both parts are form-urlencoded before base64.
-            pair = f"{quote(self.client_id, safe='')}:{quote(self.settings.client_secret.get(), safe='')}"
+            secret = self.settings.client_secret.get()
+            pair = f"{quote(self.client_id, safe='')}:{quote(secret, safe='')}"
             basic = base64.b64encode(pair.encode()).decode()
             return form, {"Authorization": f"Basic {basic}"}
         if method == "client_secret_post":
@@ -409,7 +419,9 @@ class OidcClient:
         claims = await self._verify_jwt(token)
         self._check_common(claims)
         exp = claims.get("exp")
-        if exp is not None and (not _is_number(exp) or exp + self.settings.clock_skew < self._clock()):
+        if exp is not None and (
+            not _is_number(exp) or exp + self.settings.clock_skew < self._clock()
+        ):
             raise InvalidToken("the logout token has expired")
         events = claims.get("events")
         if not isinstance(events, dict) or not isinstance(events.get(BACKCHANNEL_EVENT), dict):
@@ -450,7 +462,11 @@ class OidcClient:
             raise InvalidToken("the token is not a well-formed JWS") from exc
         alg = header.get("alg")
         meta = await self.metadata()
-        allowed = [a for a in self.settings.id_token_algs if not meta.id_token_algs or a in meta.id_token_algs]
+        allowed = [
+            a
+            for a in self.settings.id_token_algs
+            if not meta.id_token_algs or a in meta.id_token_algs
+        ]
         if not isinstance(alg, str) or alg not in allowed:
             raise InvalidToken(f"the token's algorithm {alg!r} is not allowed")
         kid = header.get("kid")
@@ -463,7 +479,10 @@ class OidcClient:
 
     async def _key_for(self, kid: str | None, alg: str) -> RSAKey | ECKey | OKPKey:
         key = self._find_key(kid, alg)
-        if key is None and self._clock() - self._jwks_fetched_at >= self.settings.jwks_refetch_interval:
+        if (
+            key is None
+            and self._clock() - self._jwks_fetched_at >= self.settings.jwks_refetch_interval
+        ):
             # An unknown kid usually means the OP rotated its keys: refetch, at most once per
             # interval, so forged kids cannot turn us into a JWKS request amplifier.
             await self._refresh_jwks()
@@ -494,10 +513,24 @@ class OidcClient:
             doc = await self._get_json(meta.jwks_uri)
             try:
                 # Only public asymmetric keys: an "oct" key in a JWKS would be an HMAC trap.
-                keys = [k for k in doc.get("keys", []) if isinstance(k, dict) and k.get("kty") in ("RSA", "EC", "OKP")]
+                keys = [
+                    k
+                    for k in doc.get("keys", [])
+                    if isinstance(k, dict) and k.get("kty") in ("RSA", "EC", "OKP")
+                ]
                 self._jwks = KeySet.import_key_set({"keys": keys})
             except (JoseError, ValueError, TypeError) as exc:
                 raise ProviderUnavailable("the OP's JWKS could not be read") from exc
+
+
+_PROTOCOL_CLAIMS = frozenset(
+    {"nonce", "at_hash", "c_hash", "s_hash", "aud", "azp", "exp", "iat", "nbf", "jti", "sid"}
+)
+
+
+def user_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
+    """The claims worth showing the SPA: about the user, not about the token that carried them."""
+    return {k: v for k, v in claims.items() if k not in _PROTOCOL_CLAIMS}
 
 
 def _is_number(value: object) -> bool:

@@ -162,6 +162,7 @@ class SessionManager:
             await self.store.index_add(_index_key("sid", data.sid), sid, remaining)
         session = Session(secret, sid, data, blob, public_handle(secret))
         self._remember(session)
+        self._touched[sid] = self._clock()
         log.info("session.created", extra={"event": "session.created", "session": sid[:8]})
         return session
 
@@ -228,7 +229,9 @@ class SessionManager:
             found.update(await self.store.index_members(_index_key("sub", sub)))
         if sid is not None:
             found.update(await self.store.index_members(_index_key("sid", sid)))
-        live = [StoreKey(i) for i in sorted(found) if await self.store.ttl(session_key(StoreKey(i)))]
+        live = [
+            StoreKey(i) for i in sorted(found) if await self.store.ttl(session_key(StoreKey(i)))
+        ]
         return live
 
     async def end_matching(self, *, sub: str | None = None, sid: str | None = None) -> int:
@@ -239,6 +242,11 @@ class SessionManager:
         if sid is not None:
             await self.store.index_remove(_index_key("sid", sid), *ids)
         return ended
+
+    def idle_deadline(self, session: Session) -> float:
+        """When the session ends if the user does nothing more (bounded by its absolute end)."""
+        touched = self._touched.get(session.id, self._clock())
+        return min(session.data.expires_at, touched + self.idle_timeout)
 
     def forget_local(self, secret: SessionSecret) -> None:
         self._cache.pop(secret, None)
@@ -266,9 +274,13 @@ class SessionManager:
     async def begin_login(self, browser: SessionSecret, tx: LoginTransaction) -> None:
         key = _tx_key(tx.state)
         raw = json.dumps(dataclasses.asdict(tx)).encode()
-        await self.store.set(key, seal(secret_key(browser, "tx"), raw, key.encode()), self.login_timeout)
+        await self.store.set(
+            key, seal(secret_key(browser, "tx"), raw, key.encode()), self.login_timeout
+        )
 
-    async def finish_login(self, browser: SessionSecret | None, state: str | None) -> LoginTransaction:
+    async def finish_login(
+        self, browser: SessionSecret | None, state: str | None
+    ) -> LoginTransaction:
         """The transaction ``state`` names, consumed: single use and bound to this browser."""
         if not state:
             raise LoginFailed("the state parameter is missing")
@@ -279,7 +291,9 @@ class SessionManager:
         if browser is None:
             raise LoginFailed("this login was not started in this browser")
         try:
-            tx = LoginTransaction(**json.loads(open_sealed(secret_key(browser, "tx"), blob, key.encode())))
+            tx = LoginTransaction(
+                **json.loads(open_sealed(secret_key(browser, "tx"), blob, key.encode()))
+            )
         except (DecryptError, ValueError, TypeError):
             raise LoginFailed("this login was not started in this browser") from None
         # GETDEL decides between two racing callbacks with the same state: one wins.

@@ -87,9 +87,7 @@ class RedisStore:
         options.setdefault("socket_timeout", 2.0)
         options.setdefault("socket_connect_timeout", 1.0)
         options.setdefault("health_check_interval", 15)
-        options.setdefault(
-            "retry", Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1)
-        )
+        options.setdefault("retry", Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1))
         options.setdefault("retry_on_error", [RedisConnectionError, RedisTimeoutError])
         return cls(aioredis.Redis.from_url(url, **options))
 

@@ -1,0 +1,97 @@
+"""``create_app(settings)``: wire the services and routes of one bff instance.
+
+Everything a request needs (store client, OP client, upstream pools, keys) is built here once, in
+``cleanup_ctx``, and torn down in reverse; handlers only look things up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from bff import endpoints, health, spa
+from bff.config import Settings
+from bff.cookies import CookiePolicy
+from bff.keys import Keyring
+from bff.metrics import Metrics
+from bff.middlewares import error_middleware, security_headers
+from bff.oidc import OidcClient
+from bff.refresh import TokenRefresher
+from bff.services import SERVICES, Services
+from bff.sessions import SessionManager
+from bff.store import SessionStore, open_store
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.Application:
+    api_prefixes = (settings.prefix, *(u.path for u in settings.upstreams))
+    app = web.Application(
+        middlewares=[error_middleware(api_prefixes=api_prefixes)],
+        client_max_size=1024**2,  # for bff's own endpoints; proxied bodies stream instead
+    )
+    keyring = Keyring([k.get() for k in settings.keys])
+
+    async def services_ctx(app: web.Application) -> AsyncIterator[None]:
+        session_store = store if store is not None else open_store(settings.session.store)
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
+            raise_for_status=False,
+        )
+        oidc = OidcClient(
+            settings.oidc, http, redirect_uri=f"{settings.public_url}{settings.prefix}/callback"
+        )
+        cfg = settings.session
+        sessions = SessionManager(
+            session_store,
+            idle_timeout=cfg.idle_timeout,
+            absolute_timeout=cfg.absolute_timeout,
+            login_timeout=cfg.login_timeout,
+            cache_ttl=cfg.cache_ttl,
+        )
+        metrics = Metrics()
+        app[SERVICES] = Services(
+            settings=settings,
+            keyring=keyring,
+            cookies=CookiePolicy(
+                keyring,
+                name=cfg.cookie.name,
+                same_site=cfg.cookie.same_site,
+                secure=cfg.cookie.secure,
+                max_age=cfg.absolute_timeout,
+                login_max_age=cfg.login_timeout,
+            ),
+            store=session_store,
+            sessions=sessions,
+            oidc=oidc,
+            http=http,
+            refresher=TokenRefresher(
+                sessions, oidc, skew=settings.oidc.refresh_skew, metrics=metrics
+            ),
+            metrics=metrics,
+        )
+        # An OP that is down at start must not stop us from serving: discover in the background.
+        discovery = asyncio.create_task(oidc.discover_forever())
+        yield
+        discovery.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await discovery
+        await http.close()
+        await session_store.close()
+
+    app.cleanup_ctx.append(services_ctx)
+    endpoints.add_routes(app, settings.prefix)
+    health.add_routes(app)
+    spa.add_routes(app, settings.static, reserved=api_prefixes)
+    app.on_response_prepare.append(
+        security_headers(
+            csp=settings.security.content_security_policy,
+            hsts=settings.security.hsts and settings.public_url.startswith("https://"),
+            no_store_prefixes=(settings.prefix,),
+        )
+    )
+    return app

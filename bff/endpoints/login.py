@@ -1,0 +1,41 @@
+"""``GET /bff/login?returnTo=/path``: start the authorization code flow with PKCE."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from aiohttp import web
+
+from bff.errors import InvalidReturnTo
+from bff.keys import new_secret
+from bff.oidc import new_pkce_pair
+from bff.redirects import is_local_path
+from bff.services import SERVICES
+from bff.sessions import LoginTransaction
+
+
+async def handle(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    return_to = request.query.get("returnTo", "/")
+    if not is_local_path(return_to):
+        raise InvalidReturnTo()
+    # Fails with 503 before anything is stored when the OP's metadata is not loaded yet.
+    await services.oidc.metadata()
+    # One browser-binding secret per browser, so logins in several tabs do not evict each other.
+    browser = services.cookies.browser_secret(request) or new_secret()
+    verifier, challenge = new_pkce_pair()
+    tx = LoginTransaction(
+        state=secrets.token_urlsafe(32),
+        nonce=secrets.token_urlsafe(32),
+        code_verifier=verifier,
+        return_to=return_to,
+        created_at=time.time(),
+    )
+    await services.sessions.begin_login(browser, tx)
+    url = await services.oidc.authorization_url(
+        state=tx.state, nonce=tx.nonce, code_challenge=challenge
+    )
+    response = web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
+    services.cookies.set_browser(response, browser)
+    return response

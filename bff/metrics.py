@@ -1,0 +1,44 @@
+"""Prometheus counters in the text exposition format, per process.
+
+Small on purpose: a dict of counters is all the hot path should pay for. Each worker process
+exposes its own numbers; label the scrape target by instance/pid to sum them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+__all__ = ["Metrics"]
+
+_HELP = {
+    "bff_requests_total": "Requests answered, by route kind and status.",
+    "bff_logins_total": "Completed logins, by outcome.",
+    "bff_refreshes_total": "Access-token refreshes at the OP, by outcome.",
+    "bff_logouts_total": "Sessions ended, by cause.",
+    "bff_upstream_errors_total": "Upstream failures, by kind.",
+}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+
+    def inc(self, name: str, amount: int = 1, **labels: str) -> None:
+        self._counts[(name, tuple(sorted(labels.items())))] += amount
+
+    def value(self, name: str, **labels: str) -> int:
+        return self._counts[(name, tuple(sorted(labels.items())))]
+
+    def render(self) -> str:
+        lines: list[str] = []
+        by_name: dict[str, list[str]] = {}
+        for (name, labels), count in sorted(self._counts.items()):
+            label_text = ",".join(f'{k}="{v}"' for k, v in labels)
+            by_name.setdefault(name, []).append(
+                f"{name}{{{label_text}}} {count}" if label_text else f"{name} {count}"
+            )
+        for name, samples in by_name.items():
+            lines.append(f"# HELP {name} {_HELP.get(name, name)}")
+            lines.append(f"# TYPE {name} counter")
+            lines.extend(samples)
+        return "\n".join(lines) + "\n"

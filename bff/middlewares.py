@@ -1,0 +1,92 @@
+"""Cross-cutting request policy: errors as JSON, anti-forgery, security headers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from bff.errors import BffError, Forbidden, MethodNotAllowed, NotFound
+
+__all__ = ["check_anti_forgery", "error_middleware", "json_error", "security_headers"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_error(exc: BffError) -> web.Response:
+    response = web.json_response(exc.body(), status=exc.status, headers=exc.headers())
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def error_middleware(
+    *, api_prefixes: tuple[str, ...]
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Turn :class:`BffError` into OAuth-shaped JSON; anything else is a bug: log, generic 500."""
+
+    def is_api(path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for p in api_prefixes)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except BffError as exc:
+            return json_error(exc)
+        except web.HTTPException as exc:
+            if is_api(request.path) and exc.status in (404, 405):
+                return json_error(NotFound() if exc.status == 404 else MethodNotAllowed())
+            raise
+        except Exception:
+            # The message is generic on purpose: a traceback must never reach the browser.
+            log.exception("request.failed", extra={"event": "request.failed", "path": request.path})
+            return json_error(BffError("internal error"))
+
+    return middleware
+
+
+def check_anti_forgery(
+    request: web.Request, public_origin: str, *, websocket: bool = False
+) -> None:
+    """The SPA's calls carry ``X-CSRF: 1``, which forces a CORS preflight no other site passes.
+
+    Browsers also tell us when a request is cross-site (``Sec-Fetch-Site``) and where it comes
+    from (``Origin``); either marking another site is refused. A WebSocket handshake cannot carry
+    a custom header, so there a same-origin ``Origin`` is required instead.
+    """
+    origin = request.headers.get("Origin")
+    if websocket:
+        if origin != public_origin:
+            raise Forbidden("a WebSocket must be opened from this origin")
+        return
+    if request.headers.get("X-CSRF") != "1":
+        raise Forbidden("the X-CSRF: 1 header is required")
+    if request.headers.get("Sec-Fetch-Site") == "cross-site":
+        raise Forbidden("cross-site requests are refused")
+    if origin is not None and origin != public_origin:
+        raise Forbidden("requests from another origin are refused")
+
+
+def security_headers(
+    *, csp: str, hsts: bool, no_store_prefixes: tuple[str, ...]
+) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """An ``on_response_prepare`` hook, so streamed and error responses get the headers too."""
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        headers = response.headers
+        headers.setdefault("X-Content-Type-Options", "nosniff")
+        headers.setdefault("Referrer-Policy", "no-referrer")
+        headers.setdefault("X-Frame-Options", "DENY")
+        headers.setdefault("Cross-Origin-Opener-Policy", "same-origin")
+        if csp and response.content_type == "text/html":
+            headers.setdefault("Content-Security-Policy", csp)
+        if hsts:
+            headers.setdefault("Strict-Transport-Security", "max-age=63072000; includeSubDomains")
+        if any(request.path.startswith(p) for p in no_store_prefixes):
+            headers["Cache-Control"] = "no-store"
+        headers.popall("Server", None)
+
+    return on_prepare

@@ -1,0 +1,189 @@
+"""Silent refresh, single-flight per session across tasks, processes and instances (invariant 8).
+
+Shaped like oauth2-proxy's ``refreshSessionIfNeeded``:
+
+1. In one process, concurrent requests of a session share one :class:`asyncio.Future`.
+2. Across processes, a store lock (owner token + lease, renewed while the OP is slow) lets one
+   refresh; the others poll, re-read the session and use the tokens the holder wrote.
+3. The holder re-reads the session *after* taking the lock and checks again: it may already have
+   been refreshed. It writes with compare-and-set, so a stale version never overwrites a newer one.
+
+With refresh-token rotation this matters: a refresh token presented twice makes the OP revoke the
+whole grant, so two refreshes racing would log the user out.
+
+Outcomes: ``invalid_grant`` ends the session (401 ``session_expired``); an OP that is down, slow,
+answers 5xx or refuses for another reason keeps the session (503 with ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+from bff.errors import ProviderUnavailable, SessionExpired, StoreUnavailable
+from bff.metrics import Metrics
+from bff.oidc import InvalidGrant, InvalidToken, OidcClient, TokenRequestRefused, user_claims
+from bff.sessions import Session, SessionManager, lock_key
+
+__all__ = ["TokenRefresher"]
+
+log = logging.getLogger(__name__)
+
+
+class TokenRefresher:
+    def __init__(
+        self,
+        sessions: SessionManager,
+        oidc: OidcClient,
+        *,
+        skew: float = 60.0,
+        lease: float = 5.0,
+        wait_timeout: float | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._sessions = sessions
+        self._oidc = oidc
+        self.skew = skew
+        self.lease = lease
+        # Waiting longer than the OP's own timeout plus a lease gains nothing.
+        self.wait_timeout = wait_timeout or (oidc.settings.http_timeout + 2 * lease)
+        self._metrics = metrics or Metrics()
+        self._clock = clock
+        self._inflight: dict[str, asyncio.Future[Session]] = {}
+
+    def needs_refresh(self, session: Session) -> bool:
+        expires_at = session.data.access_expires_at
+        return expires_at is not None and expires_at - self.skew <= self._clock()
+
+    async def access_token(self, session: Session) -> tuple[Session, str]:
+        """The session (perhaps refreshed) and an access token that is not about to expire."""
+        if self.needs_refresh(session):
+            session = await self.refresh(session)
+        return session, session.data.access_token
+
+    async def refresh(self, session: Session, *, force: bool = False) -> Session:
+        """Refresh once for everyone. ``force``: the upstream refused a token we thought valid."""
+        pending = self._inflight.get(session.id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
+        self._inflight[session.id] = future
+        try:
+            result = await self._refresh_across_instances(session, force)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: a lone caller must not trigger a warning
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            del self._inflight[session.id]
+
+    def _still_good(self, before: Session, after: Session, force: bool) -> bool:
+        if force:
+            return after.data.version != before.data.version
+        return not self.needs_refresh(after)
+
+    async def _reload(self, session: Session) -> Session:
+        fresh = await self._sessions.load(session.secret, fresh=True)
+        if fresh is None:
+            raise SessionExpired()
+        return fresh
+
+    async def _refresh_across_instances(self, session: Session, force: bool) -> Session:
+        owner = uuid.uuid4().hex
+        key = lock_key(session.id)
+        deadline = self._clock() + self.wait_timeout
+        delay = 0.02
+        while True:
+            if await self._sessions.store.acquire_lock(key, owner, self.lease):
+                try:
+                    return await self._refresh_holding_lock(session, key, owner, force)
+                finally:
+                    with contextlib.suppress(StoreUnavailable):
+                        await self._sessions.store.release_lock(key, owner)
+            # Another instance is refreshing: wait for its result instead of racing it.
+            await asyncio.sleep(delay)
+            delay = min(0.2, delay * 2)
+            fresh = await self._reload(session)
+            if self._still_good(session, fresh, force):
+                return fresh
+            if self._clock() > deadline:
+                raise ProviderUnavailable("a token refresh is taking too long")
+
+    async def _refresh_holding_lock(
+        self, session: Session, key: str, owner: str, force: bool
+    ) -> Session:
+        fresh = await self._reload(session)
+        if self._still_good(session, fresh, force):
+            return fresh  # refreshed by someone else while we waited for the lock
+        refresh_token = fresh.data.refresh_token
+        if refresh_token is None:
+            # Without a refresh token the session lives as long as its access token.
+            expires_at = fresh.data.access_expires_at
+            if expires_at is not None and expires_at <= self._clock():
+                await self._sessions.end(fresh)
+                raise SessionExpired("the access token expired and the OP gave no refresh token")
+            return fresh
+        renewer = asyncio.create_task(self._renew(key, owner))
+        try:
+            tokens = await self._oidc.refresh(refresh_token)
+            claims = fresh.data.claims
+            if tokens.id_token:
+                validated = await self._oidc.validate_id_token(
+                    tokens.id_token, nonce=None, expected_sub=fresh.data.sub
+                )
+                claims = {**claims, **user_claims(validated)}
+        except InvalidGrant:
+            self._metrics.inc("bff_refreshes_total", outcome="invalid_grant")
+            log.info("refresh.invalid_grant", extra={"event": "refresh.invalid_grant"})
+            await self._sessions.end(fresh)
+            raise SessionExpired("the OP no longer accepts this session's refresh token") from None
+        except InvalidToken as exc:
+            self._metrics.inc("bff_refreshes_total", outcome="bad_id_token")
+            await self._sessions.end(fresh)
+            raise SessionExpired(f"the refreshed ID token is invalid: {exc}") from None
+        except TokenRequestRefused as exc:
+            self._metrics.inc("bff_refreshes_total", outcome="refused")
+            log.error("refresh.refused", extra={"event": "refresh.refused", "error": exc.error})
+            raise ProviderUnavailable("the OP refused the refresh request") from None
+        except ProviderUnavailable:
+            self._metrics.inc("bff_refreshes_total", outcome="unavailable")
+            raise
+        finally:
+            renewer.cancel()
+        data = dataclasses.replace(
+            fresh.data,
+            claims=claims,
+            access_token=tokens.access_token,
+            access_expires_at=tokens.expires_at,
+            # An OP that does not rotate sends no new refresh token: keep the one we have.
+            refresh_token=tokens.refresh_token or refresh_token,
+            id_token=tokens.id_token or fresh.data.id_token,
+            scopes=tokens.scope if tokens.scope is not None else fresh.data.scopes,
+        )
+        saved = await self._sessions.save(fresh, data)
+        if saved is None:
+            # Only possible if our lease lapsed; whoever wrote holds the newer tokens.
+            log.warning("refresh.lost_race", extra={"event": "refresh.lost_race"})
+            return await self._reload(session)
+        self._metrics.inc("bff_refreshes_total", outcome="ok")
+        return saved
+
+    async def _renew(self, key: str, owner: str) -> None:
+        """Hold the lease while the OP is slow; a crashed holder stops renewing, so it lapses."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                if not await self._sessions.store.renew_lock(key, owner, self.lease):
+                    log.warning("refresh.lock_lost", extra={"event": "refresh.lock_lost"})
+                    return
+            except StoreUnavailable:
+                continue
