@@ -1,0 +1,390 @@
+// Test-only OpenID Provider for bff's integration and browser tests.
+//
+// A thin configuration of the npm package `oidc-provider` (v8): nobody here wrote the protocol
+// code, so bff is tested against a real, standards-following OP. Everything is kept in memory and
+// lost when the process exits. Never expose this server: any login with any password succeeds.
+//
+// Environment:
+//   OP_PORT          port to listen on (127.0.0.1 only); issuer is http://127.0.0.1:${OP_PORT}
+//   OP_ACCESS_TTL    access token / client-credentials token lifetime, seconds (default 60)
+//   OP_REFRESH_TTL   refresh token, grant and OP session lifetime, seconds (default 86400)
+//   OP_CLIENTS       JSON array of static client metadata (default: none; use registration)
+//
+// Besides the OP endpoints (see /.well-known/openid-configuration) it serves:
+//   GET  /interaction/:uid           login form (any login + any non-empty password) or consent
+//   POST /interaction/:uid/login     fields: login, password
+//   POST /interaction/:uid/confirm   grants everything requested
+//   POST /interaction/:uid/abort     ends the request with error=access_denied
+//   GET  /__test/stats               counters (see `stats` below)
+//   POST /__test/reset               zeroes the counters
+//
+// Prints READY on stdout once listening.
+
+import * as crypto from 'node:crypto';
+import * as http from 'node:http';
+
+import Provider, { errors } from 'oidc-provider';
+
+const HOST = '127.0.0.1';
+const PORT = Number.parseInt(process.env.OP_PORT ?? '', 10);
+if (!Number.isInteger(PORT) || PORT <= 0 || PORT > 65535) {
+  console.error('OP_PORT must be set to a TCP port');
+  process.exit(2);
+}
+const ISSUER = `http://${HOST}:${PORT}`;
+const ACCESS_TTL = positiveInt('OP_ACCESS_TTL', 60);
+const REFRESH_TTL = positiveInt('OP_REFRESH_TTL', 86400);
+const CLIENTS = JSON.parse(process.env.OP_CLIENTS || '[]');
+
+const API_SCOPES = ['api:read', 'api:write', 'orders:read'];
+
+function positiveInt(name, fallback) {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '') return fallback;
+  const value = Number.parseInt(raw, 10);
+  if (!Number.isInteger(value) || value <= 0) {
+    console.error(`${name} must be a positive integer, got ${JSON.stringify(raw)}`);
+    process.exit(2);
+  }
+  return value;
+}
+
+function signingKeys() {
+  const rsa = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey;
+  const ec = crypto.generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey;
+  return [
+    { ...rsa.export({ format: 'jwk' }), kid: `rsa-${crypto.randomUUID()}`, use: 'sig' },
+    { ...ec.export({ format: 'jwk' }), kid: `ec-${crypto.randomUUID()}`, use: 'sig' },
+  ];
+}
+
+function esc(value) {
+  return String(value ?? '')
+    .replace(/&/g, '&amp;')
+    .replace(/</g, '&lt;')
+    .replace(/>/g, '&gt;')
+    .replace(/"/g, '&quot;')
+    .replace(/'/g, '&#39;');
+}
+
+function page(title, body) {
+  return `<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>${esc(title)}</title></head>
+<body>
+<h1>${esc(title)}</h1>
+${body}
+</body>
+</html>`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counters for GET /__test/stats
+
+function emptyStats() {
+  return {
+    // token endpoint requests by grant_type, successes and failures alike
+    token: { authorization_code: 0, refresh_token: 0, client_credentials: 0 },
+    // the failures among them, by grant_type
+    token_errors: { authorization_code: 0, refresh_token: 0, client_credentials: 0 },
+    revocations: 0, // revocation endpoint requests answered 200
+    revocation_errors: 0,
+    revoked: { RefreshToken: 0, AccessToken: 0, ClientCredentials: 0 }, // tokens actually found
+    backchannel_logouts_sent: 0, // logout tokens the client acknowledged (200/204)
+    backchannel_logout_errors: 0,
+    end_sessions: 0, // RP-initiated logouts confirmed
+    authorizations: 0, // successful authorization responses (codes issued)
+  };
+}
+
+let stats = emptyStats();
+
+function bump(bucket, key) {
+  bucket[key] = (bucket[key] ?? 0) + 1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Provider
+
+const configuration = {
+  clients: CLIENTS,
+  jwks: { keys: signingKeys() },
+  cookies: {
+    keys: [crypto.randomBytes(32).toString('hex')],
+    // Lax (not the default None) so plain-HTTP loopback cookies work in Chromium without the
+    // `.legacy` duplicates; every hop (bff and OP on 127.0.0.1) is same-site anyway.
+    long: { httpOnly: true, sameSite: 'lax' },
+    short: { httpOnly: true, sameSite: 'lax' },
+  },
+  scopes: ['openid', 'offline_access', 'profile', 'email', ...API_SCOPES],
+  claims: {
+    openid: ['sub'],
+    profile: ['name'],
+    email: ['email', 'email_verified'],
+  },
+  // profile/email claims also go into the ID token, as most OPs do, not only to userinfo.
+  conformIdTokenClaims: false,
+  async findAccount(ctx, id) {
+    return {
+      accountId: id,
+      async claims() {
+        return {
+          sub: id, name: `Test User ${id}`, email: `${id}@example.com`, email_verified: true,
+        };
+      },
+    };
+  },
+  responseTypes: ['code'],
+  pkce: { methods: ['S256'], required: () => true },
+  clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'private_key_jwt'],
+  enabledJWA: {
+    idTokenSigningAlgValues: ['RS256', 'ES256'],
+    userinfoSigningAlgValues: ['RS256', 'ES256'],
+  },
+  ttl: {
+    AccessToken: ACCESS_TTL,
+    ClientCredentials: ACCESS_TTL,
+    AuthorizationCode: 60,
+    IdToken: 3600,
+    Interaction: 3600,
+    RefreshToken: REFRESH_TTL,
+    Grant: REFRESH_TTL,
+    Session: REFRESH_TTL,
+  },
+  // A refresh token for every code exchange of a client allowed to refresh (the default also
+  // wants offline_access, which oidc-provider drops unless prompt=consent).
+  // `expiresWithSession` keeps its default: without offline_access, tokens (refresh tokens too)
+  // are bound to the OP browser session and die with it, e.g. at RP-initiated logout or when
+  // another user logs in in the same browser; with offline_access they outlive it.
+  issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),
+  // Rotation on every use. Presenting a consumed refresh token fails with invalid_grant and
+  // revokes the whole grant (oidc-provider v8 does this itself, see refresh_token.js).
+  rotateRefreshToken: true,
+  // Consent is implied: every requested scope and claim is granted, so a login is one form.
+  async loadExistingGrant(ctx) {
+    const { oidc } = ctx;
+    const grantId = oidc.result?.consent?.grantId || oidc.session.grantIdFor(oidc.client.clientId);
+    let grant = grantId ? await oidc.provider.Grant.find(grantId) : undefined;
+    if (!grant || grant.accountId !== oidc.account.accountId) {
+      grant = new oidc.provider.Grant({
+        accountId: oidc.account.accountId,
+        clientId: oidc.client.clientId,
+      });
+    }
+    grant.addOIDCScope([...oidc.requestParamScopes].join(' ') || 'openid');
+    if (oidc.requestParamClaims.size) grant.addOIDCClaims([...oidc.requestParamClaims]);
+    await grant.save();
+    return grant;
+  },
+  interactions: {
+    url: async (ctx, interaction) => `/interaction/${interaction.uid}`,
+  },
+  features: {
+    devInteractions: { enabled: false }, // replaced by the plain forms below
+    registration: { enabled: true }, // open RFC 7591 registration, no initial access token
+    revocation: { enabled: true },
+    introspection: { enabled: true },
+    clientCredentials: { enabled: true },
+    backchannelLogout: { enabled: true },
+    rpInitiatedLogout: {
+      enabled: true,
+      async logoutSource(ctx, form) {
+        // `form` is <form id="op.logoutForm" ...><input type="hidden" name="xsrf" .../></form>;
+        // the buttons go inside it so any form parser finds them.
+        const buttons = '<button type="submit" id="logout-yes" name="logout" value="yes">Yes, sign me out</button>\n'
+          + '<button type="submit" id="logout-no">No, stay signed in</button>\n</form>';
+        ctx.type = 'html';
+        ctx.body = page('Sign out', `<p>Do you want to sign out from ${esc(ctx.host)}?</p>\n${form.replace('</form>', buttons)}`);
+      },
+      async postLogoutSuccessSource(ctx) {
+        ctx.type = 'html';
+        ctx.body = page('Signed out', '<p id="signed-out">You are signed out.</p>');
+      },
+    },
+  },
+  async renderError(ctx, out) {
+    ctx.type = 'html';
+    ctx.body = page('Error', `<pre id="error">${esc(out.error)}</pre>\n<pre id="error_description">${esc(out.error_description)}</pre>`);
+  },
+};
+
+const provider = new Provider(ISSUER, configuration);
+
+provider.on('server_error', (ctx, err) => console.error('server_error', err));
+provider.on('backchannel.success', () => { stats.backchannel_logouts_sent += 1; });
+provider.on('backchannel.error', (ctx, err, client) => {
+  stats.backchannel_logout_errors += 1;
+  console.error(`backchannel logout to ${client.backchannelLogoutUri} failed: ${err.message}`);
+});
+provider.on('end_session.success', () => { stats.end_sessions += 1; });
+provider.on('authorization.success', () => { stats.authorizations += 1; });
+
+const ROUTES = { token: '/token', revocation: '/token/revocation' };
+
+// Count token and revocation requests by outcome, after the provider has answered them.
+provider.use(async (ctx, next) => {
+  await next();
+  if (ctx.method !== 'POST') return;
+  if (ctx.path === ROUTES.token) {
+    const grantType = ctx.oidc?.params?.grant_type ?? ctx.oidc?.body?.grant_type ?? 'unknown';
+    bump(stats.token, grantType);
+    if (ctx.status !== 200) bump(stats.token_errors, grantType);
+  } else if (ctx.path === ROUTES.revocation) {
+    if (ctx.status === 200) {
+      stats.revocations += 1;
+      for (const kind of Object.keys(stats.revoked)) {
+        if (ctx.oidc?.entities?.[kind]) bump(stats.revoked, kind);
+      }
+    } else {
+      stats.revocation_errors += 1;
+    }
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// Login / consent interactions: plain HTML forms a browser and an HTTP client can both submit.
+
+function loginPage(uid, details, message) {
+  const { params } = details;
+  return page('Sign in', `${message ? `<p id="message">${esc(message)}</p>\n` : ''}<p>to ${esc(params.client_id)}</p>
+<form id="login-form" method="post" action="/interaction/${esc(uid)}/login">
+  <label>Login <input id="login" type="text" name="login" required autofocus value="${esc(params.login_hint)}"></label>
+  <label>Password <input id="password" type="password" name="password" required></label>
+  <button id="sign-in" type="submit">Sign in</button>
+</form>
+<form id="abort-form" method="post" action="/interaction/${esc(uid)}/abort">
+  <button id="cancel" type="submit">Cancel</button>
+</form>`);
+}
+
+function consentPage(uid, details) {
+  const scopes = details.params.scope ?? '';
+  return page('Authorize', `<p>${esc(details.params.client_id)} asks for: <code id="scopes">${esc(scopes)}</code></p>
+<form id="consent-form" method="post" action="/interaction/${esc(uid)}/confirm">
+  <button id="allow" type="submit">Allow</button>
+</form>
+<form id="abort-form" method="post" action="/interaction/${esc(uid)}/abort">
+  <button id="cancel" type="submit">Cancel</button>
+</form>`);
+}
+
+async function readForm(req) {
+  const chunks = [];
+  for await (const chunk of req) chunks.push(chunk);
+  return new URLSearchParams(Buffer.concat(chunks).toString('utf8'));
+}
+
+function send(res, status, type, body) {
+  res.writeHead(status, { 'content-type': type, 'cache-control': 'no-store' });
+  res.end(body);
+}
+
+async function interaction(req, res, uid, action) {
+  let details;
+  try {
+    details = await provider.interactionDetails(req, res);
+  } catch (err) {
+    if (err instanceof errors.SessionNotFound) {
+      send(res, 400, 'text/html; charset=utf-8', page('Error', '<p id="error">interaction session not found (cookies?)</p>'));
+      return;
+    }
+    throw err;
+  }
+  if (details.uid !== uid) {
+    send(res, 400, 'text/html; charset=utf-8', page('Error', '<p id="error">interaction mismatch</p>'));
+    return;
+  }
+  const { prompt } = details;
+
+  if (req.method === 'GET' && action === '') {
+    const html = prompt.name === 'login' ? loginPage(uid, details) : consentPage(uid, details);
+    send(res, 200, 'text/html; charset=utf-8', html);
+    return;
+  }
+  if (req.method !== 'POST') {
+    send(res, 405, 'text/plain', 'method not allowed');
+    return;
+  }
+
+  if (action === 'abort') {
+    await provider.interactionFinished(req, res, {
+      error: 'access_denied', error_description: 'End-User aborted interaction',
+    }, { mergeWithLastSubmission: false });
+    return;
+  }
+
+  if (action === 'login' && prompt.name === 'login') {
+    const form = await readForm(req);
+    const login = (form.get('login') ?? '').trim();
+    if (!login || !form.get('password')) {
+      send(res, 400, 'text/html; charset=utf-8', loginPage(uid, details, 'login and password are required'));
+      return;
+    }
+    await provider.interactionFinished(req, res, { login: { accountId: login } }, {
+      mergeWithLastSubmission: false,
+    });
+    return;
+  }
+
+  if (action === 'confirm' && prompt.name === 'consent') {
+    const { grantId, session, params } = details;
+    const grant = grantId
+      ? await provider.Grant.find(grantId)
+      : new provider.Grant({ accountId: session.accountId, clientId: params.client_id });
+    const { missingOIDCScope, missingOIDCClaims } = prompt.details;
+    if (missingOIDCScope) grant.addOIDCScope(missingOIDCScope.join(' '));
+    if (missingOIDCClaims) grant.addOIDCClaims(missingOIDCClaims);
+    const consent = { grantId: await grant.save() };
+    await provider.interactionFinished(req, res, { consent }, { mergeWithLastSubmission: true });
+    return;
+  }
+
+  send(res, 400, 'text/html; charset=utf-8', page('Error', `<p id="error">unexpected ${esc(action)} for prompt ${esc(prompt.name)}</p>`));
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP server
+
+const providerHandler = provider.callback();
+
+async function handle(req, res) {
+  const { pathname } = new URL(req.url, ISSUER);
+
+  if (pathname === '/__test/stats' && req.method === 'GET') {
+    send(res, 200, 'application/json', JSON.stringify(stats));
+    return;
+  }
+  if (pathname === '/__test/reset' && req.method === 'POST') {
+    stats = emptyStats();
+    send(res, 200, 'application/json', JSON.stringify(stats));
+    return;
+  }
+
+  const match = /^\/interaction\/([^/]+)(?:\/(login|confirm|abort))?$/.exec(pathname);
+  if (match) {
+    await interaction(req, res, match[1], match[2] ?? '');
+    return;
+  }
+
+  providerHandler(req, res);
+}
+
+const server = http.createServer((req, res) => {
+  handle(req, res).catch((err) => {
+    console.error('interaction error', err);
+    if (!res.headersSent) send(res, 500, 'text/plain', 'internal error');
+    else res.end();
+  });
+});
+
+server.listen(PORT, HOST, () => {
+  process.stdout.write('READY\n');
+});
+
+for (const signal of ['SIGTERM', 'SIGINT']) {
+  process.on(signal, () => {
+    server.close();
+    server.closeAllConnections();
+    process.exit(0);
+  });
+}

@@ -1,0 +1,552 @@
+"""Real processes for integration tests: ``redis-server`` and the test OpenID Provider.
+
+Both listen on 127.0.0.1 only, on a free port chosen at construction and kept across
+``restart()``, so a client configured with ``.url`` / ``.issuer`` can reconnect after a fault.
+
+The OP is ``tests/op/server.mjs`` (npm ``oidc-provider`` 8); read its header for the endpoints,
+forms and settings. ``op_login`` and ``op_logout`` drive its HTML pages the way a browser would,
+with a plain ``aiohttp.ClientSession``. That session must keep cookies for an IP-address host,
+which aiohttp refuses by default: create it with ``aiohttp.CookieJar(unsafe=True)``, or use
+``browser_session()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from html.parser import HTMLParser
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+__all__ = [
+    "OP_DIR",
+    "OidcProvider",
+    "OpInteractionError",
+    "RedisServer",
+    "browser_session",
+    "ensure_op_installed",
+    "free_port",
+    "op_login",
+    "op_logout",
+]
+
+HOST = "127.0.0.1"
+OP_DIR = Path(__file__).resolve().parent.parent / "op"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tail(path: Path, limit: int = 4000) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return text[-limit:]
+
+
+class _Process:
+    """A child process whose output goes to files in its own temporary directory."""
+
+    name = "process"
+
+    def __init__(self, port: int | None) -> None:
+        self.port = port if port is not None else free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"bff-{self.name}-"))
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _spawn(self, argv: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None) -> None:
+        with (
+            open(self.workdir / "stdout.log", "wb") as out,
+            open(self.workdir / "stderr.log", "wb") as err,
+        ):
+            self._proc = subprocess.Popen(
+                argv, cwd=cwd, env=dict(env) if env is not None else None, stdout=out, stderr=err
+            )
+
+    def _fail(self, reason: str) -> RuntimeError:
+        self.stop()
+        return RuntimeError(
+            f"{self.name} on port {self.port}: {reason}\n"
+            f"--- stderr ---\n{_tail(self.workdir / 'stderr.log')}\n"
+            f"--- stdout ---\n{_tail(self.workdir / 'stdout.log')}"
+        )
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Kill the process (SIGKILL) and wait for it; a no-op when it is not running."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+    def close(self) -> None:
+        """Stop and remove the temporary directory."""
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class RedisServer(_Process):
+    """A throw-away ``redis-server`` on 127.0.0.1: no persistence, data lives until ``stop()``.
+
+    ``stop()`` kills it (a crash, as far as clients can tell); ``restart()`` brings back an empty
+    server on the same port.
+    """
+
+    name = "redis-server"
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        executable: str = "redis-server",
+        startup_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(port)
+        self.executable = executable
+        self.startup_timeout = startup_timeout
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def start(self) -> None:
+        """Start and wait until it answers PING; a no-op when already running."""
+        if self.is_running():
+            return
+        argv = [
+            self.executable,
+            "--port", str(self.port),
+            "--bind", HOST,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.workdir),
+        ]  # fmt: skip
+        self._spawn(argv, cwd=self.workdir, env=None)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if not self.is_running():
+                raise self._fail("exited during startup")
+            if self.ping():
+                return
+            time.sleep(0.05)
+        raise self._fail(f"no PONG within {self.startup_timeout} s")
+
+    def restart(self) -> None:
+        """Kill and start again on the same port. All data is gone afterwards."""
+        self.stop()
+        self.start()
+
+    def ping(self) -> bool:
+        """True when the server answers PING right now."""
+        try:
+            with socket.create_connection((HOST, self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+def ensure_op_installed() -> None:
+    """Run ``npm ci`` in tests/op when its node_modules is missing (once, even across processes)."""
+    marker = OP_DIR / "node_modules" / "oidc-provider" / "package.json"
+    if marker.exists():
+        return
+    lock_path = Path(tempfile.gettempdir()) / "bff-tests-op-npm.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists():
+            return
+        result = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"],
+            cwd=OP_DIR,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"npm ci in {OP_DIR} failed:\n{result.stdout}\n{result.stderr}")
+
+
+class OidcProvider(_Process):
+    """The test OP (``node tests/op/server.mjs``) on 127.0.0.1; issuer ``http://127.0.0.1:PORT``.
+
+    All OP state (clients registered at runtime, sessions, grants, tokens, signing keys, stats) is
+    in memory: ``restart()`` keeps the port and the issuer but loses all of it, so registered
+    clients must register again and every token issued before is dead. Static ``clients`` given
+    here come back on restart.
+    """
+
+    name = "oidc-provider"
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        access_ttl: int = 60,
+        refresh_ttl: int = 86400,
+        clients: Sequence[Mapping[str, Any]] = (),
+        node: str = "node",
+        startup_timeout: float = 20.0,
+    ) -> None:
+        super().__init__(port)
+        self.access_ttl = access_ttl
+        self.refresh_ttl = refresh_ttl
+        self.clients = list(clients)
+        self.node = node
+        self.startup_timeout = startup_timeout
+
+    @property
+    def issuer(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def discovery_url(self) -> str:
+        return f"{self.issuer}/.well-known/openid-configuration"
+
+    def start(self) -> None:
+        """Start and wait for its READY line; a no-op when already running."""
+        if self.is_running():
+            return
+        ensure_op_installed()
+        env = {
+            **os.environ,
+            "OP_PORT": str(self.port),
+            "OP_ACCESS_TTL": str(self.access_ttl),
+            "OP_REFRESH_TTL": str(self.refresh_ttl),
+            "OP_CLIENTS": json.dumps(self.clients),
+            "NODE_ENV": "test",
+        }
+        self._spawn([self.node, str(OP_DIR / "server.mjs")], cwd=OP_DIR, env=env)
+        stdout = self.workdir / "stdout.log"
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if "READY" in _tail(stdout).splitlines():
+                return
+            if not self.is_running():
+                raise self._fail("exited during startup")
+            time.sleep(0.05)
+        raise self._fail(f"no READY within {self.startup_timeout} s")
+
+    def stop(self) -> None:
+        """SIGTERM (the server exits at once), SIGKILL if it lingers; then wait."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        super().stop()
+
+    def restart(self) -> None:
+        """Stop and start on the same port. All in-memory OP state is lost (see the class doc)."""
+        self.stop()
+        self.start()
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.request(method, f"{self.issuer}{path}", **kwargs) as resp,
+        ):
+            body = await resp.json(content_type=None)
+            if resp.status >= 400:
+                raise RuntimeError(f"{method} {path} -> {resp.status}: {body}")
+            return body
+
+    async def discovery(self) -> dict[str, Any]:
+        """The OP's discovery document."""
+        doc: dict[str, Any] = await self._request("GET", "/.well-known/openid-configuration")
+        return doc
+
+    async def stats(self) -> dict[str, Any]:
+        """Counters since start or the last reset.
+
+        ``{"token": {"authorization_code": n, "refresh_token": n, "client_credentials": n},
+        "token_errors": {...same keys, failures only}, "revocations": n, "revocation_errors": n,
+        "revoked": {"RefreshToken": n, "AccessToken": n, "ClientCredentials": n},
+        "backchannel_logouts_sent": n, "backchannel_logout_errors": n, "end_sessions": n,
+        "authorizations": n}``. ``token`` counts token endpoint requests, successes and failures.
+        """
+        stats: dict[str, Any] = await self._request("GET", "/__test/stats")
+        return stats
+
+    async def reset_stats(self) -> None:
+        """Zero every counter."""
+        await self._request("POST", "/__test/reset")
+
+    async def register_client(
+        self,
+        redirect_uris: Sequence[str] = (),
+        post_logout_redirect_uris: Sequence[str] = (),
+        backchannel_logout_uri: str | None = None,
+        token_endpoint_auth_method: str = "client_secret_basic",
+        jwks: Mapping[str, Any] | None = None,
+        grant_types: Sequence[str] = ("authorization_code", "refresh_token"),
+        **metadata: Any,
+    ) -> dict[str, Any]:
+        """Register a client (RFC 7591) and return the OP's answer.
+
+        The answer holds ``client_id``, ``client_secret`` (not for private_key_jwt) and the
+        metadata as stored. A back-channel logout client gets
+        ``backchannel_logout_session_required`` so its logout tokens carry ``sid``. Any other
+        client metadata can be passed as keyword arguments (``scope``, ``client_name``,
+        ``id_token_signed_response_alg="ES256"``, ...).
+        """
+        body: dict[str, Any] = {
+            "redirect_uris": list(redirect_uris),
+            "grant_types": list(grant_types),
+            "response_types": ["code"] if "authorization_code" in grant_types else [],
+            "token_endpoint_auth_method": token_endpoint_auth_method,
+        }
+        if post_logout_redirect_uris:
+            body["post_logout_redirect_uris"] = list(post_logout_redirect_uris)
+        if backchannel_logout_uri is not None:
+            body["backchannel_logout_uri"] = backchannel_logout_uri
+            body["backchannel_logout_session_required"] = True
+        if jwks is not None:
+            body["jwks"] = dict(jwks)
+        body.update(metadata)
+        client: dict[str, Any] = await self._request("POST", "/reg", json=body)
+        return client
+
+
+# -------------------------------------------------------------------------------------------------
+# Driving the OP's HTML pages
+
+
+class OpInteractionError(RuntimeError):
+    """The OP answered with something op_login/op_logout cannot continue from."""
+
+
+def browser_session(*secure_origins: str, **kwargs: Any) -> aiohttp.ClientSession:
+    """An ``aiohttp.ClientSession`` that keeps cookies like a browser on 127.0.0.1.
+
+    ``secure_origins`` (e.g. a loopback bff's ``http://127.0.0.1:PORT``) are treated as secure,
+    so ``Secure`` / ``__Host-`` cookies they set are sent back over plain HTTP.
+    """
+    jar = aiohttp.CookieJar(unsafe=True, treat_as_secure_origin=list(secure_origins) or None)
+    return aiohttp.ClientSession(cookie_jar=jar, **kwargs)
+
+
+class _Form:
+    def __init__(self, attrs: Mapping[str, str | None]) -> None:
+        self.id = attrs.get("id") or ""
+        self.action = attrs.get("action") or ""
+        self.method = (attrs.get("method") or "get").upper()
+        self.fields: dict[str, str] = {}  # hidden and text-like inputs, in order
+        self.input_types: dict[str, str] = {}
+        self.buttons: list[tuple[str, str]] = []  # (name, value) of named submit buttons
+
+
+class _FormParser(HTMLParser):
+    """Collects forms, their inputs and named submit buttons (also those with ``form="id"``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: list[_Form] = []
+        self._current: _Form | None = None
+
+    def _owner(self, attrs: Mapping[str, str | None]) -> _Form | None:
+        form_id = attrs.get("form")
+        if form_id:
+            return next((f for f in self.forms if f.id == form_id), None)
+        return self._current
+
+    def handle_starttag(self, tag: str, attr_list: list[tuple[str, str | None]]) -> None:
+        attrs = dict(attr_list)
+        if tag == "form":
+            self._current = _Form(attrs)
+            self.forms.append(self._current)
+            return
+        form = self._owner(attrs)
+        name = attrs.get("name")
+        if form is None or not name:
+            return
+        kind = (attrs.get("type") or ("submit" if tag == "button" else "text")).lower()
+        if tag == "button" or kind == "submit":
+            form.buttons.append((name, attrs.get("value") or ""))
+        elif tag == "input":
+            form.fields[name] = attrs.get("value") or ""
+            form.input_types[name] = kind
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "form":
+            self._current = None
+
+
+def _forms(html: str) -> list[_Form]:
+    parser = _FormParser()
+    parser.feed(html)
+    parser.close()
+    return parser.forms
+
+
+def _auto_submitted(form: _Form) -> bool:
+    """A form of hidden fields only, as in oidc-provider's self-submitting pages."""
+    return bool(form.fields) and set(form.input_types.values()) == {"hidden"}
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc
+
+
+async def _submit(
+    http: aiohttp.ClientSession, page_url: str, form: _Form, extra: Mapping[str, str]
+) -> aiohttp.ClientResponse:
+    data = {**form.fields, **extra}
+    url = urljoin(page_url, form.action or page_url)
+    if form.method == "POST":
+        return await http.post(url, data=data, allow_redirects=False)
+    return await http.get(url, params=data, allow_redirects=False)
+
+
+async def _walk(
+    http: aiohttp.ClientSession,
+    start_url: str,
+    fill: Callable[[str, list[_Form]], tuple[_Form, dict[str, str]] | None],
+    max_steps: int = 20,
+) -> str:
+    """GET ``start_url``, follow redirects within its origin, answer forms with ``fill``.
+
+    Returns the first Location outside the OP's origin, or the URL of an OP page that ``fill``
+    answers with None (the logout success page, for instance).
+    """
+    op = _origin(start_url)
+    url = start_url
+    resp = await http.get(url, allow_redirects=False)
+    for _ in range(max_steps):
+        async with resp:
+            if resp.status in (301, 302, 303, 307, 308):
+                location = urljoin(url, resp.headers["Location"])
+                if _origin(location) != op:
+                    return location
+                answer = None
+            else:
+                body = await resp.text()
+                if resp.status != 200 or "html" not in resp.content_type:
+                    raise OpInteractionError(f"{resp.method} {url} -> {resp.status}: {body[:2000]}")
+                answer = fill(body, _forms(body))
+                if answer is None:
+                    return url
+                action = urljoin(url, answer[0].action or url)
+                if _origin(action) != op:
+                    raise OpInteractionError(f"a form on {url} posts to {action} (form_post?)")
+        if answer is None:
+            url = location
+            resp = await http.get(url, allow_redirects=False)
+        else:
+            resp = await _submit(http, url, *answer)
+            url = str(resp.url)
+    raise OpInteractionError(f"more than {max_steps} steps from {start_url}")
+
+
+async def op_login(
+    http: aiohttp.ClientSession,
+    authorize_url: str,
+    username: str,
+    password: str = "pw",
+) -> str:
+    """Log in at the test OP and return the URL it redirects to (not requested).
+
+    ``authorize_url`` is the full authorization request (as a bff ``/bff/login`` redirect gives).
+    Follows the OP's redirects, fills the login form (``login``, ``password``), submits a consent
+    form if one is shown (only with ``prompt=consent``) and the OP's self-submitting forms, and
+    returns the first Location outside the OP: normally ``redirect_uri?code=...&state=...&iss=...``,
+    or an error response such as ``redirect_uri?error=invalid_request&...``.
+
+    ``http`` must use ``aiohttp.CookieJar(unsafe=True)`` (see ``browser_session``); its cookies are
+    the user's OP session, so give the same session to ``op_logout``. While that OP session lives,
+    a new authorization request is answered without any form (``username`` is then ignored)
+    unless it has ``prompt=login``. Logging in as a *different* user in the same session makes the
+    OP first end the old session, exactly like an RP-initiated logout of every client in it:
+    back-channel logouts are sent and the old session's grants are revoked.
+    """
+
+    def fill(html: str, forms: list[_Form]) -> tuple[_Form, dict[str, str]] | None:
+        for form in forms:
+            if "password" in form.input_types.values():
+                values: dict[str, str] = {}
+                for name, kind in form.input_types.items():
+                    if kind == "password":
+                        values[name] = password
+                    elif kind in ("text", "email"):
+                        values[name] = username
+                return form, values
+        for form in forms:
+            if form.id == "consent-form":
+                return form, {}
+        for form in forms:
+            if _auto_submitted(form):
+                return form, {}
+        raise OpInteractionError(f"no login or consent form on the OP page:\n{html[:2000]}")
+
+    location = await _walk(http, authorize_url, fill)
+    if _origin(location) == _origin(authorize_url):
+        raise OpInteractionError(f"the OP never redirected back to the client; ended at {location}")
+    return location
+
+
+async def op_logout(http: aiohttp.ClientSession, end_session_url: str) -> str:
+    """Confirm an RP-initiated logout at the test OP and return where it redirects (not requested).
+
+    ``end_session_url`` is the OP's ``end_session_endpoint`` with its query (``client_id``,
+    ``post_logout_redirect_uri``, ``state``, ``logout_hint``, ``id_token_hint``). The OP shows a
+    form (``xsrf`` hidden field, a ``logout=yes`` button); submitting it ends the OP session of
+    ``http``'s cookies, revokes that session's grants (so their refresh tokens die, unless granted
+    with offline_access), and sends a back-channel logout to every client of that session that
+    registered a ``backchannel_logout_uri`` before it answers. Returns the
+    ``post_logout_redirect_uri`` (with ``state``) when one was given and registered, else the OP's
+    own ``.../session/end/success`` page URL.
+    """
+
+    def fill(html: str, forms: list[_Form]) -> tuple[_Form, dict[str, str]] | None:
+        for form in forms:
+            if form.id == "op.logoutForm" or "xsrf" in form.fields:
+                extra = dict(b for b in form.buttons if b == ("logout", "yes"))
+                return form, extra
+        if "signed-out" in html:
+            return None
+        raise OpInteractionError(f"no logout form on the OP page:\n{html[:2000]}")
+
+    return await _walk(http, end_session_url, fill)
