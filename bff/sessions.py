@@ -10,6 +10,7 @@ key                         value                                               
 ``bff:{<tx>}:tx``           a login transaction, under the browser-binding key    login_timeout
 ``bff:{sub:<h>}:sessions``  index sub -> session ids (no tokens)                  longest member
 ``bff:{sid:<h>}:sessions``  index OP sid -> session ids (no tokens)               longest member
+``bff:{jti:<h>}:seen``      a back-channel logout token's ``jti`` (replay guard)  token lifetime
 ==========================  ===================================================  ===============
 
 ``<id>`` is a one-way hash of the cookie secret, so a store dump reveals neither the cookie nor the
@@ -242,6 +243,32 @@ class SessionManager:
         if sid is not None:
             await self.store.index_remove(_index_key("sid", sid), *ids)
         return ended
+
+    async def end_op_session(self, *, sid: str | None, sub: str | None) -> int:
+        """Back-Channel Logout 1.0, 2.7: end the sessions a logout token names.
+
+        With ``sid``, only the sessions of that OP session (and, when ``sub`` is given too, only
+        those also indexed under that subject, so a token cannot end another user's session);
+        with ``sub`` alone, every session of the subject.
+        """
+        if sid is None:
+            return await self.end_matching(sub=sub) if sub is not None else 0
+        ids = await self.ids_for(sid=sid)
+        if sub is not None:
+            of_sub = set(await self.ids_for(sub=sub))
+            ids = [i for i in ids if i in of_sub]
+        if not ids:
+            return 0
+        ended = await self.end_ids(*ids)
+        await self.store.index_remove(_index_key("sid", sid), *ids)
+        if sub is not None:
+            await self.store.index_remove(_index_key("sub", sub), *ids)
+        return ended
+
+    async def first_use_of_jti(self, jti: str, ttl: float) -> bool:
+        """Record a logout token's ``jti`` for ``ttl`` seconds; False when it was seen before."""
+        digest = hashlib.sha256(jti.encode()).hexdigest()[:32]
+        return await self.store.add(f"bff:{{jti:{digest}}}:seen", b"1", max(1.0, ttl))
 
     def idle_deadline(self, session: Session) -> float:
         """When the session ends if the user does nothing more (bounded by its absolute end)."""
