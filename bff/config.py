@@ -46,6 +46,8 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 from yaml.constructor import ConstructorError, SafeConstructor
 
+from bff.redirects import is_local_path
+
 __all__ = [
     "DEFAULT_CSP",
     "DEFAULT_ID_TOKEN_ALGS",
@@ -63,7 +65,6 @@ __all__ = [
     "Upstream",
     "dump_redacted",
     "is_loopback_host",
-    "is_safe_relative_path",
     "load_settings",
     "parse_duration",
     "parse_settings",
@@ -206,20 +207,6 @@ def is_loopback_host(host: str | None) -> bool:
         return ipaddress.ip_address(h).is_loopback
     except ValueError:
         return False
-
-
-def is_safe_relative_path(value: str) -> bool:
-    """A same-origin redirect target: starts with exactly one `/`, no `\\`, no control characters.
-
-    Refuses `//evil` and `/\\evil` (protocol-relative to another host in browsers), `https://evil`
-    and `javascript:` (not starting with `/`), and anything with a control or whitespace character
-    (browsers strip tabs and newlines, which turns `/\\t/evil` into `//evil`).
-    """
-    if not value.startswith("/") or value.startswith("//"):
-        return False
-    if "\\" in value:
-        return False
-    return not any(ord(c) < 0x21 or 0x7F <= ord(c) <= 0x9F for c in value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1288,7 +1275,7 @@ class _Builder:
                 extra[name] = str(value)
         redirect = self.get(d, p, "post_logout_redirect", "/")
         shown = self.ctx.show((*p, "post_logout_redirect"), redirect)
-        if not is_safe_relative_path(redirect):
+        if not is_local_path(redirect):
             self.ctx.report(
                 (*p, "post_logout_redirect"),
                 "must be a same-origin path starting with a single '/' (no '//', '\\', scheme, "

@@ -17,7 +17,9 @@ _MAX = 2048
 def _plain_path(value: str) -> bool:
     if not value.startswith("/") or value.startswith("//"):
         return False
-    if "\\" in value or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    # Browsers strip tabs and newlines from URLs, turning "/\t/evil" into "//evil"; C1
+    # controls and spaces have no business in a redirect target either.
+    if "\\" in value or any(ord(c) < 0x21 or 0x7F <= ord(c) <= 0x9F for c in value):
         return False
     parts = urlsplit(value)
     return not parts.scheme and not parts.netloc

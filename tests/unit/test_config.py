@@ -26,11 +26,11 @@ from bff.config import (
     Upstream,
     dump_redacted,
     is_loopback_host,
-    is_safe_relative_path,
     load_settings,
     parse_duration,
     parse_settings,
 )
+from bff.redirects import is_local_path
 
 KEY_A = "a" * 32
 KEY_B = "b" * 40
@@ -1066,7 +1066,7 @@ def test_good_post_logout_redirect(value: str) -> None:
     ],
 )
 def test_is_safe_relative_path(value: str, ok: bool) -> None:
-    assert is_safe_relative_path(value) is ok
+    assert is_local_path(value) is ok
 
 
 @pytest.mark.parametrize(
