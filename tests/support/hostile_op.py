@@ -213,7 +213,7 @@ class HostileOp:
         return jwt.encode({"alg": "RS256", "kid": key.kid, **header}, claims, key)
 
     def id_token(self, nonce: str | None, defect: str | None = None) -> str:
-        """An ID token for ``nonce``: valid, unless ``defect`` (see ID_TOKEN_DEFECTS) says how not."""
+        """An ID token for ``nonce``; valid unless ``defect`` (see ID_TOKEN_DEFECTS)."""
         now = int(time.time())
         published_kid = self.signing_key.kid
         match defect:
