@@ -1,0 +1,149 @@
+"""bff.cookies: the Set-Cookie attributes of invariant 2, and what reads back as no cookie."""
+
+from __future__ import annotations
+
+from http.cookies import Morsel
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+
+from bff.cookies import CookiePolicy
+from bff.keys import Keyring, SessionSecret, new_secret
+
+KEYS = ["cookie-key-" + "k" * 40]
+
+
+def _policy(**options: object) -> CookiePolicy:
+    return CookiePolicy(Keyring(KEYS), **options)  # type: ignore[arg-type]
+
+
+def _request(cookie_header: str | None) -> web.Request:
+    headers = {"Cookie": cookie_header} if cookie_header is not None else {}
+    return make_mocked_request("GET", "/bff/user", headers=headers)
+
+
+def _issued(policy: CookiePolicy, secret: SessionSecret, *, login: bool = False) -> Morsel[str]:
+    response = web.Response()
+    if login:
+        policy.set_browser(response, secret)
+        return response.cookies[policy.tx_name]
+    policy.set_session(response, secret)
+    return response.cookies[policy.name]
+
+
+def _attributes(morsel: Morsel[str]) -> dict[str, str]:
+    """The attributes as a browser reads them from the Set-Cookie header line."""
+    header = morsel.OutputString()
+    out = {}
+    for part in header.split(";")[1:]:
+        name, _, value = part.strip().partition("=")
+        out[name.lower()] = value
+    return out
+
+
+def test_the_session_cookie_has_the_attributes_of_invariant_2() -> None:
+    policy = _policy(max_age=3600)
+    morsel = _issued(policy, new_secret())
+    attrs = _attributes(morsel)
+    assert morsel.key == "__Host-bff"
+    assert "httponly" in attrs
+    assert "secure" in attrs
+    assert attrs["samesite"] == "Strict"
+    assert attrs["path"] == "/"
+    assert "domain" not in attrs
+    assert attrs["max-age"] == "3600"
+
+
+def test_same_site_lax_is_configurable() -> None:
+    attrs = _attributes(_issued(_policy(same_site="lax"), new_secret()))
+    assert attrs["samesite"] == "Lax"
+
+
+def test_secure_is_dropped_only_when_configured_for_loopback_dev() -> None:
+    attrs = _attributes(_issued(_policy(secure=False, name="bff"), new_secret()))
+    assert "secure" not in attrs
+    assert "httponly" in attrs
+
+
+def test_the_login_binding_cookie_is_lax_short_lived_and_http_only() -> None:
+    policy = _policy(login_max_age=600)
+    morsel = _issued(policy, new_secret(), login=True)
+    attrs = _attributes(morsel)
+    assert morsel.key == "__Host-bff-tx"
+    # Lax, even when the session cookie is Strict: the OP's redirect back is cross-site.
+    assert attrs["samesite"] == "Lax"
+    assert attrs["max-age"] == "600"
+    assert {"httponly", "secure"} <= attrs.keys()
+    assert attrs["path"] == "/"
+    assert "domain" not in attrs
+
+
+def test_clearing_expires_the_cookie_with_the_same_scope() -> None:
+    policy = _policy()
+    response = web.Response()
+    policy.clear_session(response)
+    policy.clear_browser(response)
+    for name in (policy.name, policy.tx_name):
+        morsel = response.cookies[name]
+        attrs = _attributes(morsel)
+        assert morsel.value == ""
+        assert attrs["max-age"] == "0"
+        assert attrs["path"] == "/"
+        assert "secure" in attrs
+
+
+def test_the_cookie_value_is_the_signed_secret_and_reads_back() -> None:
+    policy = _policy()
+    secret = new_secret()
+    morsel = _issued(policy, secret)
+    assert morsel.value != secret and morsel.value.startswith(secret)
+    assert policy.session_secret(_request(f"{policy.name}={morsel.value}")) == secret
+    login = _issued(policy, secret, login=True)
+    assert policy.browser_secret(_request(f"{policy.tx_name}={login.value}")) == secret
+
+
+def test_the_session_and_login_cookies_are_not_interchangeable_by_name() -> None:
+    policy = _policy()
+    morsel = _issued(policy, new_secret())
+    assert policy.browser_secret(_request(f"{policy.name}={morsel.value}")) is None
+
+
+def _tampered(value: str) -> list[str]:
+    last = "A" if value[-1] != "A" else "B"
+    first = "A" if value[0] != "A" else "B"
+    return [value[:-1] + last, first + value[1:], value[:-1], value + "x", value.split(".")[0]]
+
+
+def test_a_tampered_cookie_reads_as_none() -> None:
+    policy = _policy()
+    value = _issued(policy, new_secret()).value
+    for forged in _tampered(value):
+        assert policy.session_secret(_request(f"{policy.name}={forged}")) is None, forged
+
+
+def test_a_cookie_signed_with_a_foreign_key_reads_as_none() -> None:
+    foreign = CookiePolicy(Keyring(["someone-else-" + "x" * 40]))
+    value = _issued(foreign, new_secret()).value
+    assert _policy().session_secret(_request(f"__Host-bff={value}")) is None
+
+
+def test_a_cookie_signed_with_a_retired_but_configured_key_still_reads() -> None:
+    old = CookiePolicy(Keyring(KEYS))
+    secret = new_secret()
+    value = _issued(old, secret).value
+    rotated = CookiePolicy(Keyring(["new-key-" + "n" * 40, *KEYS]))
+    assert rotated.session_secret(_request(f"__Host-bff={value}")) == secret
+
+
+def test_an_oversized_cookie_reads_as_none_even_when_validly_signed() -> None:
+    policy = _policy()
+    big = SessionSecret("x" * 600)
+    value = Keyring(KEYS).sign(big)
+    assert Keyring(KEYS).unsign(value) == big  # the signature alone would pass
+    assert policy.session_secret(_request(f"{policy.name}={value}")) is None
+
+
+@pytest.mark.parametrize("header", [None, "", "__Host-bff=", "other=1", "__Host-bff=%00%ff"])
+def test_an_absent_or_empty_cookie_reads_as_none(header: str | None) -> None:
+    assert _policy().session_secret(_request(header)) is None
