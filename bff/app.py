@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from bff import endpoints, health, spa
+from bff import endpoints, health, proxy, spa
+from bff.client_tokens import ClientTokens
 from bff.config import Settings
 from bff.cookies import CookiePolicy
 from bff.keys import Keyring
@@ -35,6 +36,7 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
         client_max_size=1024**2,  # for bff's own endpoints; proxied bodies stream instead
     )
     keyring = Keyring([k.get() for k in settings.keys])
+    upstreams = proxy.UpstreamTable(settings.upstreams, public_url=settings.public_url)
 
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         session_store = store if store is not None else open_store(settings.session.store)
@@ -73,6 +75,14 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
                 sessions, oidc, skew=settings.oidc.refresh_skew, metrics=metrics
             ),
             metrics=metrics,
+            upstreams=upstreams,
+            client_tokens=ClientTokens(
+                oidc,
+                session_store,
+                keyring,
+                issuer=settings.oidc.issuer,
+                client_id=settings.oidc.client_id,
+            ),
         )
         # An OP that is down at start must not stop us from serving: discover in the background.
         discovery = asyncio.create_task(oidc.discover_forever())
@@ -84,8 +94,10 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
         await session_store.close()
 
     app.cleanup_ctx.append(services_ctx)
+    app.cleanup_ctx.append(upstreams.cleanup_ctx)  # one keep-alive pool per upstream
     endpoints.add_routes(app, settings.prefix)
     health.add_routes(app)
+    proxy.add_routes(app, upstreams)  # before the SPA's catch-all
     spa.add_routes(app, settings.static, reserved=api_prefixes)
     app.on_response_prepare.append(
         security_headers(

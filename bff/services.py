@@ -20,7 +20,9 @@ from bff.sessions import Session, SessionManager
 from bff.store import SessionStore
 
 if TYPE_CHECKING:
+    from bff.client_tokens import ClientTokens
     from bff.config import Settings
+    from bff.proxy import UpstreamTable
 
 __all__ = ["SERVICES", "Services", "session_of"]
 
@@ -36,6 +38,8 @@ class Services:
     http: aiohttp.ClientSession  # to the OP only; upstreams have their own pools
     refresher: TokenRefresher
     metrics: Metrics = field(default_factory=Metrics)
+    upstreams: UpstreamTable | None = None  # proxied routes and their pools (bff.proxy)
+    client_tokens: ClientTokens | None = None  # client-credentials tokens (bff.client_tokens)
 
 
 SERVICES = web.AppKey("bff_services", Services)

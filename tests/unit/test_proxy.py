@@ -1,0 +1,230 @@
+"""bff.proxy without sockets: routing, path normalisation, header hygiene."""
+
+from __future__ import annotations
+
+from types import MappingProxyType, SimpleNamespace
+from typing import Any
+from unittest import mock
+
+import pytest
+from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from bff.config import Upstream
+from bff.errors import NotFound, PathRejected
+from bff.proxy import UpstreamTable, downstream_headers, normalise_path, upstream_headers
+
+
+def table(*upstreams: Upstream) -> UpstreamTable:
+    return UpstreamTable(upstreams, public_url="https://app.example.com")
+
+
+ROUTES = table(
+    Upstream(path="/api", url="http://api.internal:9000"),
+    Upstream(path="/api/orders/export", url="http://export.internal/x/y/"),
+    Upstream(path="/api/orders", url="http://orders.internal:8080/v1"),
+)
+
+
+# -- routing ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "prefix", "upstream"),
+    [
+        ("/api/orders/42", "/api/orders", "/v1/42"),
+        ("/api/orders", "/api/orders", "/v1"),
+        ("/api/orders/", "/api/orders", "/v1/"),
+        ("/api/orders/export/csv", "/api/orders/export", "/x/y/csv"),
+        ("/api/ordersX", "/api", "/ordersX"),
+        ("/api", "/api", "/"),
+        ("/api/other/thing", "/api", "/other/thing"),
+    ],
+)
+def test_the_longest_prefix_wins_and_is_replaced_by_the_upstream_path(
+    target: str, prefix: str, upstream: str
+) -> None:
+    route, path = ROUTES.resolve(target)
+    assert route.prefix == prefix
+    assert path == upstream
+
+
+def test_the_query_string_is_kept_exactly_as_sent() -> None:
+    _, path = ROUTES.resolve("/api/orders/42?a=%2F..%2F&b=1&b=2&c")
+    assert path == "/v1/42?a=%2F..%2F&b=1&b=2&c"
+
+
+def test_an_empty_query_keeps_its_question_mark() -> None:
+    assert ROUTES.resolve("/api/orders?")[1] == "/v1?"
+
+
+def test_a_path_under_no_prefix_is_not_found() -> None:
+    with pytest.raises(NotFound):
+        ROUTES.resolve("/other/api/orders")
+
+
+def test_an_encoded_prefix_still_routes_to_its_upstream() -> None:
+    route, path = ROUTES.resolve("/%61pi/orders/42")
+    assert route.prefix == "/api/orders"
+    assert path == "/v1/42"
+
+
+def test_empty_segments_fold_so_they_cannot_dodge_a_longer_prefix() -> None:
+    route, path = ROUTES.resolve("/api//orders//export/csv")
+    assert route.prefix == "/api/orders/export"
+    assert path == "/x/y/csv"
+
+
+def test_encoded_characters_are_forwarded_canonically_encoded() -> None:
+    assert ROUTES.resolve("/api/orders/caf%c3%a9%20x")[1] == "/v1/caf%C3%A9%20x"
+    assert ROUTES.resolve("/api/orders/100%25")[1] == "/v1/100%25"
+
+
+def test_dotted_names_that_are_not_dot_segments_pass() -> None:
+    assert normalise_path("/api/.well-known/x.json") == "/api/.well-known/x.json"
+    assert normalise_path("/api/a..b/...") == "/api/a..b/..."
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/orders/../admin",
+        "/api/orders/..",
+        "/api/orders/./42",
+        "/api/orders/%2e%2e/admin",
+        "/api/orders/%2E%2E/admin",
+        "/api/orders/.%2e/admin",
+        "/api/orders/%2e./admin",
+        "/api/orders/%2e",
+        "/api/orders/..%2fadmin",
+        "/api/orders/%2f..%2fadmin",
+        "/api/orders/a%2Fb",
+        "/api/orders/..%5cadmin",
+        "/api/orders/a%5Cb",
+        "/api/orders/..\\admin",
+        "/api/orders\\..\\admin",
+        "/api/orders/%252e%252e/admin",
+        "/api/orders/%252fadmin",
+        "/api/orders/a%00b",
+        "/api/orders/a%0d%0aX-Injected:%201",
+        "/api/orders/%ff%fe",
+        "/api/orders/a#frag",
+        "api/orders",
+    ],
+)
+def test_each_traversal_spelling_is_refused(path: str) -> None:
+    with pytest.raises(PathRejected) as caught:
+        ROUTES.resolve(path)
+    assert caught.value.status == 400
+
+
+# -- headers ------------------------------------------------------------------------------------
+
+
+def browser_request(headers: dict[str, str] | list[tuple[str, str]]) -> Any:
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda name, default=None: (
+        ("192.0.2.7", 50000) if name == "peername" else default
+    )
+    return make_mocked_request(
+        "GET", "/api/orders/1", headers=CIMultiDict(headers), transport=transport
+    )
+
+
+def test_the_browsers_credentials_and_hop_by_hop_headers_stay_behind() -> None:
+    route = ROUTES.resolve("/api/orders/1")[0]
+    request = browser_request(
+        [
+            ("Cookie", "__Host-bff=secret"),
+            ("Authorization", "Bearer browser-made"),
+            ("Connection", "keep-alive, X-Private"),
+            ("X-Private", "hop"),
+            ("Keep-Alive", "timeout=5"),
+            ("TE", "trailers"),
+            ("Upgrade", "h2c"),
+            ("Proxy-Authorization", "Basic x"),
+            ("Host", "app.example.com"),
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("Forwarded", "for=6.6.6.6"),
+            ("Accept", "application/json"),
+            ("X-Request-Id", "abc"),
+            ("X-Request-Id", "def"),
+        ]
+    )
+    sent = upstream_headers(request, route.drop, route.set_headers, ROUTES.forwarded(), "tok")
+    names = [k.lower() for k, _ in sent]
+    for gone in (
+        "cookie",
+        "connection",
+        "x-private",
+        "keep-alive",
+        "te",
+        "upgrade",
+        "proxy-authorization",
+        "host",
+        "forwarded",
+    ):
+        assert gone not in names
+    assert ("Authorization", "Bearer tok") in sent
+    assert names.count("authorization") == 1
+    assert ("Accept", "application/json") in sent
+    assert [v for k, v in sent if k == "X-Request-Id"] == ["abc", "def"]
+    assert ("X-Forwarded-Proto", "https") in sent
+    assert ("X-Forwarded-Host", "app.example.com") in sent
+    assert [v for k, v in sent if k.lower() == "x-forwarded-for"] == ["192.0.2.7"]
+
+
+def test_without_a_token_no_authorization_header_is_sent() -> None:
+    route = ROUTES.resolve("/api/orders/1")[0]
+    request = browser_request({"Authorization": "Basic Zm9vOmJhcg=="})
+    sent = upstream_headers(request, route.drop, route.set_headers, ROUTES.forwarded(), None)
+    assert all(k.lower() != "authorization" for k, _ in sent)
+
+
+def test_route_headers_are_set_and_removed() -> None:
+    routes = table(
+        Upstream(
+            path="/api",
+            url="http://api.internal",
+            set_headers=MappingProxyType({"X-Api-Key": "k1", "Accept-Language": "en"}),
+            remove_headers=("x-debug",),
+        )
+    )
+    route = routes.routes[0]
+    request = browser_request({"X-Debug": "1", "X-Api-Key": "forged", "Accept-Language": "fr"})
+    sent = upstream_headers(request, route.drop, route.set_headers, routes.forwarded(), None)
+    assert ("X-Api-Key", "k1") in sent
+    assert ("Accept-Language", "en") in sent
+    names = [k.lower() for k, _ in sent]
+    assert "x-debug" not in names
+    assert names.count("x-api-key") == 1
+    assert names.count("accept-language") == 1
+
+
+def test_an_upstreams_cookies_and_hop_by_hop_headers_never_reach_the_browser() -> None:
+    upstream = CIMultiDictProxy(
+        CIMultiDict(
+            [
+                ("Content-Type", "application/json"),
+                ("Set-Cookie", "track=1"),
+                ("Connection", "close, X-Internal"),
+                ("X-Internal", "10.0.0.5"),
+                ("Transfer-Encoding", "chunked"),
+                ("Keep-Alive", "timeout=5"),
+                ("Cache-Control", "private"),
+                ("Link", "<a>"),
+                ("Link", "<b>"),
+            ]
+        )
+    )
+    out = downstream_headers(SimpleNamespace(headers=upstream))  # type: ignore[arg-type]
+    assert dict(out) == {
+        "Content-Type": "application/json",
+        "Cache-Control": "private",
+        "Link": "<a>",
+    }
+    assert out.getall("Link") == ["<a>", "<b>"]
+
+
+def test_a_route_hides_its_upstream_address_in_its_repr() -> None:
+    assert "internal" not in repr(ROUTES.routes[0])
