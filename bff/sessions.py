@@ -163,7 +163,7 @@ class SessionManager:
             await self.store.index_add(_index_key("sid", data.sid), sid, remaining)
         session = Session(secret, sid, data, blob, public_handle(secret))
         self._remember(session)
-        self._touched[sid] = self._clock()
+        self._touch(sid, self._clock())
         log.info("session.created", extra={"event": "session.created", "session": sid[:8]})
         return session
 
@@ -194,7 +194,7 @@ class SessionManager:
             return None
         if now - self._touched.get(sid, 0.0) >= self._touch_interval:
             await self.store.expire(session_key(sid), self._ttl(data))
-            self._touched[sid] = now
+            self._touch(sid, now)
         session = Session(secret, sid, data, blob, public_handle(secret))
         self._remember(session)
         return session
@@ -291,6 +291,13 @@ class SessionManager:
         if len(self._cache) >= _CACHE_MAX:
             self._cache.pop(next(iter(self._cache)))
         self._cache[session.secret] = _Cached(session, self._clock())
+
+    def _touch(self, sid: StoreKey, now: float) -> None:
+        # Sessions that simply expire are never ended here: bound their traces like the cache.
+        self._touched.pop(sid, None)
+        if len(self._touched) >= _CACHE_MAX:
+            self._touched.pop(next(iter(self._touched)))
+        self._touched[sid] = now
 
     def _forget(self, secret: SessionSecret, sid: StoreKey) -> None:
         self._cache.pop(secret, None)
