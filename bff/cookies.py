@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from aiohttp import web
@@ -16,6 +17,8 @@ from aiohttp import web
 from bff.keys import Keyring, SessionSecret
 
 __all__ = ["CookiePolicy"]
+
+_COOKIE_VALUE = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class CookiePolicy:
@@ -58,7 +61,9 @@ class CookiePolicy:
 
     def _read(self, request: web.Request, name: str) -> SessionSecret | None:
         raw = request.cookies.get(name)
-        if not raw or len(raw) > 512:
+        # Only what we issue (base64url and dots): itsdangerous drops non-ASCII characters
+        # from a signature before checking it, so "<valid>€" would otherwise still verify.
+        if not raw or len(raw) > 512 or not _COOKIE_VALUE.fullmatch(raw):
             return None
         value = self._keyring.unsign(raw)
         return SessionSecret(value) if value else None
