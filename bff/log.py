@@ -13,6 +13,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["JsonFormatter", "RedactingFilter", "redact", "setup_logging"]
@@ -24,6 +25,15 @@ _SENSITIVE = re.compile(
 )
 _JWT = re.compile(r"eyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*")
 _BEARER = re.compile(r"(?i)(bearer|basic)\s+[\w.~+/=-]+")
+# Credentials inside free text: query strings and form bodies (`code=...`), JSON or repr'd dicts
+# (`"refresh_token": "..."`), and header lines (`Cookie: ...`) that ended up in a message.
+_NAMES = r"[\w-]*token|code|state|client_secret|password|assertion|code_verifier"
+_PAIR = re.compile(rf"(?i)\b({_NAMES})=[^&\s;,'\"]+")
+_QUOTED = re.compile(
+    rf"(?i)([\"']({_NAMES}|authorization|cookie|set-cookie)[\"']\s*:\s*[\"'])[^\"']*"
+)
+_HEADER = re.compile(r"(?i)\b(authorization|cookie|set-cookie)\s*:\s*[^\r\n]*")
+_FORMATTER = logging.Formatter()
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
@@ -34,11 +44,16 @@ def redact(value: Any, key: str = "") -> Any:
         return {k: redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [redact(v) for v in value]
-    if isinstance(value, str):
-        value = _JWT.sub(MASK, value)
-        value = _BEARER.sub(lambda m: f"{m.group(1)} {MASK}", value)
-        return value.replace("\r", " ").replace("\n", " ")
-    return value
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if not isinstance(value, str):
+        value = str(value)  # a URL, an exception...: its text may carry credentials too
+    value = _JWT.sub(MASK, value)
+    value = _BEARER.sub(lambda m: f"{m.group(1)} {MASK}", value)
+    value = _HEADER.sub(lambda m: f"{m.group(1)}: {MASK}", value)
+    value = _PAIR.sub(lambda m: f"{m.group(1)}={MASK}", value)
+    value = _QUOTED.sub(lambda m: f"{m.group(1)}{MASK}", value)
+    return value.replace("\r", " ").replace("\n", " ")
 
 
 class RedactingFilter(logging.Filter):
@@ -46,14 +61,22 @@ class RedactingFilter(logging.Filter):
         for key, value in list(vars(record).items()):
             if key not in _STANDARD:
                 setattr(record, key, redact(value, key))
-        if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
-        if record.args:
-            record.args = (
-                tuple(redact(a) for a in record.args)
-                if isinstance(record.args, tuple)
-                else record.args
+        # Mask structured arguments by name first, then the whole formatted message, whatever
+        # the types of msg and args were; the record then carries only the redacted text.
+        if isinstance(record.args, Mapping):
+            record.args = redact(dict(record.args))
+        elif isinstance(record.args, tuple):
+            record.args = tuple(
+                redact(a) if isinstance(a, Mapping | list | tuple) else a for a in record.args
             )
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = f"{record.msg!s} {record.args!r}"
+        record.msg, record.args = redact(message), None
+        if record.exc_info and not record.exc_text:
+            # Both formatters print exc_text when set, so a traceback is redacted in either.
+            record.exc_text = redact(_FORMATTER.formatException(record.exc_info))
         return True
 
 
@@ -69,7 +92,9 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STANDARD:
                 out[key] = value
-        if record.exc_info:
+        if record.exc_text:
+            out["exc"] = redact(record.exc_text)
+        elif record.exc_info:
             out["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(out, default=str)
 
