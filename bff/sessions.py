@@ -157,10 +157,7 @@ class SessionManager:
         sid = store_id(secret)
         blob = self._seal(secret, sid, data)
         await self.store.set(session_key(sid), blob, self._ttl(data))
-        remaining = max(1.0, data.expires_at - self._clock())
-        await self.store.index_add(_index_key("sub", data.sub), sid, remaining)
-        if data.sid:
-            await self.store.index_add(_index_key("sid", data.sid), sid, remaining)
+        await self._index(sid, data)
         session = Session(secret, sid, data, blob, public_handle(secret))
         self._remember(session)
         self._touch(sid, self._clock())
@@ -194,6 +191,7 @@ class SessionManager:
             return None
         if now - self._touched.get(sid, 0.0) >= self._touch_interval:
             await self.store.expire(session_key(sid), self._ttl(data))
+            await self._index(sid, data)  # index entries idle out with the session, not later
             self._touch(sid, now)
         session = Session(secret, sid, data, blob, public_handle(secret))
         self._remember(session)
@@ -277,6 +275,12 @@ class SessionManager:
 
     def forget_local(self, secret: SessionSecret) -> None:
         self._cache.pop(secret, None)
+
+    async def _index(self, sid: StoreKey, data: SessionData) -> None:
+        ttl = self._ttl(data)
+        await self.store.index_add(_index_key("sub", data.sub), sid, ttl)
+        if data.sid:
+            await self.store.index_add(_index_key("sid", data.sid), sid, ttl)
 
     def _ttl(self, data: SessionData) -> float:
         return max(0.001, min(self.idle_timeout, data.expires_at - self._clock()))
