@@ -26,7 +26,8 @@ from test_logout_support import (
 
 from bff.endpoints import backchannel
 from bff.services import Services
-from bff.sessions import Session
+from bff.sessions import Session, SessionManager, _index_key
+from bff.store.memory import MemoryStore
 from bff.store.redis import RedisStore
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -204,3 +205,21 @@ async def test_a_valid_token_posted_as_json_is_refused(services: Services) -> No
     body = json.dumps({"logout_token": logout_token()}).encode()
     assert await post(services, body, {"Content-Type": "application/json"}) == 400
     assert await alive(services, session) == [True]
+
+
+async def test_the_sub_and_sid_index_entries_idle_out_with_their_session() -> None:
+    now = [1_700_000_000.0]
+    store = MemoryStore(clock=lambda: now[0])
+    sessions = SessionManager(
+        store, idle_timeout=60, absolute_timeout=3600, cache_ttl=0, clock=lambda: now[0]
+    )
+    session = await sessions.create(session_data(now[0], absolute=3600))
+    for _ in range(3):  # used now and then: the entries slide with the session
+        now[0] += 50
+        assert await sessions.load(session.secret) is not None
+    assert await store.index_members(_index_key("sub", "alice")) == [session.id]
+    assert await store.index_members(_index_key("sid", "op-sid-1")) == [session.id]
+    now[0] += 61  # idle: the session is gone, and so are its index entries
+    assert await sessions.load(session.secret) is None
+    assert await store.index_members(_index_key("sub", "alice")) == []
+    assert await store.index_members(_index_key("sid", "op-sid-1")) == []
