@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 import uuid
@@ -70,21 +71,19 @@ class TokenRefresher:
     async def refresh(self, session: Session, *, force: bool = False) -> Session:
         """Refresh once for everyone. ``force``: the upstream refused a token we thought valid."""
         pending = self._inflight.get(session.id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
-        self._inflight[session.id] = future
-        try:
-            result = await self._refresh_across_instances(session, force)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: a lone caller must not trigger a warning
-            raise
-        else:
-            future.set_result(result)
-            return result
-        finally:
-            del self._inflight[session.id]
+        if pending is None:
+            # A task of its own: a caller that goes away (client disconnect, timeout) must not
+            # cancel the refresh that the other waiters, and the rotated token, depend on.
+            pending = asyncio.ensure_future(self._refresh_across_instances(session, force))
+            self._inflight[session.id] = pending
+            pending.add_done_callback(functools.partial(self._finished, session.id))
+        return await asyncio.shield(pending)
+
+    def _finished(self, session_id: str, task: asyncio.Future[Session]) -> None:
+        if self._inflight.get(session_id) is task:
+            del self._inflight[session_id]
+        if not task.cancelled():
+            task.exception()  # mark retrieved: no warning when every caller has gone away
 
     def _still_good(self, before: Session, after: Session, force: bool) -> bool:
         if force:

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from types import SimpleNamespace
+from typing import Any
+
+from bff.oidc import InvalidGrant, TokenSet
+
 
 class FakeClock:
     """A clock that stands still until ``advance``; starts at a realistic epoch time."""
@@ -14,3 +21,60 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class FakeOp:
+    """The part of ``OidcClient`` that ``TokenRefresher`` uses, with a real OP's rotation rule.
+
+    Each refresh issues ``AT-<n>``/``RT-<n>``; like an OP with refresh-token rotation and reuse
+    detection, presenting a refresh token that is not the current one revokes the whole grant,
+    so a test that refreshes twice with the same token loses the session (as a user would).
+    """
+
+    def __init__(
+        self,
+        *,
+        delay: float = 0.0,
+        rotate: bool = True,
+        lifetime: float = 300.0,
+        current: str = "RT-0",
+    ) -> None:
+        self.settings = SimpleNamespace(http_timeout=5.0)
+        self.delay = delay
+        self.rotate = rotate
+        self.lifetime = lifetime
+        self.current: str | None = current
+        self.fail_with: Exception | None = None
+        self.presented: list[str] = []
+        self.started = asyncio.Event()
+
+    @property
+    def refreshes(self) -> int:
+        return len(self.presented)
+
+    async def refresh(self, refresh_token: str) -> TokenSet:
+        self.presented.append(refresh_token)
+        self.started.set()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail_with is not None:
+            raise self.fail_with
+        if refresh_token != self.current:
+            self.current = None  # reuse detected: the grant is revoked
+            raise InvalidGrant("refresh token reused")
+        n = self.refreshes
+        if self.rotate:
+            self.current = f"RT-{n}"
+        return TokenSet(
+            access_token=f"AT-{n}",
+            token_type="Bearer",
+            expires_at=time.time() + self.lifetime,
+            refresh_token=f"RT-{n}" if self.rotate else None,
+            id_token=None,
+            scope=None,
+        )
+
+    async def validate_id_token(
+        self, id_token: str, *, nonce: str | None, expected_sub: str | None = None
+    ) -> dict[str, Any]:
+        raise AssertionError("FakeOp issues no ID tokens")
