@@ -9,15 +9,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
 
 import pytest
 from redis.crc import key_slot
 
 from bff.errors import StoreUnavailable
 from bff.keys import new_secret, store_id
-from bff.sessions import lock_key, session_key
+from bff.oidc import OidcClient
+from bff.refresh import TokenRefresher
+from bff.sessions import SessionData, SessionManager, lock_key, session_key
 from bff.store.redis import RedisStore
 from tests.support.procs import RedisServer
+from tests.unit.fakes import FakeOp
 from tests.unit.store_contract import Advance, StoreContract
 
 
@@ -92,3 +96,32 @@ async def test_a_stopped_server_raises_store_unavailable_and_recovers_without_a_
     assert await real_store.renew_lock("l", "me", 5)
     await real_store.release_lock("l", "me")
     assert await real_store.acquire_lock("l", "you", 5)
+
+
+async def test_two_instances_on_the_real_server_refresh_once(redis_server: RedisServer) -> None:
+    """Invariant 8 with the real Lua lock scripts: 2 instances x 10 requests, one refresh."""
+    redis_server.start()
+    op = FakeOp(delay=0.2)
+    instances = []
+    for _ in range(2):
+        store = RedisStore.from_url(redis_server.url)
+        sessions = SessionManager(store, idle_timeout=600, absolute_timeout=3600)
+        instances.append(
+            (store, sessions, TokenRefresher(sessions, cast(OidcClient, op), lease=0.1))
+        )
+    now = time.time()
+    data = SessionData(
+        sub="alice", claims={}, access_token="AT-0", access_expires_at=now + 5,
+        refresh_token="RT-0", id_token=None, scopes=(), created_at=now, expires_at=now + 60,
+    )  # fmt: skip
+    created = await instances[0][1].create(data)
+    calls = []
+    for _, sessions, refresher in instances:
+        loaded = await sessions.load(created.secret, fresh=True)
+        assert loaded is not None
+        calls += [refresher.access_token(loaded) for _ in range(10)]
+    results = await asyncio.gather(*calls)
+    assert op.refreshes == 1  # the OP is slower than the lease: renewal kept the lock
+    assert {token for _, token in results} == {"AT-1"}
+    for store, _, _ in instances:
+        await store.close()
