@@ -6,6 +6,7 @@
 3. A logout at the OP reaches, through back-channel logout, sessions served by other instances.
 4. Forged or replayed back-channel logout tokens are refused and end nothing (hostile OP).
 6. Idle and absolute timeouts end sessions whose cookie is still held.
+7. An open WebSocket through the proxy is closed within 5 s of its session's back-channel logout.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from test_logout_helpers import (
     bff_login,
     bff_settings,
     config_yaml,
+    echo_api,
     follow_to_callback,
     get_user,
     new_port,
@@ -95,10 +97,12 @@ async def test_logout_ends_the_session_here_and_at_the_op_without_the_id_token_i
 ) -> None:
     port = new_port()
     client = await registered_bff_client(oidc_op, [port])
-    settings = bff_settings(oidc_op, client, redis_server.url, tmp_path, port)
     trace, urls = url_recorder()
     async with (
-        running_bff(settings) as bff,
+        echo_api() as api,
+        running_bff(
+            bff_settings(oidc_op, client, redis_server.url, tmp_path, port, api=api)
+        ) as bff,
         browser_session(bff.url, trace_configs=[trace]) as browser,
     ):
         await bff_login(browser, bff.url, "logout-alice")
@@ -110,6 +114,8 @@ async def test_logout_ends_the_session_here_and_at_the_op_without_the_id_token_i
         assert session is not None and session.data.id_token and session.data.refresh_token
         tokens = session.data
         assert await store_traces(redis_server.url, cookie)  # the probe sees a live session
+        async with browser.get(f"{bff.url}/api/hello", headers={"X-CSRF": "1"}) as resp:
+            assert resp.status == 200 and (await resp.json())["bearer"] is True
         before = await oidc_op.stats()
 
         async with browser.get(f"{bff.url}{me['logout_url']}", allow_redirects=False) as resp:
@@ -131,6 +137,10 @@ async def test_logout_ends_the_session_here_and_at_the_op_without_the_id_token_i
         # Here: the cookie is gone from the browser, the old value opens nothing, Redis is clean.
         assert session_cookie(browser, bff.url) is None
         assert (await get_user(bff.url, cookie=cookie))[0] == 401
+        async with aiohttp.ClientSession() as other:
+            headers = {"X-CSRF": "1", "Cookie": f"__Host-bff={cookie}"}
+            async with other.get(f"{bff.url}/api/hello", headers=headers) as resp:
+                assert resp.status == 401
         assert await store_traces(redis_server.url, cookie) == []
         assert await peek_session(redis_server.url, cookie) is None
         # At the OP: both tokens revoked.
@@ -403,3 +413,46 @@ async def test_a_busy_session_past_its_absolute_timeout_gets_401_with_the_cookie
         await asyncio.sleep(0.5)
     await asyncio.sleep(max(0.0, logged_in + 4.3 - time.monotonic()))
     assert (await get_user(url, cookie=cookie))[0] == 401
+
+
+# -- 7: long-lived connections follow the session -----------------------------------------------
+
+
+async def test_an_open_websocket_is_closed_within_5_s_of_its_sessions_backchannel_logout(
+    oidc_op: OidcProvider, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    port_a, port_b = new_port(), new_port()
+    # The OP's back-channel logout goes to instance A; the WebSocket is held by instance B.
+    client = await registered_bff_client(oidc_op, [port_a, port_b], backchannel_port=port_a)
+    async with echo_api() as api:
+        a = bff_settings(oidc_op, client, redis_server.url, tmp_path, port_a, api=api)
+        b = bff_settings(oidc_op, client, redis_server.url, tmp_path, port_b, api=api)
+        async with (
+            running_bff(a),
+            running_bff(b) as bff_b,
+            browser_session(bff_b.url) as browser,
+        ):
+            await bff_login(browser, bff_b.url, "ws-user")
+            async with browser.ws_connect(
+                f"{bff_b.url}/api/ws", headers={"Origin": bff_b.url}
+            ) as ws:
+                await ws.send_str("ping")
+                assert (await ws.receive(timeout=5)).data == "echo:ping"
+                await asyncio.sleep(2.5)  # outlive the first session checks: it stays open
+                await ws.send_str("still here")
+                assert (await ws.receive(timeout=5)).data == "echo:still here"
+
+                before = await oidc_op.stats()
+                end_session = f"{oidc_op.issuer}/session/end?" + urlencode(
+                    {"client_id": client["client_id"]}
+                )
+                await op_logout(browser, end_session)
+                logged_out = time.monotonic()
+                after = await oidc_op.stats()
+                assert delta(before, after, "backchannel_logouts_sent") == 1
+
+                msg = await ws.receive(timeout=10)
+                closed_after = time.monotonic() - logged_out
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
+                assert ws.close_code == 1008
+                assert closed_after < 5.0

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
@@ -112,8 +113,14 @@ def bff_settings(
     redis_url: str,
     tmp_path: Path,
     port: int,
+    *,
+    api: str | None = None,
     **session: str,
 ) -> Settings:
+    """Settings for one instance; ``api`` (an upstream base URL) is served at ``/api``."""
+    upstreams = ""
+    if api is not None:
+        upstreams = f"upstreams:\n  - {{path: /api, url: {api}, token: user, websocket: true}}\n"
     return parse_settings(
         config_yaml(
             port=port,
@@ -123,8 +130,36 @@ def bff_settings(
             redis_url=redis_url,
             static=static_dir(tmp_path),
             session=session,
+            upstreams=upstreams,
         )
     )
+
+
+@contextlib.asynccontextmanager
+async def echo_api() -> AsyncIterator[str]:
+    """An upstream API: ``GET /hello`` says whether a bearer token came; ``/ws`` echoes."""
+
+    async def hello(request: web.Request) -> web.Response:
+        bearer = request.headers.get("Authorization", "").startswith("Bearer ")
+        return web.json_response({"bearer": bearer})
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await ws.send_str(f"echo:{msg.data}")
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/hello", hello)
+    app.router.add_get("/ws", echo)
+    server = TestServer(app, host="127.0.0.1", port=free_port())
+    await server.start_server()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.close()
 
 
 def new_port() -> int:
