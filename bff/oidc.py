@@ -479,9 +479,11 @@ class OidcClient:
 
     async def _key_for(self, kid: str | None, alg: str) -> RSAKey | ECKey | OKPKey:
         key = self._find_key(kid, alg)
-        if (
-            key is None
-            and self._clock() - self._jwks_fetched_at >= self.settings.jwks_refetch_interval
+        if key is None and (
+            # A fetch under way (the first one, or after a rotation) may bring this very key:
+            # wait for it rather than fail the token while the rate limit holds.
+            self._jwks_lock.locked()
+            or self._clock() - self._jwks_fetched_at >= self.settings.jwks_refetch_interval
         ):
             # An unknown kid usually means the OP rotated its keys: refetch, at most once per
             # interval, so forged kids cannot turn us into a JWKS request amplifier.

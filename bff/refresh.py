@@ -134,12 +134,21 @@ class TokenRefresher:
         renewer = asyncio.create_task(self._renew(key, owner))
         try:
             tokens = await self._oidc.refresh(refresh_token)
-            claims = fresh.data.claims
+            claims, id_token = fresh.data.claims, fresh.data.id_token
             if tokens.id_token:
-                validated = await self._oidc.validate_id_token(
-                    tokens.id_token, nonce=None, expected_sub=fresh.data.sub
-                )
-                claims = {**claims, **user_claims(validated)}
+                try:
+                    validated = await self._oidc.validate_id_token(
+                        tokens.id_token, nonce=None, expected_sub=fresh.data.sub
+                    )
+                except ProviderUnavailable:
+                    # The OP has rotated already: dropping the new tokens because its JWKS is
+                    # unreachable would end the session for good. Keep the old ID token/claims.
+                    log.warning(
+                        "refresh.id_token_unchecked", extra={"event": "refresh.id_token_unchecked"}
+                    )
+                else:
+                    claims = {**claims, **user_claims(validated)}
+                    id_token = tokens.id_token
         except InvalidGrant:
             self._metrics.inc("bff_refreshes_total", outcome="invalid_grant")
             log.info("refresh.invalid_grant", extra={"event": "refresh.invalid_grant"})
@@ -165,7 +174,7 @@ class TokenRefresher:
             access_expires_at=tokens.expires_at,
             # An OP that does not rotate sends no new refresh token: keep the one we have.
             refresh_token=tokens.refresh_token or refresh_token,
-            id_token=tokens.id_token or fresh.data.id_token,
+            id_token=id_token,
             scopes=tokens.scope if tokens.scope is not None else fresh.data.scopes,
         )
         saved = await self._sessions.save(fresh, data)

@@ -17,6 +17,13 @@
 //   POST /interaction/:uid/abort     ends the request with error=access_denied
 //   GET  /__test/stats               counters (see `stats` below)
 //   POST /__test/reset               zeroes the counters
+//   POST /__test/delay               {"refresh_token_ms": N, "drop_if_disconnected": bool}: hold
+//                                    each refresh_token grant N ms before the OP handles it; with
+//                                    drop_if_disconnected a request whose client went away meanwhile
+//                                    is never handled (as if it was lost on the way). 0 = off
+//   POST /__test/fail                {"refresh_token_status": S}: answer refresh_token grants with
+//                                    HTTP S (e.g. 503) without handling them. 0 = off
+//   (both are off at start; POST /__test/reset turns them off too)
 //
 // Prints READY on stdout once listening.
 
@@ -98,6 +105,13 @@ function emptyStats() {
 }
 
 let stats = emptyStats();
+
+// Fault injection for refresh_token grants (POST /__test/delay, /__test/fail).
+function noFaults() {
+  return { refreshDelayMs: 0, dropIfDisconnected: false, refreshStatus: 0 };
+}
+
+let faults = noFaults();
 
 function bump(bucket, key) {
   bucket[key] = (bucket[key] ?? 0) + 1;
@@ -274,6 +288,45 @@ async function readForm(req) {
   return new URLSearchParams(Buffer.concat(chunks).toString('utf8'));
 }
 
+async function readRaw(req) {
+  const chunks = [];
+  for await (const chunk of req) chunks.push(chunk);
+  return Buffer.concat(chunks);
+}
+
+async function readJson(req) {
+  const raw = (await readRaw(req)).toString('utf8');
+  return raw ? JSON.parse(raw) : {};
+}
+
+// Applies `faults` to a token request. Returns false when the request was answered (or dropped)
+// here; otherwise the provider handles it, reading the already consumed body from `req.body`
+// (oidc-provider's documented fallback for a body parsed upstream).
+async function tokenFaults(req, res) {
+  const raw = await readRaw(req);
+  req.body = raw;
+  if (new URLSearchParams(raw.toString('utf8')).get('grant_type') !== 'refresh_token') return true;
+  if (faults.refreshStatus) {
+    bump(stats.token, 'refresh_token');
+    bump(stats.token_errors, 'refresh_token');
+    send(res, faults.refreshStatus, 'application/json', JSON.stringify({
+      error: 'temporarily_unavailable', error_description: 'injected by /__test/fail',
+    }));
+    return false;
+  }
+  if (faults.refreshDelayMs) {
+    const drop = faults.dropIfDisconnected; // as set when this request arrived
+    let gone = false;
+    res.on('close', () => { gone = !res.writableFinished; });
+    await new Promise((resolve) => { setTimeout(resolve, faults.refreshDelayMs); });
+    if (gone && drop) {
+      console.log('refresh_token grant dropped: its client went away during the delay');
+      return false;
+    }
+  }
+  return true;
+}
+
 function send(res, status, type, body) {
   res.writeHead(status, { 'content-type': type, 'cache-control': 'no-store' });
   res.end(body);
@@ -356,8 +409,26 @@ async function handle(req, res) {
   }
   if (pathname === '/__test/reset' && req.method === 'POST') {
     stats = emptyStats();
+    faults = noFaults();
     send(res, 200, 'application/json', JSON.stringify(stats));
     return;
+  }
+  if (pathname === '/__test/delay' && req.method === 'POST') {
+    const body = await readJson(req);
+    faults.refreshDelayMs = Math.max(0, Number(body.refresh_token_ms) || 0);
+    faults.dropIfDisconnected = body.drop_if_disconnected === true;
+    send(res, 200, 'application/json', JSON.stringify(faults));
+    return;
+  }
+  if (pathname === '/__test/fail' && req.method === 'POST') {
+    const body = await readJson(req);
+    faults.refreshStatus = Math.max(0, Number(body.refresh_token_status) || 0);
+    send(res, 200, 'application/json', JSON.stringify(faults));
+    return;
+  }
+  if (pathname === ROUTES.token && req.method === 'POST'
+      && (faults.refreshDelayMs || faults.refreshStatus)) {
+    if (!(await tokenFaults(req, res))) return;
   }
 
   const match = /^\/interaction\/([^/]+)(?:\/(login|confirm|abort))?$/.exec(pathname);
