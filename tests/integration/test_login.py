@@ -48,7 +48,6 @@ from bff.sessions import LoginTransaction, SessionData, session_key
 from tests.support.procs import (
     OidcProvider,
     RedisServer,
-    _forms,
     _walk,
     browser_session,
     free_port,
@@ -225,7 +224,7 @@ async def session_of_cookie(
     assert secret is not None
     key = session_key(store_id(SessionSecret(secret))).encode()
     blob = await redis.get(key)
-    assert blob is not None
+    assert isinstance(blob, bytes)
     return key, blob, read_session(cookie, blob, keys)
 
 
@@ -306,7 +305,7 @@ async def test_cookies_have_their_attributes_and_pkce_s256_is_used_with_a_hidden
     state = authorize.query["state"]
     tx_key = f"bff:{{{store_id(SessionSecret(state), 'tx')}}}:tx"
     sealed = await raw_redis.get(tx_key)
-    assert sealed is not None
+    assert isinstance(sealed, bytes)
     tx = LoginTransaction(
         **json.loads(
             open_sealed(secret_key(SessionSecret(browser_secret), "tx"), sealed, tx_key.encode())
@@ -455,7 +454,6 @@ async def test_an_access_denied_answer_from_the_op_is_refused(
     location = await _walk(browser.http, authorize, cancel)
     assert URL(location).query["error"] == "access_denied"
     await assert_refused(browser, location, "access_denied", raw_redis)
-    assert _forms  # the harness parser is what found the cancel button
 
 
 @pytest.mark.parametrize(
@@ -548,7 +546,7 @@ def _config_key_attempts(blob: bytes, aads: list[bytes]) -> int:
         for aes_key in candidates:
             for offset in (0, 1, 5):
                 nonce, ciphertext = blob[offset : offset + 12], blob[offset + 12 :]
-                for aad in [*aads, None]:
+                for aad in [*aads, b"\x00"]:
                     with contextlib.suppress(InvalidTag, ValueError):
                         AESGCM(aes_key).decrypt(nonce, ciphertext, aad)
                         opened += 1
