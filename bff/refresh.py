@@ -99,12 +99,25 @@ class TokenRefresher:
     async def _refresh_across_instances(self, session: Session, force: bool) -> Session:
         owner = uuid.uuid4().hex
         key = lock_key(session.id)
+        failed_key = f"{key}:failed"
         deadline = self._clock() + self.wait_timeout
         delay = 0.02
+        failure_seen = await self._sessions.store.get(failed_key)
         while True:
+            # The holder we waited for could not reach the OP: answer 503 now rather than try
+            # the OP again ourselves, one instance after another, each for a whole timeout.
+            # Only a failure *during* our wait counts; a newcomer tries the OP afresh.
+            if await self._sessions.store.get(failed_key) not in (None, failure_seen):
+                raise ProviderUnavailable("the OpenID Provider failed to refresh the token")
             if await self._sessions.store.acquire_lock(key, owner, self.lease):
                 try:
                     return await self._refresh_holding_lock(session, key, owner, force)
+                except ProviderUnavailable:
+                    with contextlib.suppress(StoreUnavailable):
+                        await self._sessions.store.set(
+                            failed_key, owner.encode(), max(1.0, self.wait_timeout)
+                        )
+                    raise
                 finally:
                     with contextlib.suppress(StoreUnavailable):
                         await self._sessions.store.release_lock(key, owner)
