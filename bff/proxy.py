@@ -584,7 +584,7 @@ async def _stream(
     if broken or ended:
         # Headers are out, so no error status is possible: cut the connection so the browser
         # sees a truncated body, never one that looks complete.
-        if broken:
+        if broken and not ended:
             services.metrics.inc("bff_upstream_errors_total", kind="reset")
             log.warning("proxy.upstream_reset", extra={"event": "proxy.upstream_reset"})
         out.force_close()
