@@ -1,0 +1,96 @@
+"""``bff run --workers 2``: two processes serve one port (SO_REUSEPORT) and share the sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import aiohttp
+
+from tests.integration.test_proxy import KEY, Upstream
+from tests.support.bff_procs import COOKIE_NAME, BffProcess, base_config, login, write_config
+from tests.support.procs import OidcProvider, RedisServer, free_port
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            # The command name may hold spaces; the parent pid is the 2nd field after ")".
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def tcp_sockets(port: int, state: str) -> set[int]:
+    """Inodes of IPv4 TCP sockets on local ``port`` in ``state`` (0A listen, 01 established)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == state:
+            inodes.add(int(fields[9]))
+    return inodes
+
+
+def socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+async def test_two_workers_serve_one_port_and_share_sessions(
+    redis_server: RedisServer, oidc_op: OidcProvider, tmp_path: Path
+) -> None:
+    upstream = Upstream()
+    await upstream.start()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    client = await oidc_op.register_client(redirect_uris=[f"{url}/bff/callback"])
+    config = base_config(
+        public_url=url,
+        issuer=oidc_op.issuer,
+        client=client,
+        store=redis_server.url,
+        keys=[KEY],
+        static=tmp_path / "static",
+        upstreams=[{"path": "/api", "url": f"{upstream.url}/up"}],
+    )
+    proc = BffProcess(write_config(tmp_path, config), port=port, workers=2)
+    try:
+        await asyncio.to_thread(proc.start)
+        assert proc.pid is not None
+        workers = [p for p in children(proc.pid) if socket_inodes(p) & tcp_sockets(port, "0A")]
+        assert len(workers) == 2, "expected two worker processes listening on the port"
+
+        cookie = await login(url, "worker-user")
+        headers = {"X-CSRF": "1", "Cookie": f"{COOKIE_NAME}={cookie}"}
+        # Many connections held open at once: the kernel spreads them over both listeners.
+        sessions = [aiohttp.ClientSession() for _ in range(24)]
+        try:
+            statuses = []
+            for http in sessions:
+                async with http.get(f"{url}/api/x", headers=headers) as resp:
+                    statuses.append(resp.status)
+            assert statuses == [200] * len(sessions)
+            established = tcp_sockets(port, "01")
+            serving = [w for w in workers if socket_inodes(w) & established]
+            assert len(serving) == 2, "both workers should hold client connections"
+        finally:
+            for http in sessions:
+                await http.close()
+        assert all(s.header("authorization") for s in upstream.seen)
+    finally:
+        await asyncio.to_thread(proc.close)
+        await upstream.close()
