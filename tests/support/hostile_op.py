@@ -57,6 +57,17 @@ ID_TOKEN_DEFECTS = (
 )
 
 
+_MATERIAL: list[dict[str, Any]] = []
+
+
+def _rsa_key(slot: int, kid: str) -> RSAKey:
+    """RSA key number ``slot`` of this process under a new ``kid``: generating 2048-bit keys is
+    slow, and distinct slots are all a test needs to tell keys apart."""
+    while len(_MATERIAL) <= slot:
+        _MATERIAL.append(RSAKey.generate_key(2048).as_dict(private=True))
+    return RSAKey.import_key(dict(_MATERIAL[slot]), parameters={"kid": kid, "use": "sig"})
+
+
 def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -129,9 +140,10 @@ class HostileOp:
         self.issued: list[_Issued] = []
         self.used_codes: set[str] = set()
         # keys: the published signing key, plus keys that sign but are never published
-        self.signing_key = RSAKey.generate_key(2048, parameters={"kid": self._kid(), "use": "sig"})
+        self.signing_key = _rsa_key(0, self._kid())
         self.published: list[RSAKey] = [self.signing_key]
-        self.rogue_key = RSAKey.generate_key(2048, parameters={"kid": self._kid(), "use": "sig"})
+        self.rogue_key = _rsa_key(1, self._kid())
+        self._rotations = 0
         self._codes: dict[str, _Code] = {}
         self._assertion_jtis: set[str] = set()
         self._runner: web.AppRunner | None = None
@@ -179,7 +191,8 @@ class HostileOp:
 
     def rotate_signing_key(self) -> RSAKey:
         """Sign with a brand-new key from now on, and publish it (next to the old one)."""
-        self.signing_key = RSAKey.generate_key(2048, parameters={"kid": self._kid(), "use": "sig"})
+        self._rotations += 1
+        self.signing_key = _rsa_key(2 + self._rotations, self._kid())
         self.published.append(self.signing_key)
         return self.signing_key
 
@@ -252,9 +265,7 @@ class HostileOp:
             case "missing_nonce":
                 return self.sign(self.claims(None))
             case "unknown_kid":
-                return self.sign(
-                    self.claims(nonce), RSAKey.generate_key(2048, parameters={"kid": self._kid()})
-                )
+                return self.sign(self.claims(nonce), _rsa_key(2, self._kid()))
         raise ValueError(f"unknown ID token defect {defect!r}")
 
     # -- endpoints -------------------------------------------------------------------------------
