@@ -43,6 +43,8 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
         http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
             raise_for_status=False,
+            # Server-to-server calls for every user: no cookie may carry over between them.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         oidc = OidcClient(
             settings.oidc, http, redirect_uri=f"{settings.public_url}{settings.prefix}/callback"
