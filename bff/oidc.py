@@ -467,7 +467,9 @@ class OidcClient:
             for a in self.settings.id_token_algs
             if not meta.id_token_algs or a in meta.id_token_algs
         ]
-        if not isinstance(alg, str) or alg not in allowed:
+        # Asymmetric only, whatever the settings say: never "none", never an HMAC whose
+        # "secret" would be the OP's public key.
+        if not isinstance(alg, str) or alg not in allowed or _kty_for(alg) is None:
             raise InvalidToken(f"the token's algorithm {alg!r} is not allowed")
         kid = header.get("kid")
         key = await self._key_for(kid if isinstance(kid, str) else None, alg)
@@ -539,12 +541,15 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _kty_for(alg: str) -> str:
+def _kty_for(alg: str) -> str | None:
+    """The JWK key type an asymmetric JWS algorithm needs; None for anything else (HS*, none)."""
     if alg.startswith(("RS", "PS")):
         return "RSA"
     if alg.startswith("ES"):
         return "EC"
-    return "OKP"
+    if alg in ("EdDSA", "Ed25519", "Ed448"):
+        return "OKP"
+    return None
 
 
 def _signing_alg(key: RSAKey | ECKey | OKPKey) -> str:

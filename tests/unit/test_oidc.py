@@ -137,7 +137,7 @@ async def test_hs256_keyed_with_the_public_key_is_rejected_even_when_configured_
     op.advertised_algs = ["RS256", "HS256"]
     settings = settings_for(op, id_token_algs=("RS256", "HS256"))
     client = OidcClient(settings, http, REDIRECT, clock=clock)
-    with pytest.raises(InvalidToken):
+    with pytest.raises(InvalidToken, match="algorithm 'HS256' is not allowed"):
         await client.validate_id_token(op.id_token(NONCE, "hs256_public_key"), nonce=NONCE)
     # The JWKS holds only the RSA key; no HMAC secret can be made of it.
     assert (await client.validate_id_token(op.id_token(NONCE), nonce=NONCE))["sub"] == "alice"
