@@ -12,6 +12,7 @@ upstream's bearer tokens, the refresh and ID tokens read from the store): none m
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import secrets
@@ -210,6 +211,11 @@ async def refresh_grants(op: OidcProvider) -> tuple[int, int]:
     """(refresh_token grants, failed ones) at the OP since the test's reset."""
     stats = await op.stats()
     return stats["token"]["refresh_token"], stats["token_errors"]["refresh_token"]
+
+
+def basic_auth(client: dict[str, Any]) -> str:
+    pair = f"{client['client_id']}:{client['client_secret']}".encode()
+    return "Basic " + base64.b64encode(pair).decode()
 
 
 async def lock_exists(env: Env, cookie: str) -> bool:
@@ -423,7 +429,7 @@ async def test_a_revoked_grant_ends_the_session_with_401_session_expired(
         http.post(
             meta["revocation_endpoint"],
             data={"token": before.refresh_token, "token_type_hint": "refresh_token"},
-            auth=aiohttp.BasicAuth(env.client["client_id"], env.client["client_secret"]),
+            headers={"Authorization": basic_auth(env.client)},
         ) as resp,
     ):
         assert resp.status == 200
