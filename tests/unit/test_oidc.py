@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -391,9 +391,9 @@ async def test_token_endpoint_oauth_errors_map_to_their_exceptions(
     client: OidcClient,
     http: aiohttp.ClientSession,
     error: str,
-    expected: Callable[..., Exception],
+    expected: type[Exception],
 ) -> None:
     code, verifier = await authorize_code(op, client, http)
     op.token_error = error
-    with pytest.raises(expected):  # type: ignore[call-overload]
+    with pytest.raises(expected):
         await client.exchange_code(code, verifier)
