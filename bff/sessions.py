@@ -7,6 +7,7 @@ key                         value                                               
 ==========================  ===================================================  ===============
 ``bff:{<id>}:s``            the session, AES-GCM under its cookie-derived key     idle/absolute
 ``bff:{<id>}:lock``         refresh lock owner (``refresh.py``)                   lease
+``bff:{<id>}:lock:failed``  a refresh holder's OP failure, for its waiters      seconds
 ``bff:{<tx>}:tx``           a login transaction, under the browser-binding key    login_timeout
 ``bff:{sub:<h>}:sessions``  index sub -> session ids (no tokens)                  longest member
 ``bff:{sid:<h>}:sessions``  index OP sid -> session ids (no tokens)               longest member
