@@ -111,6 +111,8 @@ class Upstream:
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         response.content_length = size
         await response.prepare(request)
+        if request.method == "HEAD":
+            return response
         block = bytes(range(256)) * 256  # 64 KiB
         sent = 0
         while sent < size:
@@ -119,6 +121,21 @@ class Upstream:
             sent += n
         await response.write_eof()
         return response
+
+    async def reset(self, request: web.Request) -> web.StreamResponse:
+        """Promises 1 MiB, sends 100 KiB, then drops the connection."""
+        self.record(request)
+        response = web.StreamResponse()
+        response.content_length = 1024 * 1024
+        await response.prepare(request)
+        await response.write(b"r" * 100 * 1024)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    async def redirect(self, request: web.Request) -> web.Response:
+        self.record(request)
+        return web.Response(status=302, headers={"Location": "/elsewhere"})
 
     async def upload_progress(self, request: web.Request) -> web.Response:
         self.record(request)
@@ -131,7 +148,9 @@ class Upstream:
         ws = web.WebSocketResponse(protocols=("chat",))
         await ws.prepare(request)
         async for msg in ws:
-            if msg.type is WSMsgType.TEXT:
+            if msg.type is WSMsgType.TEXT and msg.data == "bye":
+                await ws.close(code=4000, message=b"upstream says bye")
+            elif msg.type is WSMsgType.TEXT:
                 await ws.send_str(msg.data)
             elif msg.type is WSMsgType.BINARY:
                 await ws.send_bytes(msg.data)
@@ -143,6 +162,8 @@ class Upstream:
         app.router.add_get("/up/hold", self.hold)
         app.router.add_get("/up/download", self.download)
         app.router.add_post("/up/upload-progress", self.upload_progress)
+        app.router.add_get("/up/reset", self.reset)
+        app.router.add_get("/up/redirect", self.redirect)
         app.router.add_get("/ws/{tail:.*}", self.websocket)
         app.router.add_route("*", "/{tail:.*}", self.echo)
         self.runner = web.AppRunner(app, access_log=None)
@@ -206,6 +227,7 @@ def config(port: int, op: OidcProvider, client: dict[str, Any], redis: str, up: 
         {"path": "/api/slow", "url": f"{up}/up/slow", "timeout": "1s"},
         {"path": "/api/dead", "url": dead, "connect_timeout": "2s"},
         {"path": "/api/ws", "url": f"ws://127.0.0.1:{up.rsplit(':', 1)[1]}/ws", "websocket": True},
+        {"path": "/api/dead-ws", "url": dead, "websocket": True, "connect_timeout": "2s"},
         {
             "path": "/api/headers",
             "url": f"{up}/up/h",
@@ -582,6 +604,40 @@ async def test_a_slow_upstream_gives_504_json_after_the_routes_timeout(
     assert "127.0.0.1" not in text
 
 
+async def test_an_upstream_reset_mid_body_truncates_the_response_visibly(
+    bff: Bff, browser: aiohttp.ClientSession
+) -> None:
+    await bff.login(browser)
+    async with browser.get(f"{bff.url}/api/reset", headers=CSRF) as resp:
+        assert resp.status == 200
+        assert resp.content_length == 1024 * 1024
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    # bff is still fine afterwards.
+    async with browser.get(f"{bff.url}/api/orders", headers=CSRF) as resp:
+        assert resp.status == 200
+
+
+async def test_an_upstream_redirect_is_passed_on_not_followed(
+    bff: Bff, browser: aiohttp.ClientSession
+) -> None:
+    await bff.login(browser)
+    async with browser.get(f"{bff.url}/api/redirect", headers=CSRF, allow_redirects=False) as resp:
+        assert resp.status == 302
+        assert resp.headers["Location"] == "/elsewhere"
+    assert len(bff.upstream.seen) == 1
+
+
+async def test_a_head_request_keeps_the_upstreams_content_length(
+    bff: Bff, browser: aiohttp.ClientSession
+) -> None:
+    await bff.login(browser)
+    async with browser.head(f"{bff.url}/api/download?size=12345", headers=CSRF) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Length"] == "12345"
+    assert bff.upstream.seen[-1].method == "HEAD"
+
+
 # -------------------------------------------------------------------------------------------------
 # Streaming
 
@@ -693,6 +749,28 @@ async def test_a_websocket_without_a_session_is_refused(bff: Bff) -> None:
             await http.ws_connect(f"{bff.url}/api/ws/chat", origin=bff.url)
     assert caught.value.status == 401
     assert bff.upstream.seen == []
+
+
+async def test_a_websocket_to_a_dead_upstream_gives_502(
+    bff: Bff, browser: aiohttp.ClientSession
+) -> None:
+    await bff.login(browser)
+    with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+        await browser.ws_connect(f"{bff.url}/api/dead-ws/x", origin=bff.url)
+    assert caught.value.status == 502
+
+
+async def test_a_websocket_closed_by_the_upstream_closes_the_browsers(
+    bff: Bff, browser: aiohttp.ClientSession
+) -> None:
+    await bff.login(browser)
+    async with browser.ws_connect(f"{bff.url}/api/ws/chat", origin=bff.url) as ws:
+        await ws.send_str("hi")
+        assert (await ws.receive(timeout=5)).data == "hi"
+        await ws.send_str("bye")  # the upstream closes with 4000
+        msg = await ws.receive(timeout=5)
+        assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
+    assert ws.close_code == 4000
 
 
 @pytest.mark.parametrize("origin", ["https://evil.example", None])
