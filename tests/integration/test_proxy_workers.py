@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import aiohttp
@@ -71,7 +72,14 @@ async def test_two_workers_serve_one_port_and_share_sessions(
     try:
         await asyncio.to_thread(proc.start)
         assert proc.pid is not None
-        workers = [p for p in children(proc.pid) if socket_inodes(p) & tcp_sockets(port, "0A")]
+        # /healthz answered, so one worker is up; the other may still be starting.
+        deadline = time.monotonic() + 20
+        while True:
+            listening = tcp_sockets(port, "0A")
+            workers = [p for p in children(proc.pid) if socket_inodes(p) & listening]
+            if len(workers) == 2 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
         assert len(workers) == 2, "expected two worker processes listening on the port"
 
         cookie = await login(url, "worker-user")
