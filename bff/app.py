@@ -34,6 +34,8 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     app = web.Application(
         middlewares=[error_middleware(api_prefixes=api_prefixes)],
         client_max_size=1024**2,  # for bff's own endpoints; proxied bodies stream instead
+        # A proxy passes request bodies on as they came: no decompression (and no zip bombs).
+        handler_args={"auto_decompress": False},
     )
     keyring = Keyring([k.get() for k in settings.keys])
     upstreams = proxy.UpstreamTable(settings.upstreams, public_url=settings.public_url)

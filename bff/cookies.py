@@ -19,6 +19,7 @@ from bff.keys import Keyring, SessionSecret
 __all__ = ["CookiePolicy"]
 
 _COOKIE_VALUE = re.compile(r"[A-Za-z0-9_.-]+")
+_VERIFIED_MAX = 50_000
 
 
 class CookiePolicy:
@@ -39,6 +40,7 @@ class CookiePolicy:
         self._secure = secure
         self._max_age = int(max_age)
         self._login_max_age = int(login_max_age)
+        self._verified: dict[str, SessionSecret] = {}
 
     def session_secret(self, request: web.Request) -> SessionSecret | None:
         """The verified secret of the session cookie; None when absent, tampered or foreign."""
@@ -61,12 +63,24 @@ class CookiePolicy:
 
     def _read(self, request: web.Request, name: str) -> SessionSecret | None:
         raw = request.cookies.get(name)
+        if not raw:
+            return None
+        # Hot path: a value that verified before verifies again (keys change only at restart),
+        # so each cookie pays for its HMAC once per process. Only valid values are remembered.
+        known = self._verified.get(raw)
+        if known is not None:
+            return known
         # Only what we issue (base64url and dots): itsdangerous drops non-ASCII characters
         # from a signature before checking it, so "<valid>€" would otherwise still verify.
-        if not raw or len(raw) > 512 or not _COOKIE_VALUE.fullmatch(raw):
+        if len(raw) > 512 or not _COOKIE_VALUE.fullmatch(raw):
             return None
         value = self._keyring.unsign(raw)
-        return SessionSecret(value) if value else None
+        if not value:
+            return None
+        if len(self._verified) >= _VERIFIED_MAX:
+            self._verified.pop(next(iter(self._verified)))
+        secret = self._verified[raw] = SessionSecret(value)
+        return secret
 
     def _set(
         self, response: web.StreamResponse, name: str, value: str, max_age: int, same_site: str

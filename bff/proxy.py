@@ -118,8 +118,6 @@ _WS_HANDSHAKE: Final = frozenset(
 )
 _RESPONSE_DROP: Final = HOP_BY_HOP | {"set-cookie"}
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
-# Content codings aiohttp's server decodes while reading a request body.
-_DECODED_CODINGS: Final = frozenset({"gzip", "deflate", "br"})
 _PCHAR_SAFE: Final = "!$&'()*+,;=:@~"
 
 
@@ -494,13 +492,6 @@ async def _http(
     url = URL(route.origin + target, encoded=True)
     has_body = request.body_exists
     headers = upstream_headers(request, route.drop, route.set_headers, table.forwarded(), token)
-    if has_body:
-        coding = request.headers.get("Content-Encoding", "").strip().lower()
-        if coding in _DECODED_CODINGS:
-            # aiohttp already decoded it while reading: forward what we actually send.
-            headers = [
-                h for h in headers if h[0].lower() not in ("content-encoding", "content-length")
-            ]
     resp, body = await _exchange(request, services, route, url, headers, has_body)
     if (
         resp.status == 401

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import json
 import os
@@ -378,6 +379,22 @@ async def test_a_post_body_reaches_the_upstream_intact(
         assert resp.status == 200
     seen = bff.upstream.seen[-1]
     assert (seen.method, seen.body_len) == ("POST", len(payload))
+    assert seen.body_sha256 == hashlib.sha256(payload).hexdigest()
+
+
+async def test_a_compressed_upload_is_passed_on_as_it_came(
+    bff: Bff, browser: aiohttp.ClientSession
+) -> None:
+    await bff.login(browser)
+    payload = os.urandom(1000) * 50
+    body = gzip.compress(payload)
+    headers = {**CSRF, "Content-Encoding": "gzip"}
+    async with browser.post(f"{bff.url}/api/items", data=body, headers=headers) as resp:
+        assert resp.status == 200
+    seen = bff.upstream.seen[-1]
+    # bff did not inflate it: the upstream got the gzip body with its Content-Encoding (and,
+    # being aiohttp, inflated it itself to the original bytes).
+    assert seen.header("content-encoding") == "gzip"
     assert seen.body_sha256 == hashlib.sha256(payload).hexdigest()
 
 
