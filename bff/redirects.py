@@ -26,7 +26,7 @@ def _plain_path(value: str) -> bool:
 
 
 def is_local_path(value: str | None) -> bool:
-    """True for ``/path?query#frag`` on this origin; False for what a browser could take off-site."""
+    """True for ``/path?query#frag`` on this origin; False for what a browser may take off-site."""
     if not value or len(value) > _MAX:
         return False
     return _plain_path(value) and _plain_path(unquote(value))
