@@ -196,6 +196,7 @@ class TokenRefresher:
             log.warning("refresh.lost_race", extra={"event": "refresh.lost_race"})
             return await self._reload(session)
         self._metrics.inc("bff_refreshes_total", outcome="ok")
+        log.info("session.refreshed", extra={"event": "session.refreshed", "session": fresh.id[:8]})
         return saved
 
     async def _renew(self, key: str, owner: str) -> None:
