@@ -10,7 +10,9 @@
 // The X-CSRF header is what makes these calls safe: a custom header forces a CORS preflight,
 // which no other site passes, so another site cannot make the browser call bff for you.
 
-import { show, showClaims, showApiAnswer, showApiError, startCountdown } from './view.js';
+import {
+  show, showClaims, showApiPending, showApiAnswer, showApiError, startCountdown,
+} from './view.js';
 
 const CSRF = { 'X-CSRF': '1' };
 
@@ -35,6 +37,7 @@ async function loadUser() {
     show('logged-out', 'bff is not reachable. Is it running?');
     return;
   }
+  const body = await response.json().catch(() => null); // always read the body: frees the connection
   if (response.status === 401) {
     const signedOut = location.pathname === '/signed-out';
     loggedOut(signedOut ? 'You are signed out.' : 'Log in to see who you are and call the API.');
@@ -44,35 +47,38 @@ async function loadUser() {
     loggedOut(`bff answered ${response.status}. Try again in a moment.`);
     return;
   }
-  const user = await response.json();
-  document.getElementById('logout').href = user.logout_url;
-  showClaims(user);
-  startCountdown(user, loadUser);
+  document.getElementById('logout').href = body.logout_url;
+  showClaims(body);
+  startCountdown(body, loadUser);
   show('logged-in');
 }
+
+let calls = 0;
 
 /** Call the demo API through bff's proxy, exactly as an app would. */
 async function callApi() {
   const button = document.getElementById('call-api');
   button.disabled = true;
+  const call = ++calls;
+  showApiPending(call);
   try {
     const response = await fetch('/api/demo/hello', { headers: CSRF });
+    const body = await response.json().catch(() => null);
     if (response.status === 401) {
       // No live session. An app could also go straight to the login page:
       //   location.assign(loginUrl());
-      showApiError(401, 'Not logged in: the API call needs a session.');
+      showApiError(call, 401, 'Not logged in: the API call needs a session.');
       loggedOut('Your session has ended. Log in again to call the API.');
       return;
     }
-    const body = await response.json().catch(() => null);
     if (!response.ok) {
-      showApiError(response.status, body?.error_description ?? body?.error ?? 'request failed');
+      showApiError(call, response.status, body?.error_description ?? body?.error ?? 'request failed');
       return;
     }
-    showApiAnswer(response.status, body);
+    showApiAnswer(call, response.status, body);
     loadUser(); // the session's idle deadline moved: show it
   } catch (err) {
-    showApiError(0, `network error: ${err.message}`);
+    showApiError(call, 0, `network error: ${err.message}`);
   } finally {
     button.disabled = false;
   }

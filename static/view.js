@@ -18,17 +18,21 @@ export function showClaims(user) {
   document.getElementById('claims').textContent = JSON.stringify({ sub: user.sub, ...claims }, null, 2);
 }
 
-export function showApiAnswer(status, body) {
+export function showApiPending(call) {
+  setApiStatus(`Call #${call}: waiting for the answer…`, false);
+}
+
+export function showApiAnswer(call, status, body) {
   const time = new Date().toLocaleTimeString();
   const note = body?.token_fingerprint
     ? ` Access token fingerprint ${body.token_fingerprint}: it changes when bff refreshes the token.`
     : '';
-  setApiStatus(`${status} at ${time}.${note}`, false);
+  setApiStatus(`Call #${call}: ${status} at ${time}.${note}`, false);
   document.getElementById('api-result').textContent = JSON.stringify(body, null, 2);
 }
 
-export function showApiError(status, message) {
-  setApiStatus(status ? `${status}: ${message}` : message, true);
+export function showApiError(call, status, message) {
+  setApiStatus(`Call #${call}: ${status ? `${status} ${message}` : message}`, true);
   document.getElementById('api-result').textContent = '';
 }
 
