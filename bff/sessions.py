@@ -24,6 +24,7 @@ is therefore seen within that time.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -146,6 +147,7 @@ class SessionManager:
         self.cache_ttl = cache_ttl
         self._clock = clock
         self._cache: dict[SessionSecret, _Cached] = {}
+        self._loading: dict[SessionSecret, asyncio.Future[Session | None]] = {}
         self._touched: dict[StoreKey, float] = {}
         # Sliding the idle timeout costs a store write; once per interval is precise enough.
         self._touch_interval = min(60.0, idle_timeout / 20)
@@ -176,6 +178,17 @@ class SessionManager:
                 if cached.session.data.expires_at > now:
                     return cached.session
                 self._cache.pop(secret, None)
+            # When the cached copy lapses, every concurrent request of the session would read
+            # the store at once (hundreds, under load); one read serves them all instead.
+            pending = self._loading.get(secret)
+            if pending is None:
+                pending = asyncio.ensure_future(self._read(secret, now))
+                self._loading[secret] = pending
+                pending.add_done_callback(lambda _: self._loading.pop(secret, None))
+            return await asyncio.shield(pending)
+        return await self._read(secret, now)
+
+    async def _read(self, secret: SessionSecret, now: float) -> Session | None:
         sid = store_id(secret)
         blob = await self.store.get(session_key(sid))
         if blob is None:

@@ -89,7 +89,12 @@ class RedisStore:
         options.setdefault("health_check_interval", 15)
         options.setdefault("retry", Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1))
         options.setdefault("retry_on_error", [RedisConnectionError, RedisTimeoutError])
-        return cls(aioredis.Redis.from_url(url, **options))
+        # A burst waits for a free connection (up to `timeout`) instead of failing with
+        # "Too many connections"; the bound keeps N instances x workers within Redis' limits.
+        options.setdefault("max_connections", 64)
+        options.setdefault("timeout", 2.0)
+        pool = aioredis.BlockingConnectionPool.from_url(url, **options)
+        return cls(aioredis.Redis(connection_pool=pool))
 
     @_translated
     async def get(self, key: str) -> bytes | None:
@@ -168,7 +173,7 @@ class RedisStore:
         await self._r.ping()
 
     async def close(self) -> None:
-        await self._r.aclose()
+        await self._r.aclose(close_connection_pool=True)
 
     @property
     def client(self) -> aioredis.Redis:

@@ -125,3 +125,17 @@ async def test_two_instances_on_the_real_server_refresh_once(redis_server: Redis
     assert {token for _, token in results} == {"AT-1"}
     for store, _, _ in instances:
         await store.close()
+
+
+async def test_a_burst_beyond_the_connection_pool_waits_instead_of_failing(
+    redis_server: RedisServer,
+) -> None:
+    store = RedisStore.from_url(redis_server.url, max_connections=4)
+    try:
+        await store.set("bff:{burst}:s", b"v", 10)
+        # 200 concurrent reads through 4 connections: they queue, none is refused.
+        values = await asyncio.gather(*(store.get("bff:{burst}:s") for _ in range(200)))
+        assert values == [b"v"] * 200
+    finally:
+        await store.delete("bff:{burst}:s")
+        await store.close()

@@ -174,6 +174,26 @@ async def test_a_cached_session_is_served_without_the_store_within_cache_ttl(
     assert await sessions.load(created.secret) is None
 
 
+async def test_concurrent_requests_after_the_cache_lapses_read_the_store_once(
+    sessions: SessionManager, memory_store: MemoryStore, clock: FakeClock
+) -> None:
+    created = await sessions.create(_data(clock))
+    clock.advance(sessions.cache_ttl)
+    reads = 0
+    real_get = memory_store.get
+
+    async def slow_get(key: str) -> bytes | None:
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.01)  # every request arrives while the one read is in flight
+        return await real_get(key)
+
+    memory_store.get = slow_get  # type: ignore[method-assign]
+    loaded = await asyncio.gather(*(sessions.load(created.secret) for _ in range(100)))
+    assert reads == 1
+    assert all(s is not None and s.id == created.id for s in loaded)
+
+
 async def test_a_refresh_saved_on_another_instance_is_seen_here_within_cache_ttl(
     sessions: SessionManager, other_instance: SessionManager, clock: FakeClock
 ) -> None:
