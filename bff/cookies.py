@@ -41,10 +41,22 @@ class CookiePolicy:
         self._max_age = int(max_age)
         self._login_max_age = int(login_max_age)
         self._verified: dict[str, SessionSecret] = {}
+        self._by_header: dict[str, SessionSecret] = {}
 
     def session_secret(self, request: web.Request) -> SessionSecret | None:
         """The verified secret of the session cookie; None when absent, tampered or foreign."""
-        return self._read(request, self.name)
+        # Hot path: a browser sends the same Cookie header on every call, so the header we
+        # already parsed and verified maps straight to its secret (no parse, no HMAC).
+        header = request.headers.get("Cookie")
+        if header is None:
+            return None
+        known = self._by_header.get(header)
+        if known is not None:
+            return known
+        secret = self._read(request, self.name)
+        if secret is not None and len(header) <= 4096:
+            _remember(self._by_header, header, secret)
+        return secret
 
     def browser_secret(self, request: web.Request) -> SessionSecret | None:
         return self._read(request, self.tx_name)
@@ -77,9 +89,8 @@ class CookiePolicy:
         value = self._keyring.unsign(raw)
         if not value:
             return None
-        if len(self._verified) >= _VERIFIED_MAX:
-            self._verified.pop(next(iter(self._verified)))
-        secret = self._verified[raw] = SessionSecret(value)
+        secret = SessionSecret(value)
+        _remember(self._verified, raw, secret)
         return secret
 
     def _set(
@@ -96,3 +107,10 @@ class CookiePolicy:
             httponly=True,
             samesite=same_site,
         )
+
+
+def _remember(cache: dict[str, SessionSecret], key: str, secret: SessionSecret) -> None:
+    """Bounded: the oldest entry goes first, so a flood of cookies cannot grow memory."""
+    if len(cache) >= _VERIFIED_MAX:
+        cache.pop(next(iter(cache)))
+    cache[key] = secret

@@ -147,3 +147,37 @@ def test_an_oversized_cookie_reads_as_none_even_when_validly_signed() -> None:
 @pytest.mark.parametrize("header", [None, "", "__Host-bff=", "other=1", "__Host-bff=%00%ff"])
 def test_an_absent_or_empty_cookie_reads_as_none(header: str | None) -> None:
     assert _policy().session_secret(_request(header)) is None
+
+
+def test_a_cookie_header_seen_before_is_not_parsed_or_verified_again() -> None:
+    keyring = Keyring(KEYS)
+    policy = CookiePolicy(keyring)
+    secret = new_secret()
+    header = f"{policy.name}={_issued(policy, secret).value}; theme=dark"
+    assert policy.session_secret(_request(header)) == secret
+    calls = 0
+    real_unsign = keyring.unsign
+
+    def counting_unsign(value: str) -> str | None:
+        nonlocal calls
+        calls += 1
+        return real_unsign(value)
+
+    keyring.unsign = counting_unsign  # type: ignore[method-assign]
+    for _ in range(5):
+        assert policy.session_secret(_request(header)) == secret
+    assert calls == 0
+
+
+def test_a_tampered_cookie_header_is_never_remembered() -> None:
+    keyring = Keyring(KEYS)
+    policy = CookiePolicy(keyring)
+    value = _issued(policy, new_secret()).value
+    tampered = f"{policy.name}={value[:-2]}xx"
+    for _ in range(3):
+        assert policy.session_secret(_request(tampered)) is None
+    # and a foreign key's cookie stays foreign however often it is presented
+    foreign = CookiePolicy(Keyring(["another-key-" + "z" * 40]))
+    header = f"{policy.name}={_issued(foreign, new_secret()).value}"
+    for _ in range(3):
+        assert policy.session_secret(_request(header)) is None
