@@ -7,8 +7,10 @@ hash slots and the behaviour of a server that dies and comes back are checked fo
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -19,6 +21,7 @@ from bff.keys import new_secret, store_id
 from bff.oidc import OidcClient
 from bff.refresh import TokenRefresher
 from bff.sessions import SessionData, SessionManager, lock_key, session_key
+from bff.store import open_store
 from bff.store.redis import RedisStore
 from tests.support.procs import RedisServer
 from tests.unit.fakes import FakeOp
@@ -138,4 +141,36 @@ async def test_a_burst_beyond_the_connection_pool_waits_instead_of_failing(
         assert values == [b"v"] * 200
     finally:
         await store.delete("bff:{burst}:s")
+        await store.close()
+
+
+@pytest.fixture
+def redis_socket(tmp_path: Path) -> Iterator[Path]:
+    """A real redis-server listening only on a Unix socket."""
+    sock = tmp_path / "redis.sock"
+    argv = ["redis-server", "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"]
+    server = subprocess.Popen(
+        [*argv, "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield sock
+    finally:
+        server.kill()
+        server.wait()
+
+
+async def test_the_store_works_over_a_unix_socket(redis_socket: Path) -> None:
+    """``session.store: unix:///path/redis.sock`` reaches a real redis-server over its socket."""
+    store = open_store(f"unix://{redis_socket}?db=0")
+    try:
+        await store.ping()
+        await store.set("bff:{unix}:s", b"over the socket", 10)
+        assert await store.get("bff:{unix}:s") == b"over the socket"
+        assert await store.take("bff:{unix}:s") == b"over the socket"
+        assert await store.get("bff:{unix}:s") is None
+    finally:
         await store.close()
