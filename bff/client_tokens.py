@@ -22,12 +22,12 @@ import hashlib
 import json
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from bff.errors import ProviderUnavailable, StoreUnavailable
 from bff.keys import DecryptError, Keyring
+from bff.locks import StoreLock, poll_delays
 from bff.oidc import InvalidGrant, OidcClient, TokenRequestRefused
 from bff.store import SessionStore
 
@@ -146,32 +146,23 @@ class ClientTokens:
         if self._usable(stored, reject):
             assert stored is not None
             return stored
-        lock = _lock_key(key)
-        owner = uuid.uuid4().hex
+        lock = StoreLock(self._store, _lock_key(key), self.lease)
         deadline = self._clock() + self.wait_timeout
-        delay = 0.02
+        delays = poll_delays()
         while True:
-            if await self._store.acquire_lock(lock, owner, self.lease):
-                try:
+            if await lock.acquire():
+                async with lock:
                     # Someone may have written a token between our read and our lock.
                     stored = await self._read(key)
                     if self._usable(stored, reject):
                         assert stored is not None
                         return stored
-                    renewer = asyncio.create_task(self._renew(lock, owner))
-                    try:
-                        fetched = await self._fetch(scopes)
-                    finally:
-                        renewer.cancel()
+                    fetched = await self._fetch(scopes)
                     with contextlib.suppress(StoreUnavailable):  # still good for this process
                         await self._write(key, fetched)
                     return fetched
-                finally:
-                    with contextlib.suppress(StoreUnavailable):
-                        await self._store.release_lock(lock, owner)
             # Another instance is fetching: wait for its token instead of asking the OP too.
-            await asyncio.sleep(delay)
-            delay = min(0.2, delay * 2)
+            await asyncio.sleep(next(delays))
             stored = await self._read(key)
             if self._usable(stored, reject):
                 assert stored is not None
@@ -208,13 +199,3 @@ class ClientTokens:
         ttl = token.expires_at - self._clock()
         if ttl > 0:
             await self._store.set(key, self._keyring.encrypt(token.to_bytes(), key.encode()), ttl)
-
-    async def _renew(self, lock: str, owner: str) -> None:
-        """Hold the lease while the OP is slow; a crashed holder stops renewing, so it lapses."""
-        while True:
-            await asyncio.sleep(self.lease / 3)
-            try:
-                if not await self._store.renew_lock(lock, owner, self.lease):
-                    return
-            except StoreUnavailable:
-                continue

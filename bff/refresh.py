@@ -23,10 +23,10 @@ import dataclasses
 import functools
 import logging
 import time
-import uuid
 from collections.abc import Callable
 
 from bff.errors import ProviderUnavailable, SessionExpired, StoreUnavailable
+from bff.locks import StoreLock, poll_delays
 from bff.metrics import Metrics
 from bff.oidc import InvalidGrant, InvalidToken, OidcClient, TokenRequestRefused, user_claims
 from bff.sessions import Session, SessionManager, lock_key
@@ -97,42 +97,37 @@ class TokenRefresher:
         return fresh
 
     async def _refresh_across_instances(self, session: Session, force: bool) -> Session:
-        owner = uuid.uuid4().hex
-        key = lock_key(session.id)
-        failed_key = f"{key}:failed"
+        store = self._sessions.store
+        lock = StoreLock(store, lock_key(session.id), self.lease)
+        failed_key = f"{lock.key}:failed"
         deadline = self._clock() + self.wait_timeout
-        delay = 0.02
-        failure_seen = await self._sessions.store.get(failed_key)
+        delays = poll_delays()
+        failure_seen = await store.get(failed_key)
         while True:
             # The holder we waited for could not reach the OP: answer 503 now rather than try
             # the OP again ourselves, one instance after another, each for a whole timeout.
             # Only a failure *during* our wait counts; a newcomer tries the OP afresh.
-            if await self._sessions.store.get(failed_key) not in (None, failure_seen):
+            if await store.get(failed_key) not in (None, failure_seen):
                 raise ProviderUnavailable("the OpenID Provider failed to refresh the token")
-            if await self._sessions.store.acquire_lock(key, owner, self.lease):
-                try:
-                    return await self._refresh_holding_lock(session, key, owner, force)
-                except ProviderUnavailable:
-                    with contextlib.suppress(StoreUnavailable):
-                        await self._sessions.store.set(
-                            failed_key, owner.encode(), max(1.0, self.wait_timeout)
-                        )
-                    raise
-                finally:
-                    with contextlib.suppress(StoreUnavailable):
-                        await self._sessions.store.release_lock(key, owner)
+            if await lock.acquire():
+                async with lock:
+                    try:
+                        return await self._refresh_holding_lock(session, force)
+                    except ProviderUnavailable:
+                        with contextlib.suppress(StoreUnavailable):
+                            await store.set(
+                                failed_key, lock.owner.encode(), max(1.0, self.wait_timeout)
+                            )
+                        raise
             # Another instance is refreshing: wait for its result instead of racing it.
-            await asyncio.sleep(delay)
-            delay = min(0.2, delay * 2)
+            await asyncio.sleep(next(delays))
             fresh = await self._reload(session)
             if self._still_good(session, fresh, force):
                 return fresh
             if self._clock() > deadline:
                 raise ProviderUnavailable("a token refresh is taking too long")
 
-    async def _refresh_holding_lock(
-        self, session: Session, key: str, owner: str, force: bool
-    ) -> Session:
+    async def _refresh_holding_lock(self, session: Session, force: bool) -> Session:
         fresh = await self._reload(session)
         if self._still_good(session, fresh, force):
             return fresh  # refreshed by someone else while we waited for the lock
@@ -144,7 +139,6 @@ class TokenRefresher:
                 await self._sessions.end(fresh)
                 raise SessionExpired("the access token expired and the OP gave no refresh token")
             return fresh
-        renewer = asyncio.create_task(self._renew(key, owner))
         try:
             tokens = await self._oidc.refresh(refresh_token)
             claims, id_token = fresh.data.claims, fresh.data.id_token
@@ -178,8 +172,6 @@ class TokenRefresher:
         except ProviderUnavailable:
             self._metrics.inc("bff_refreshes_total", outcome="unavailable")
             raise
-        finally:
-            renewer.cancel()
         data = dataclasses.replace(
             fresh.data,
             claims=claims,
@@ -198,14 +190,3 @@ class TokenRefresher:
         self._metrics.inc("bff_refreshes_total", outcome="ok")
         log.info("session.refreshed", extra={"event": "session.refreshed", "session": fresh.id[:8]})
         return saved
-
-    async def _renew(self, key: str, owner: str) -> None:
-        """Hold the lease while the OP is slow; a crashed holder stops renewing, so it lapses."""
-        while True:
-            await asyncio.sleep(self.lease / 3)
-            try:
-                if not await self._sessions.store.renew_lock(key, owner, self.lease):
-                    log.warning("refresh.lock_lost", extra={"event": "refresh.lock_lost"})
-                    return
-            except StoreUnavailable:
-                continue
