@@ -174,10 +174,10 @@ class UpstreamTable:
                 connector=aiohttp.TCPConnector(
                     limit=self.pool_size, ttl_dns_cache=300, keepalive_timeout=30
                 ),
+                # Only new connections get a connect timer; the route's own timeout already
+                # bounds each exchange (pool wait included), so no second timer per request.
                 timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=route.connect_timeout,
-                    sock_connect=route.connect_timeout,
+                    total=None, connect=None, sock_connect=route.connect_timeout
                 ),
                 # Shared by every user: it must never remember a cookie an upstream sets.
                 cookie_jar=aiohttp.DummyCookieJar(),
