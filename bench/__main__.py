@@ -296,9 +296,7 @@ def main() -> int:
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "redis-server", "node"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
-            print(
-                f"bench: {tool} is missing (apt-get install wrk nginx-light redis-server nodejs)"
-            )
+            print(f"bench: {tool} is missing (apt-get install wrk nginx-light redis-server nodejs)")
             return 2
     os.environ["PATH"] += ":/usr/sbin"
 
@@ -387,13 +385,15 @@ upstreams:
                 finally:
                     await runner.cleanup()
 
-            got, sent, took = asyncio.run(stream())
             workers = [p for p in _descendants(proc.pid) if p != proc.pid] or [proc.pid]
+            before = max(_status_kb(p, "VmRSS") for p in workers)
+            got, sent, took = asyncio.run(stream())
             peak = max(_status_kb(p, "VmHWM") for p in workers)
             print()
             print(
                 f"streaming: {got / GiB:.2f} GiB down + {sent / GiB:.2f} GiB up in {took:.1f}s; "
-                f"peak RSS of a bff worker (VmHWM) {peak / 1024:.1f} MB"
+                f"peak RSS of a bff worker (VmHWM) {peak / 1024:.1f} MB "
+                f"(RSS before streaming {before / 1024:.1f} MB)"
             )
 
             # Redis memory per logged-in session, after N logins through the real OP.
