@@ -49,7 +49,20 @@ REQUEST_DROP: Final = HOP_BY_HOP | {
     "x-forwarded-host",
     "x-forwarded-proto",
     "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-forwarded-ssl",
     "x-real-ip",
+    "true-client-ip",
+    # Overrides that frameworks honour (Express, ASP.NET, Symfony, IIS): they would get around
+    # a route's `methods:` allow-list or its path prefix.
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    # bff's own anti-forgery header is for bff, not the upstream.
+    "x-csrf",
 }
 #: The browser's handshake headers; aiohttp makes the upstream handshake's own.
 WS_HANDSHAKE: Final = frozenset(
@@ -77,7 +90,11 @@ def upstream_headers(
     connection = headers.get("Connection")
     if connection is not None:
         drop = drop | {t.strip().lower() for t in connection.split(",")}
-    out = [(k, v) for k, v in headers.items() if k.lower() not in drop]
+    out = [
+        (k, v)
+        for k, v in headers.items()
+        if (name := k.lower()) not in drop and not name.startswith("x-forwarded-")
+    ]
     out.extend(extra)
     if token is not None:
         out.append(("Authorization", "Bearer " + token))

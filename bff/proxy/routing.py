@@ -103,7 +103,8 @@ def normalise_path(path: str) -> str:
             segment = quote(decoded, safe=_PCHAR_SAFE)
         else:
             decoded = segment
-        if decoded in (".", ".."):
+        # "..;x" too: Java servers (Tomcat, Jetty, Spring) drop ";params" and then see "..".
+        if decoded.split(";", 1)[0] in (".", ".."):
             raise PathRejected("'.' and '..' segments are not allowed in the path")
         if decoded == "" and i != last:
             continue  # "//" folds to "/"; a trailing "/" is kept
@@ -112,6 +113,9 @@ def normalise_path(path: str) -> str:
 
 
 def _decode_segment(segment: str) -> str:
+    if "%u" in segment or "%U" in segment:
+        # IIS decodes %u002e as "."; no standard client sends it.
+        raise PathRejected("%u escapes are not allowed in the path")
     try:
         decoded = unquote_to_bytes(segment).decode("utf-8")
     except UnicodeDecodeError:
@@ -121,7 +125,7 @@ def _decode_segment(segment: str) -> str:
     if "%" in decoded:
         # Double encoding (%252e%252e): refuse what an upstream that decodes again would see.
         again = unquote(decoded)
-        if again in (".", "..") or "/" in again or "\\" in again:
+        if again.split(";", 1)[0] in (".", "..") or "/" in again or "\\" in again:
             raise PathRejected("encoded traversal is not allowed in the path")
     return decoded
 
