@@ -10,8 +10,9 @@ A token is fetched from the OP once and used by all instances until shortly befo
   fetch while the others wait for its result.
 
 A token is renewed ``min(skew, a quarter of its lifetime)`` before it expires, and at once when an
-upstream refused it (``reject=``). When the store is down the token is fetched and kept locally,
-so client routes keep working; an OP that fails gives 503.
+upstream refused it (``reject=``), at most once per ``min_forced_interval`` per process. When the
+store is down the token is fetched and kept locally, so client routes keep working; an OP that
+fails gives 503.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class ClientTokens:
         default_lifetime: float = 300.0,
         lease: float = 5.0,
         wait_timeout: float = 20.0,
+        min_forced_interval: float = 10.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._oidc = oidc
@@ -92,21 +94,30 @@ class ClientTokens:
         self.default_lifetime = default_lifetime  # when the OP sends no expires_in
         self.lease = lease
         self.wait_timeout = wait_timeout
+        self.min_forced_interval = min_forced_interval  # between renewals an upstream forced
         self._clock = clock
         self._local: dict[tuple[str, ...], ClientToken] = {}
         self._keys: dict[tuple[str, ...], str] = {}
         self._inflight: dict[tuple[str, ...], asyncio.Future[ClientToken]] = {}
+        self._forced_at: dict[tuple[str, ...], float] = {}
 
     async def token(self, scopes: tuple[str, ...] = (), *, reject: str | None = None) -> str:
         """A valid access token for ``scopes``; ``reject``: one an upstream just refused."""
+        now = self._clock()
         cached = self._local.get(scopes)
-        if cached is not None and cached.renew_at > self._clock() and cached.access_token != reject:
+        if cached is not None and cached.renew_at > now and cached.access_token != reject:
             return cached.access_token
         pending = self._inflight.get(scopes)
         if pending is not None:
-            result = await asyncio.shield(pending)
-            if result.access_token != reject:
-                return result.access_token
+            # Whatever the fetch in flight brings is the newest token there is.
+            return (await asyncio.shield(pending)).access_token
+        if cached is not None and cached.renew_at > now:
+            # Refused again soon after a forced renewal: another grant would not help, and
+            # anyone able to send X-CSRF could otherwise make us ask the OP on every request.
+            if now - self._forced_at.get(scopes, float("-inf")) < self.min_forced_interval:
+                return cached.access_token
+        if reject is not None:
+            self._forced_at[scopes] = now
         future: asyncio.Future[ClientToken] = asyncio.get_running_loop().create_future()
         self._inflight[scopes] = future
         try:

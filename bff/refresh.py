@@ -45,6 +45,7 @@ class TokenRefresher:
         skew: float = 60.0,
         lease: float = 5.0,
         wait_timeout: float | None = None,
+        min_forced_interval: float = 10.0,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -54,9 +55,11 @@ class TokenRefresher:
         self.lease = lease
         # Waiting longer than the OP's own timeout plus a lease gains nothing.
         self.wait_timeout = wait_timeout or (oidc.settings.http_timeout + 2 * lease)
+        self.min_forced_interval = min_forced_interval  # between refreshes an upstream forced
         self._metrics = metrics or Metrics()
         self._clock = clock
         self._inflight: dict[str, asyncio.Future[Session]] = {}
+        self._forced_at: dict[str, float] = {}
 
     def needs_refresh(self, session: Session) -> bool:
         expires_at = session.data.access_expires_at
@@ -71,6 +74,15 @@ class TokenRefresher:
     async def refresh(self, session: Session, *, force: bool = False) -> Session:
         """Refresh once for everyone. ``force``: the upstream refused a token we thought valid."""
         pending = self._inflight.get(session.id)
+        if pending is None and force:
+            # An upstream refused a token again right after a forced refresh: another refresh
+            # would not help, and a client could otherwise make us ask the OP on every call.
+            now = self._clock()
+            if now - self._forced_at.get(session.id, float("-inf")) < self.min_forced_interval:
+                return session
+            if len(self._forced_at) >= 50_000:
+                self._forced_at.pop(next(iter(self._forced_at)))
+            self._forced_at[session.id] = now
         if pending is None:
             # A task of its own: a caller that goes away (client disconnect, timeout) must not
             # cancel the refresh that the other waiters, and the rotated token, depend on.

@@ -153,3 +153,38 @@ async def test_client_routes_keep_working_while_the_store_is_down(clock) -> None
     got = await asyncio.gather(*(cc.token() for _ in range(5)))
     assert set(got) == {"cc-1"}
     assert len(op.grants) == 1
+
+
+class SameTokenOp(FakeOp):
+    """An OP that hands back its cached client-credentials token: every grant is 'cc-1'."""
+
+    async def client_credentials(self, scopes: tuple[str, ...] = ()) -> TokenSet:
+        result = await super().client_credentials(scopes)
+        return TokenSet("cc-1", "Bearer", result.expires_at, None, None, None)
+
+
+async def test_refusals_of_a_token_the_op_hands_back_again_do_not_fail_or_multiply(
+    memory_store, clock
+) -> None:
+    op = SameTokenOp(clock)
+    cc = tokens(op, memory_store, clock)
+    first = await cc.token()
+    # 30 concurrent 401s: one forced grant for all of them, no error, the same token back.
+    again = await asyncio.gather(*(cc.token(reject=first) for _ in range(30)))
+    assert set(again) == {"cc-1"}
+    assert len(op.grants) == 2
+
+
+async def test_forced_renewals_are_rate_limited_however_often_an_upstream_refuses(
+    memory_store, clock
+) -> None:
+    op = FakeOp(clock)
+    cc = tokens(op, memory_store, clock, min_forced_interval=10.0)
+    token = await cc.token()
+    token = await cc.token(reject=token)  # a forced renewal: grant 2
+    for _ in range(50):  # an anonymous client hammering a route whose upstream says 401
+        assert await cc.token(reject=token) == token
+    assert len(op.grants) == 2
+    clock.advance(11)
+    assert await cc.token(reject=token) != token  # later, a refusal renews once more
+    assert len(op.grants) == 3

@@ -253,3 +253,18 @@ async def test_a_cancelled_first_caller_does_not_fail_the_others(
     results = await asyncio.gather(*others, return_exceptions=True)
     assert all(isinstance(r, tuple) and r[1] == "AT-1" for r in results), results
     assert op.refreshes == 1
+
+
+async def test_forced_refreshes_are_rate_limited_however_often_an_upstream_refuses(
+    instances: tuple[Instance, Instance], op: FakeOp
+) -> None:
+    a, _ = instances
+    session = await a.sessions.create(_data(access_in=3600))
+    refreshed = await a.refresher.refresh(session, force=True)  # the upstream said 401 once
+    assert op.refreshes == 1
+    for _ in range(20):  # and keeps saying it: no refresh per request
+        assert await a.refresher.refresh(refreshed, force=True) is refreshed
+    assert op.refreshes == 1
+    a.refresher.min_forced_interval = 0.0  # once the interval has passed, one more is allowed
+    await a.refresher.refresh(refreshed, force=True)
+    assert op.refreshes == 2
