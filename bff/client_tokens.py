@@ -111,11 +111,13 @@ class ClientTokens:
         if pending is not None:
             # Whatever the fetch in flight brings is the newest token there is.
             return (await asyncio.shield(pending)).access_token
-        if cached is not None and cached.renew_at > now:
-            # Refused again soon after a forced renewal: another grant would not help, and
-            # anyone able to send X-CSRF could otherwise make us ask the OP on every request.
-            if now - self._forced_at.get(scopes, float("-inf")) < self.min_forced_interval:
-                return cached.access_token
+        # Refused again soon after a forced renewal: another grant would not help, and anyone
+        # able to send X-CSRF could otherwise make us ask the OP on every request.
+        recently_forced = (
+            now - self._forced_at.get(scopes, float("-inf")) < self.min_forced_interval
+        )
+        if cached is not None and cached.renew_at > now and recently_forced:
+            return cached.access_token
         if reject is not None:
             self._forced_at[scopes] = now
         future: asyncio.Future[ClientToken] = asyncio.get_running_loop().create_future()
