@@ -277,10 +277,13 @@ class SessionManager:
             await self.store.index_remove(_index_key("sub", sub), *ids)
         return ended
 
-    async def first_use_of_jti(self, jti: str, ttl: float) -> bool:
-        """Record a logout token's ``jti`` for ``ttl`` seconds; False when it was seen before."""
-        digest = hashlib.sha256(jti.encode()).hexdigest()[:32]
-        return await self.store.add(f"bff:{{jti:{digest}}}:seen", b"1", max(1.0, ttl))
+    async def jti_seen(self, jti: str) -> bool:
+        """Whether a logout token with this ``jti`` was already acted on."""
+        return await self.store.get(_jti_key(jti)) is not None
+
+    async def record_jti(self, jti: str, ttl: float) -> None:
+        """Remember a logout token's ``jti`` for as long as the token could be accepted."""
+        await self.store.add(_jti_key(jti), b"1", max(1.0, ttl))
 
     def idle_deadline(self, session: Session) -> float:
         """When the session ends if the user does nothing more (bounded by its absolute end)."""
@@ -354,6 +357,10 @@ class SessionManager:
         if tx.created_at + self.login_timeout < self._clock():
             raise LoginFailed("the login took too long; start again")
         return tx
+
+
+def _jti_key(jti: str) -> str:
+    return f"bff:{{jti:{hashlib.sha256(jti.encode()).hexdigest()[:32]}}}:seen"
 
 
 def _tx_key(state: str) -> str:

@@ -58,7 +58,7 @@ async def handle(request: web.Request) -> web.Response:
     ttl = _remaining_life(claims, time.time(), services.settings.oidc.clock_skew)
     if ttl <= 0:
         raise InvalidLogoutToken("the logout token is too old")
-    if not await services.sessions.first_use_of_jti(claims["jti"], ttl):
+    if await services.sessions.jti_seen(claims["jti"]):
         log.warning(
             "backchannel.replayed", extra={"event": "backchannel.rejected", "reason": "replay"}
         )
@@ -66,6 +66,10 @@ async def handle(request: web.Request) -> web.Response:
     sid = claims.get("sid") if isinstance(claims.get("sid"), str) and claims["sid"] else None
     sub = claims.get("sub") if isinstance(claims.get("sub"), str) and claims["sub"] else None
     ended = await services.sessions.end_op_session(sid=sid, sub=sub)
+    # Recorded only once the sessions are gone: if ending them failed (503), the OP's retry of
+    # the same token (Back-Channel Logout 1.0, 2.8) must still be accepted. Two deliveries
+    # racing each other both end the same sessions, which is harmless.
+    await services.sessions.record_jti(claims["jti"], ttl)
     services.metrics.inc("bff_logouts_total", ended, cause="backchannel")
     log.info("backchannel.logout", extra={"event": "backchannel.logout", "ended": ended})
     return web.Response(status=200, headers={"Cache-Control": "no-store"})

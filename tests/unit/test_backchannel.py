@@ -25,6 +25,7 @@ from test_logout_support import (
 )
 
 from bff.endpoints import backchannel
+from bff.errors import StoreUnavailable
 from bff.services import Services
 from bff.sessions import Session, SessionManager, _index_key
 from bff.store.memory import MemoryStore
@@ -223,3 +224,28 @@ async def test_the_sub_and_sid_index_entries_idle_out_with_their_session() -> No
     assert await sessions.load(session.secret) is None
     assert await store.index_members(_index_key("sub", "alice")) == []
     assert await store.index_members(_index_key("sid", "op-sid-1")) == []
+
+
+async def test_a_logout_that_failed_on_the_store_is_accepted_when_the_op_retries_it(
+    services: Services,
+) -> None:
+    now = time.time()
+    victim = await services.sessions.create(session_data(now, sid="op-sid-9"))
+    token = logout_token({"sid": "op-sid-9", "sub": "alice"})
+    real_end = services.sessions.end_op_session
+
+    async def store_down(**_: object) -> int:
+        raise StoreUnavailable()
+
+    services.sessions.end_op_session = store_down  # type: ignore[method-assign]
+    response = await call(
+        backchannel.handle, services, "POST", "/bff/backchannel-logout", headers=FORM,
+        body=form(token),
+    )  # fmt: skip
+    assert response.status == 503
+    assert await alive(services, victim) == [True]
+
+    services.sessions.end_op_session = real_end  # type: ignore[method-assign]
+    assert await post(services, form(token)) == 200  # the OP's retry of the same token
+    assert await alive(services, victim) == [False]
+    assert await post(services, form(token)) == 400  # and now it is a replay
