@@ -19,7 +19,7 @@ from bff.keys import Keyring, SessionSecret
 __all__ = ["CookiePolicy"]
 
 _COOKIE_VALUE = re.compile(r"[A-Za-z0-9_.-]+")
-_VERIFIED_MAX = 50_000
+_VERIFIED_MAX = 10_000  # ~6 MB at most: only values that verified get in
 
 
 class CookiePolicy:
@@ -40,26 +40,14 @@ class CookiePolicy:
         self._secure = secure
         self._max_age = int(max_age)
         self._login_max_age = int(login_max_age)
-        self._verified: dict[str, SessionSecret] = {}
-        self._by_header: dict[str, SessionSecret] = {}
+        self._verified: dict[tuple[str, str], SessionSecret] = {}
 
     def session_secret(self, request: web.Request) -> SessionSecret | None:
         """The verified secret of the session cookie; None when absent, tampered or foreign."""
-        # Hot path: a browser sends the same Cookie header on every call, so the header we
-        # already parsed and verified maps straight to its secret (no parse, no HMAC).
-        header = request.headers.get("Cookie")
-        if header is None:
-            return None
-        known = self._by_header.get(header)
-        if known is not None:
-            return known
-        secret = self._read(request, self.name)
-        if secret is not None and len(header) <= 4096:
-            _remember(self._by_header, header, secret)
-        return secret
+        return self._read(request, self.name, "session")
 
     def browser_secret(self, request: web.Request) -> SessionSecret | None:
-        return self._read(request, self.tx_name)
+        return self._read(request, self.tx_name, "login")
 
     def set_session(self, response: web.StreamResponse, secret: SessionSecret) -> None:
         self._set(response, self.name, secret, self._max_age, self._same_site)
@@ -68,35 +56,41 @@ class CookiePolicy:
         self._set(response, self.name, "", 0, self._same_site)
 
     def set_browser(self, response: web.StreamResponse, secret: SessionSecret) -> None:
-        self._set(response, self.tx_name, secret, self._login_max_age, "Lax")
+        self._set(response, self.tx_name, secret, self._login_max_age, "Lax", "login")
 
     def clear_browser(self, response: web.StreamResponse) -> None:
-        self._set(response, self.tx_name, "", 0, "Lax")
+        self._set(response, self.tx_name, "", 0, "Lax", "login")
 
-    def _read(self, request: web.Request, name: str) -> SessionSecret | None:
+    def _read(self, request: web.Request, name: str, purpose: str) -> SessionSecret | None:
         raw = request.cookies.get(name)
         if not raw:
             return None
         # Hot path: a value that verified before verifies again (keys change only at restart),
         # so each cookie pays for its HMAC once per process. Only valid values are remembered.
-        known = self._verified.get(raw)
+        known = self._verified.get((purpose, raw))
         if known is not None:
             return known
         # Only what we issue (base64url and dots): itsdangerous drops non-ASCII characters
         # from a signature before checking it, so "<valid>€" would otherwise still verify.
         if len(raw) > 512 or not _COOKIE_VALUE.fullmatch(raw):
             return None
-        value = self._keyring.unsign(raw)
+        value = self._keyring.unsign(raw, purpose)
         if not value:
             return None
         secret = SessionSecret(value)
-        _remember(self._verified, raw, secret)
+        _remember(self._verified, (purpose, raw), secret)
         return secret
 
     def _set(
-        self, response: web.StreamResponse, name: str, value: str, max_age: int, same_site: str
+        self,
+        response: web.StreamResponse,
+        name: str,
+        value: str,
+        max_age: int,
+        same_site: str,
+        purpose: str = "session",
     ) -> None:
-        signed = self._keyring.sign(value) if value else ""
+        signed = self._keyring.sign(value, purpose) if value else ""
         # No Domain attribute and Path=/: required by the __Host- prefix, and the narrowest scope.
         response.set_cookie(
             name,
@@ -109,7 +103,9 @@ class CookiePolicy:
         )
 
 
-def _remember(cache: dict[str, SessionSecret], key: str, secret: SessionSecret) -> None:
+def _remember(
+    cache: dict[tuple[str, str], SessionSecret], key: tuple[str, str], secret: SessionSecret
+) -> None:
     """Bounded: the oldest entry goes first, so a flood of cookies cannot grow memory."""
     if len(cache) >= _VERIFIED_MAX:
         cache.pop(next(iter(cache)))

@@ -92,32 +92,39 @@ def _hkdf(material: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(material)
 
 
+_SIGNING_SALTS = {"session": "bff.cookie", "login": "bff.login"}
+
+
 class Keyring:
     """The operator's configured keys: cookie signing and server-side encryption, with rotation."""
 
     def __init__(self, keys: Sequence[str]) -> None:
         if not keys:
             raise ValueError("at least one key is required")
-        # itsdangerous signs with the *last* key of the list and verifies with all of them.
-        self._signer = Signer(
-            list(reversed(keys)),
-            salt="bff.cookie",
-            key_derivation="hmac",
-            digest_method=hashlib.sha256,
-        )
+        # itsdangerous signs with the *last* key of the list and verifies with all of them. One
+        # salt per purpose: a value signed as a login cookie is no session cookie, and back.
+        self._signers = {
+            purpose: Signer(
+                list(reversed(keys)),
+                salt=salt,
+                key_derivation="hmac",
+                digest_method=hashlib.sha256,
+            )
+            for purpose, salt in _SIGNING_SALTS.items()
+        }
         self._aead: list[tuple[bytes, bytes]] = []
         for k in keys:
             derived = _hkdf(k.encode(), b"bff/server/aead")
             kid = hashlib.sha256(derived).digest()[:4]
             self._aead.append((kid, derived))
 
-    def sign(self, value: str) -> str:
-        return self._signer.sign(value).decode()
+    def sign(self, value: str, purpose: str = "session") -> str:
+        return self._signers[purpose].sign(value).decode()
 
-    def unsign(self, signed: str) -> str | None:
+    def unsign(self, signed: str, purpose: str = "session") -> str | None:
         """The original value, or None for anything tampered, truncated or foreign."""
         try:
-            return self._signer.unsign(signed).decode()
+            return self._signers[purpose].unsign(signed).decode()
         except (BadSignature, UnicodeError, ValueError):
             return None
 

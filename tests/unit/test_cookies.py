@@ -181,3 +181,16 @@ def test_a_tampered_cookie_header_is_never_remembered() -> None:
     header = f"{policy.name}={_issued(foreign, new_secret()).value}"
     for _ in range(3):
         assert policy.session_secret(_request(header)) is None
+
+
+def test_a_login_cookie_is_no_session_cookie_and_back() -> None:
+    policy = _policy()
+    secret = new_secret()
+    login_value = _issued(policy, secret, login=True).value
+    session_value = _issued(policy, secret).value
+    assert login_value != session_value
+    # The login-binding cookie any visitor gets from /bff/login cannot pose as a session cookie.
+    assert policy.session_secret(_request(f"{policy.name}={login_value}")) is None
+    assert policy.browser_secret(_request(f"{policy.tx_name}={session_value}")) is None
+    assert policy.session_secret(_request(f"{policy.name}={session_value}")) == secret
+    assert policy.browser_secret(_request(f"{policy.tx_name}={login_value}")) == secret
