@@ -20,7 +20,8 @@ only for an OP that refuses logout without it.
 
 An OP without an ``end_session_endpoint`` (or whose metadata is not loaded) cannot end its own
 session; the browser then lands on ``oidc.post_logout_redirect`` directly. A request with no live
-session at all also lands there, with the cookie cleared.
+session also lands there: a stale cookie is cleared; with no cookie nothing is cleared, since a
+cross-site link never carries the Strict cookie and must not be able to delete it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ async def handle(request: web.Request) -> web.Response:
     secret = services.cookies.session_secret(request)
     session = await services.sessions.load(secret, fresh=True)
     if session is None:
-        return _redirect(services, landing)
+        # A stale cookie is cleared. No cookie at all may just mean a cross-site link (a Strict
+        # cookie stays home): clearing then would let any site log the user out.
+        return _redirect(services, landing, clear=secret is not None)
     sid = request.query.get("sid", "")
     if not hmac.compare_digest(sid.encode(), session.handle.encode()):
         services.metrics.inc("bff_logouts_total", cause="refused")
@@ -98,7 +101,8 @@ def _end_session_url(services: Services, meta: ProviderMetadata, session: Sessio
     return f"{endpoint}{sep}{urlencode(params, quote_via=quote)}"
 
 
-def _redirect(services: Services, location: str) -> web.Response:
+def _redirect(services: Services, location: str, *, clear: bool = True) -> web.Response:
     response = web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
-    services.cookies.clear_session(response)
+    if clear:
+        services.cookies.clear_session(response)
     return response
