@@ -121,6 +121,9 @@ class LoginTransaction:
     code_verifier: str
     return_to: str
     created_at: float
+    # The store id of the session this browser had when the login started: it ends when the new
+    # one begins. Taken at /bff/login: the cross-site callback never carries a Strict cookie.
+    previous: str | None = None
 
 
 @dataclass(slots=True)
@@ -146,8 +149,9 @@ class SessionManager:
         self.login_timeout = login_timeout
         self.cache_ttl = cache_ttl
         self._clock = clock
-        self._cache: dict[SessionSecret, _Cached] = {}
-        self._loading: dict[SessionSecret, asyncio.Future[Session | None]] = {}
+        # Keyed by store id, so a session ended by id (back-channel, a new login) leaves at once.
+        self._cache: dict[StoreKey, _Cached] = {}
+        self._loading: dict[StoreKey, asyncio.Future[Session | None]] = {}
         self._touched: dict[StoreKey, float] = {}
         # Sliding the idle timeout costs a store write; once per interval is precise enough.
         self._touch_interval = min(60.0, idle_timeout / 20)
@@ -162,7 +166,7 @@ class SessionManager:
         await self.store.set(session_key(sid), blob, self._ttl(data))
         await self._index(sid, data)
         session = Session(secret, sid, data, blob, public_handle(secret))
-        self._remember(session)
+        self._remember(session, self._clock())
         self._touch(sid, self._clock())
         log.info("session.created", extra={"event": "session.created", "session": sid[:8]})
         return session
@@ -172,27 +176,29 @@ class SessionManager:
         if secret is None:
             return None
         now = self._clock()
+        sid = store_id(secret)
         if not fresh:
-            cached = self._cache.get(secret)
+            cached = self._cache.get(sid)
             if cached is not None and now - cached.fetched_at < self.cache_ttl:
                 if cached.session.data.expires_at > now:
                     return cached.session
-                self._cache.pop(secret, None)
+                self._cache.pop(sid, None)
             # When the cached copy lapses, every concurrent request of the session would read
             # the store at once (hundreds, under load); one read serves them all instead.
-            pending = self._loading.get(secret)
+            pending = self._loading.get(sid)
             if pending is None:
-                pending = asyncio.ensure_future(self._read(secret, now))
-                self._loading[secret] = pending
-                pending.add_done_callback(lambda _: self._loading.pop(secret, None))
+                pending = asyncio.ensure_future(self._read(secret, sid, now))
+                self._loading[sid] = pending
+                pending.add_done_callback(lambda _: self._loading.pop(sid, None))
             return await asyncio.shield(pending)
-        return await self._read(secret, now)
+        return await self._read(secret, sid, now)
 
-    async def _read(self, secret: SessionSecret, now: float) -> Session | None:
-        sid = store_id(secret)
+    async def _read(self, secret: SessionSecret, sid: StoreKey, now: float) -> Session | None:
+        # ``now`` is taken before the read: the cached copy ages from when the store answered
+        # for it at the earliest, so a logout elsewhere is never hidden for longer than cache_ttl.
         blob = await self.store.get(session_key(sid))
         if blob is None:
-            self._forget(secret, sid)
+            self._forget(sid)
             return None
         try:
             data = SessionData.from_bytes(open_sealed(secret_key(secret), blob, sid.encode()))
@@ -201,14 +207,13 @@ class SessionManager:
             return None
         if data.expires_at <= now:
             await self.end_ids(sid)
-            self._forget(secret, sid)
             return None
         if now - self._touched.get(sid, 0.0) >= self._touch_interval:
             await self.store.expire(session_key(sid), self._ttl(data))
             await self._index(sid, data)  # index entries idle out with the session, not later
             self._touch(sid, now)
         session = Session(secret, sid, data, blob, public_handle(secret))
-        self._remember(session)
+        self._remember(session, now)
         return session
 
     async def save(self, session: Session, data: SessionData) -> Session | None:
@@ -216,14 +221,13 @@ class SessionManager:
         data.version = session.data.version + 1
         blob = self._seal(session.secret, session.id, data)
         if not await self.store.replace(session.key, session.blob, blob, self._ttl(data)):
-            self._cache.pop(session.secret, None)
+            self._cache.pop(session.id, None)
             return None
         updated = Session(session.secret, session.id, data, blob, session.handle)
-        self._remember(updated)
+        self._remember(updated, self._clock())
         return updated
 
     async def end(self, session: Session) -> None:
-        self._cache.pop(session.secret, None)
         await self.end_ids(session.id)
         await self.store.index_remove(_index_key("sub", session.data.sub), session.id)
         if session.data.sid:
@@ -232,7 +236,7 @@ class SessionManager:
     async def end_ids(self, *ids: StoreKey) -> int:
         """End sessions by id, without their cookie (back-channel logout, operators)."""
         for sid in ids:
-            self._touched.pop(sid, None)
+            self._forget(sid)
         return await self.store.delete(*(session_key(sid) for sid in ids))
 
     async def ids_for(self, *, sub: str | None = None, sid: str | None = None) -> list[StoreKey]:
@@ -291,7 +295,7 @@ class SessionManager:
         return min(session.data.expires_at, touched + self.idle_timeout)
 
     def forget_local(self, secret: SessionSecret) -> None:
-        self._cache.pop(secret, None)
+        self._cache.pop(store_id(secret), None)
 
     async def _index(self, sid: StoreKey, data: SessionData) -> None:
         ttl = self._ttl(data)
@@ -306,12 +310,12 @@ class SessionManager:
         # The store id is the associated data: a blob moved to another key does not open.
         return seal(secret_key(secret), data.to_bytes(), sid.encode())
 
-    def _remember(self, session: Session) -> None:
+    def _remember(self, session: Session, fetched_at: float) -> None:
         if self.cache_ttl <= 0:
             return
         if len(self._cache) >= _CACHE_MAX:
             self._cache.pop(next(iter(self._cache)))
-        self._cache[session.secret] = _Cached(session, self._clock())
+        self._cache[session.id] = _Cached(session, fetched_at)
 
     def _touch(self, sid: StoreKey, now: float) -> None:
         # Sessions that simply expire are never ended here: bound their traces like the cache.
@@ -320,8 +324,8 @@ class SessionManager:
             self._touched.pop(next(iter(self._touched)))
         self._touched[sid] = now
 
-    def _forget(self, secret: SessionSecret, sid: StoreKey) -> None:
-        self._cache.pop(secret, None)
+    def _forget(self, sid: StoreKey) -> None:
+        self._cache.pop(sid, None)
         self._touched.pop(sid, None)
 
     # -- login transactions ---------------------------------------------------------------

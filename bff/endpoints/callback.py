@@ -17,6 +17,7 @@ import time
 from aiohttp import web
 
 from bff.errors import LoginFailed
+from bff.keys import StoreKey
 from bff.oidc import InvalidGrant, InvalidToken, OidcError, user_claims
 from bff.services import SERVICES
 from bff.sessions import SessionData
@@ -71,12 +72,9 @@ async def handle(request: web.Request) -> web.Response:
     except Exception:  # userinfo only enriches the profile; the login stands without it
         log.info("login.userinfo_unavailable", extra={"event": "login.userinfo_unavailable"})
     now = time.time()
-    # A login always starts a brand-new session; the old one of this browser ends (no fixation).
-    previous = services.cookies.session_secret(request)
-    if previous is not None:
-        old = await services.sessions.load(previous, fresh=True)
-        if old is not None:
-            await services.sessions.end(old)
+    # A login always starts a brand-new session; the one this browser had ends (no fixation).
+    if tx.previous:
+        await services.sessions.end_ids(StoreKey(tx.previous))
     session = await services.sessions.create(
         SessionData(
             sub=claims["sub"],

@@ -8,7 +8,7 @@ import time
 from aiohttp import web
 
 from bff.errors import InvalidReturnTo
-from bff.keys import new_secret
+from bff.keys import new_secret, store_id
 from bff.oidc import new_pkce_pair
 from bff.redirects import is_local_path
 from bff.services import SERVICES
@@ -24,6 +24,7 @@ async def handle(request: web.Request) -> web.Response:
     await services.oidc.metadata()
     # One browser-binding secret per browser, so logins in several tabs do not evict each other.
     browser = services.cookies.browser_secret(request) or new_secret()
+    current = services.cookies.session_secret(request)  # ends once the new session begins
     verifier, challenge = new_pkce_pair()
     tx = LoginTransaction(
         state=secrets.token_urlsafe(32),
@@ -31,6 +32,7 @@ async def handle(request: web.Request) -> web.Response:
         code_verifier=verifier,
         return_to=return_to,
         created_at=time.time(),
+        previous=store_id(current) if current is not None else None,
     )
     await services.sessions.begin_login(browser, tx)
     url = await services.oidc.authorization_url(

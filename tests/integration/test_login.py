@@ -301,7 +301,7 @@ async def test_cookies_have_their_attributes_and_pkce_s256_is_used_with_a_hidden
     assert authorize.query["code_challenge_method"] == "S256"
 
     # The verifier sits in the transaction record, sealed under the browser's tx cookie secret.
-    browser_secret = Keyring([KEY_A]).unsign(tx_cookie["value"])
+    browser_secret = Keyring([KEY_A]).unsign(tx_cookie["value"], "login")
     assert browser_secret is not None
     state = authorize.query["state"]
     tx_key = f"bff:{{{store_id(SessionSecret(state), 'tx')}}}:tx"

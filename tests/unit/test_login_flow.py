@@ -578,3 +578,19 @@ async def test_login_answers_503_until_discovery_succeeds(
                 await asyncio.sleep(0.2)
         assert status == 302
         assert resp.headers["Location"].startswith(f"{late.issuer}/authorize?")
+
+
+async def test_the_previous_session_ends_even_when_the_callback_carries_no_session_cookie(
+    bff: Bff,
+) -> None:
+    """A SameSite=Strict cookie never comes with the OP's cross-site redirect to the callback."""
+    await bff.full_login()
+    first_keys = bff.session_keys()
+    assert len(first_keys) == 1
+    callback = await bff.authorize(await bff.login())  # /bff/login sees the session cookie
+    jar = bff.client.session.cookie_jar
+    tx_cookie = next(c for c in jar if c.key == f"{COOKIE}-tx")
+    resp, _ = await bff.get(callback, headers={"Cookie": f"{tx_cookie.key}={tx_cookie.value}"})
+    assert resp.status == 200
+    assert not first_keys & bff.session_keys(), "the first session outlived the second login"
+    assert len(bff.session_keys()) == 1
