@@ -418,10 +418,10 @@ class OidcClient:
         """Back-Channel Logout 1.0, 2.6. The caller checks ``jti`` replay in the store."""
         claims = await self._verify_jwt(token)
         self._check_common(claims)
-        exp = claims.get("exp")
-        if exp is not None and (
-            not _is_number(exp) or exp + self.settings.clock_skew < self._clock()
-        ):
+        exp = claims.get("exp")  # REQUIRED since Back-Channel Logout 1.0 final (2.4)
+        if not _is_number(exp):
+            raise InvalidToken("the logout token has no exp")
+        if exp + self.settings.clock_skew < self._clock():
             raise InvalidToken("the logout token has expired")
         events = claims.get("events")
         if not isinstance(events, dict) or not isinstance(events.get(BACKCHANNEL_EVENT), dict):

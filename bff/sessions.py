@@ -81,10 +81,10 @@ class SessionData:
 
     sub: str
     claims: dict[str, Any]
-    access_token: str
+    access_token: str = field(repr=False)  # tokens never reach a repr, a log or a traceback
     access_expires_at: float | None  # epoch seconds; None when the OP said nothing
-    refresh_token: str | None
-    id_token: str | None
+    refresh_token: str | None = field(repr=False)
+    id_token: str | None = field(repr=False)
     scopes: tuple[str, ...]
     created_at: float
     expires_at: float  # absolute end of the session, epoch seconds
@@ -103,10 +103,10 @@ class SessionData:
 
 @dataclass(slots=True)
 class Session:
-    secret: SessionSecret
+    secret: SessionSecret = field(repr=False)  # the cookie's secret: never in a repr or log
     id: StoreKey
     data: SessionData
-    blob: bytes  # the stored bytes this value was read from: the compare-and-set base
+    blob: bytes = field(repr=False)  # the stored bytes read: the compare-and-set base
     handle: str = field(default="")  # public value the SPA passes to /bff/logout?sid=
 
     @property
