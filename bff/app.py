@@ -48,9 +48,7 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
             # Server-to-server calls for every user: no cookie may carry over between them.
             cookie_jar=aiohttp.DummyCookieJar(),
         )
-        oidc = OidcClient(
-            settings.oidc, http, redirect_uri=f"{settings.public_url}{settings.prefix}/callback"
-        )
+        oidc = OidcClient(settings.oidc, http, redirect_uri=settings.redirect_uri)
         cfg = settings.session
         sessions = SessionManager(
             session_store,

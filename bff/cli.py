@@ -125,9 +125,7 @@ async def _check_issuer(settings: Settings) -> None:
     from bff.oidc import OidcClient
 
     async with aiohttp.ClientSession() as http:
-        client = OidcClient(
-            settings.oidc, http, redirect_uri=f"{settings.public_url}{settings.prefix}/callback"
-        )
+        client = OidcClient(settings.oidc, http, redirect_uri=settings.redirect_uri)
         await client.metadata()
 
 

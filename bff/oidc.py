@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -35,6 +35,9 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, OKPKey, RSAKey
 
 from bff.errors import ProviderUnavailable
+
+if TYPE_CHECKING:
+    from bff.config import OidcSettings
 
 __all__ = [
     "BACKCHANNEL_EVENT",
@@ -157,7 +160,7 @@ class TokenSet:
 class OidcClient:
     def __init__(
         self,
-        settings: Any,  # bff.config.OidcSettings
+        settings: OidcSettings,
         http: aiohttp.ClientSession,
         redirect_uri: str,
         *,
@@ -176,8 +179,10 @@ class OidcClient:
         self._jwks: KeySet | None = None
         self._jwks_fetched_at = float("-inf")
         self._jwks_lock = asyncio.Lock()
+        # The config guarantees what each method needs: a secret, or a readable key file.
+        self._secret = settings.client_secret.get() if settings.client_secret else ""
         self._signing_key: RSAKey | ECKey | OKPKey | None = None
-        if settings.token_endpoint_auth_method == "private_key_jwt":  # noqa: S105
+        if settings.private_key_file and settings.token_endpoint_auth_method == "private_key_jwt":  # noqa: S105
             self._signing_key = _load_private_key(
                 Path(settings.private_key_file), settings.private_key_kid
             )
@@ -349,7 +354,7 @@ class OidcClient:
         method = self.settings.token_endpoint_auth_method
         if method == "client_secret_basic":
             # RFC 6749 2.3.1: both parts are form-urlencoded before base64.
-            secret = self.settings.client_secret.get()
+            secret = self._secret
             pair = f"{quote(self.client_id, safe='')}:{quote(secret, safe='')}"
             basic = base64.b64encode(pair.encode()).decode()
             return form, {"Authorization": f"Basic {basic}"}
@@ -357,7 +362,7 @@ class OidcClient:
             return {
                 **form,
                 "client_id": self.client_id,
-                "client_secret": self.settings.client_secret.get(),
+                "client_secret": self._secret,
             }, {}
         assert self._signing_key is not None
         now = int(self._clock())
@@ -537,7 +542,7 @@ def user_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in claims.items() if k not in _PROTOCOL_CLAIMS}
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 

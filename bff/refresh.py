@@ -29,7 +29,7 @@ from bff.errors import ProviderUnavailable, SessionExpired, StoreUnavailable
 from bff.locks import StoreLock, poll_delays
 from bff.metrics import Metrics
 from bff.oidc import InvalidGrant, InvalidToken, OidcClient, TokenRequestRefused, user_claims
-from bff.sessions import Session, SessionManager, lock_key
+from bff.sessions import Session, SessionManager, lock_key, refresh_failure_key
 
 __all__ = ["TokenRefresher"]
 
@@ -111,7 +111,7 @@ class TokenRefresher:
     async def _refresh_across_instances(self, session: Session, force: bool) -> Session:
         store = self._sessions.store
         lock = StoreLock(store, lock_key(session.id), self.lease)
-        failed_key = f"{lock.key}:failed"
+        failed_key = refresh_failure_key(session.id)
         deadline = self._clock() + self.wait_timeout
         delays = poll_delays()
         failure_seen = await store.get(failed_key)

@@ -54,6 +54,7 @@ __all__ = [
     "SessionData",
     "SessionManager",
     "lock_key",
+    "refresh_failure_key",
     "session_key",
 ]
 
@@ -68,6 +69,10 @@ def session_key(sid: StoreKey) -> str:
 
 def lock_key(sid: StoreKey) -> str:
     return f"bff:{{{sid}}}:lock"
+
+
+def refresh_failure_key(sid: StoreKey) -> str:
+    return f"bff:{{{sid}}}:lock:failed"
 
 
 def _index_key(kind: str, value: str) -> str:
@@ -293,9 +298,6 @@ class SessionManager:
         """When the session ends if the user does nothing more (bounded by its absolute end)."""
         touched = self._touched.get(session.id, self._clock())
         return min(session.data.expires_at, touched + self.idle_timeout)
-
-    def forget_local(self, secret: SessionSecret) -> None:
-        self._cache.pop(store_id(secret), None)
 
     async def _index(self, sid: StoreKey, data: SessionData) -> None:
         ttl = self._ttl(data)
