@@ -325,6 +325,7 @@ session:
   cookie: {{name: bff-session, secure: false}}
 keys: ["{KEY}"]
 log: {{level: warning}}
+rate_limits: {{enabled: false}}  # 1,000 logins from one address are the point here
 upstreams:
   - {{path: /api, url: "http://127.0.0.1:{upstream}", token: user}}
   - {{path: /stream, url: "http://127.0.0.1:{stream_port}", token: user, timeout: 10m}}

@@ -21,6 +21,7 @@ from bff.keys import Keyring
 from bff.metrics import Metrics
 from bff.middlewares import error_middleware, security_headers
 from bff.oidc import OidcClient
+from bff.ratelimit import RateLimiter
 from bff.refresh import TokenRefresher
 from bff.services import SERVICES, Services
 from bff.sessions import SessionManager
@@ -85,6 +86,9 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
                 issuer=settings.oidc.issuer,
                 client_id=settings.oidc.client_id,
             ),
+            rate_limiter=RateLimiter(session_store, settings.rate_limits, metrics)
+            if settings.rate_limits.enabled
+            else None,
         )
         # An OP that is down at start must not stop us from serving: discover in the background.
         discovery = asyncio.create_task(oidc.discover_forever())

@@ -13,6 +13,7 @@
         InsufficientScope       403     insufficient_scope
       NotFound                  404     not_found
       MethodNotAllowed          405     method_not_allowed
+      RateLimited               429     rate_limited (+ Retry-After)
       UpstreamFailed            502     upstream_error
       Unavailable               503     temporarily_unavailable (+ Retry-After)
         StoreUnavailable        503     store_unavailable
@@ -25,6 +26,7 @@ handlers never see ``redis`` or ``aiohttp.ClientError`` exceptions.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 
@@ -97,6 +99,19 @@ class MethodNotAllowed(BffError):
     status = 405
     error = "method_not_allowed"
     description = "this method is not allowed on this route"
+
+
+class RateLimited(BffError):
+    status = 429
+    error = "rate_limited"
+    description = "too many requests from this address; retry later"
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__()
+        self.retry_after = max(1, math.ceil(retry_after))  # whole seconds (RFC 9110, 10.2.3)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class UpstreamFailed(BffError):

@@ -16,6 +16,7 @@ _HELP = {
     "bff_refreshes_total": "Access-token refreshes at the OP, by outcome.",
     "bff_logouts_total": "Sessions ended, by cause.",
     "bff_upstream_errors_total": "Upstream failures, by kind.",
+    "bff_rate_limit_total": "Rate-limit decisions other than allowed, by endpoint and outcome.",
 }
 
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from bff.client_tokens import ClientTokens
     from bff.config import Settings
     from bff.proxy import UpstreamTable
+    from bff.ratelimit import RateLimiter
 
 __all__ = ["SERVICES", "Services", "session_of"]
 
@@ -40,6 +41,7 @@ class Services:
     metrics: Metrics = field(default_factory=Metrics)
     upstreams: UpstreamTable | None = None  # proxied routes and their pools (bff.proxy)
     client_tokens: ClientTokens | None = None  # client-credentials tokens (bff.client_tokens)
+    rate_limiter: RateLimiter | None = None  # per-address limits (bff.ratelimit); None = off
 
 
 SERVICES = web.AppKey("bff_services", Services)

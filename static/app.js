@@ -6,15 +6,28 @@
 //                   it server-side, attaches it, and refreshes it when it expires.
 //  * 401 anywhere:  the session is gone (expired, logged out elsewhere): show the login button.
 //  * Log out:       navigate to the logout_url that /bff/user returned.
+//  * Failed login:  bff sends the browser back here with ?bff_error=<code> (the person cancelled,
+//                   the provider refused, too many attempts...): say so, and drop the parameter
+//                   so that a reload or the next login does not show it again.
 //
 // The X-CSRF header is what makes these calls safe: a custom header forces a CORS preflight,
 // which no other site passes, so another site cannot make the browser call bff for you.
 
 import {
-  show, showClaims, showApiPending, showApiAnswer, showApiError, startCountdown,
+  show, showClaims, showApiPending, showApiAnswer, showApiError, showLoginError, startCountdown,
 } from './view.js';
 
 const CSRF = { 'X-CSRF': '1' };
+
+/** Why the last login failed, from bff's ?bff_error=<code>, taken out of the address bar. */
+function takeLoginError() {
+  const url = new URL(location.href);
+  const code = url.searchParams.get('bff_error');
+  if (code === null) return null;
+  url.searchParams.delete('bff_error');
+  history.replaceState(history.state, '', url.pathname + url.search + url.hash);
+  return code;
+}
 
 /** The login link for coming back to the page we are on now. */
 function loginUrl() {
@@ -92,4 +105,5 @@ window.addEventListener('pageshow', (event) => {
   if (event.persisted) loadUser();
 });
 
+showLoginError(takeLoginError());
 loadUser();

@@ -12,6 +12,34 @@ export function show(id, message) {
   }
 }
 
+// What to tell a person whose login came back with ?bff_error=<code>. The code is bff's (an
+// allow-listed OAuth error code or one of its own); anything else gets the generic sentence.
+const LOGIN_ERRORS = {
+  access_denied: 'The login was cancelled or refused. You are not logged in.',
+  login_required: 'The provider needs you to log in again.',
+  consent_required: 'The login needs your consent at the provider.',
+  interaction_required: 'The login needs you to act at the provider.',
+  temporarily_unavailable: 'The login service is busy. Try again in a moment.',
+  provider_unavailable: 'The login service cannot be reached. Try again in a moment.',
+  store_unavailable: 'Logins are unavailable for a moment. Try again shortly.',
+  rate_limited: 'Too many login attempts from your network. Wait a moment and try again.',
+  invalid_return_to: 'That link cannot be used to log in. Log in from here instead.',
+};
+
+/** Show why the last login failed (nothing when `code` is null). Text only: never markup. */
+export function showLoginError(code) {
+  const box = document.getElementById('login-error');
+  if (code === null) {
+    box.hidden = true;
+    return;
+  }
+  const known = Object.hasOwn(LOGIN_ERRORS, code);
+  const shown = /^[a-z_]{1,64}$/.test(code) ? ` (${code})` : '';
+  box.textContent = known ? LOGIN_ERRORS[code] : `The login failed${shown}. Try again.`;
+  box.dataset.code = known || shown ? code : 'login_failed';
+  box.hidden = false;
+}
+
 export function showClaims(user) {
   const claims = user.claims ?? {};
   document.getElementById('user-name').textContent = claims.name ?? claims.email ?? user.sub;

@@ -27,6 +27,8 @@ from bff.config.settings import (
     Listen,
     LogSettings,
     OidcSettings,
+    RateLimit,
+    RateLimitSettings,
     Secret,
     SecuritySettings,
     SessionSettings,
@@ -74,6 +76,7 @@ class _Builder(Reader):
             content_security_policy=self.header_value((*sp, "content_security_policy"), csp),
             hsts=self.get(sec, sp, "hsts", True),
         )
+        rate_limits = self.rate_limits(self.section(data, "rate_limits"))
         log_data = self.section(data, "log")
         log = LogSettings(
             level=self.get(log_data, ("log",), "level", "info"),
@@ -91,6 +94,7 @@ class _Builder(Reader):
             keys=keys,
             upstreams=upstreams,
             security=security,
+            rate_limits=rate_limits,
             log=log,
         )
 
@@ -244,6 +248,24 @@ class _Builder(Reader):
             absolute_timeout=absolute,
             login_timeout=self.positive(d, p, "login_timeout", 600.0),
             cache_ttl=cache_ttl,
+        )
+
+    def rate_limits(self, d: dict[str, Any]) -> RateLimitSettings:
+        p: Key = ("rate_limits",)
+        default = RateLimitSettings()
+
+        def bucket(name: str, fallback: RateLimit) -> RateLimit:
+            sub, sp = self.get(d, p, name, {}), (*p, name)
+            return RateLimit(
+                per_second=float(self.get(sub, sp, "per_second", fallback.per_second)),
+                burst=int(self.get(sub, sp, "burst", fallback.burst)),
+            )
+
+        return RateLimitSettings(
+            enabled=self.get(d, p, "enabled", default.enabled),
+            login=bucket("login", default.login),
+            callback=bucket("callback", default.callback),
+            backchannel_logout=bucket("backchannel_logout", default.backchannel_logout),
         )
 
     def keys(self, data: dict[str, Any]) -> tuple[Secret, ...]:

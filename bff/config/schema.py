@@ -22,6 +22,14 @@ _NONEMPTY: Final = {"type": "string", "minLength": 1}
 _STR_LIST: Final = {"type": "array", "items": _NONEMPTY}
 _BOOL: Final = {"type": "boolean"}
 _STR_MAP: Final = {"type": "object", "additionalProperties": _STR}
+_BUCKET: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "per_second": {"type": "number", "exclusiveMinimum": 0, "maximum": 1_000_000},
+        "burst": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+    },
+}
 
 
 def _obj(props: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -123,6 +131,14 @@ SCHEMA: Final[dict[str, Any]] = {
                 ),
             },
             "security": _obj({"content_security_policy": _STR, "hsts": _BOOL}),
+            "rate_limits": _obj(
+                {
+                    "enabled": _BOOL,
+                    "login": _BUCKET,
+                    "callback": _BUCKET,
+                    "backchannel_logout": _BUCKET,
+                }
+            ),
             "log": _obj(
                 {
                     "level": {"enum": ["debug", "info", "warning", "error", "critical"]},
@@ -278,6 +294,8 @@ def _report_schema_error(ctx: Context, error: ValidationError) -> None:
     elif kind in ("minimum", "maximum"):
         word = "at least" if kind == "minimum" else "at most"
         message = f"must be {word} {wanted}, got {shown}"
+    elif kind == "exclusiveMinimum":
+        message = f"must be more than {wanted}, got {shown}"
     else:  # pragma: no cover - the schema uses no other keyword
         message = f"invalid value ({kind}), got {shown}"
     ctx.report(path, message, invalid=True)

@@ -162,6 +162,25 @@ class SecuritySettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimit:
+    """One token bucket per client address: `burst` requests at once, then `per_second`."""
+
+    per_second: float  # tokens a bucket regains per second: the sustained rate of one address
+    burst: int  # bucket size: requests one address may make at once after a quiet spell
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimitSettings:
+    """Per-address limits on the endpoints anyone may call without a session (429 beyond)."""
+
+    enabled: bool = True  # false: no limits at all
+    login: RateLimit = RateLimit(per_second=5.0, burst=100)  # GET /bff/login
+    callback: RateLimit = RateLimit(per_second=5.0, burst=100)  # GET /bff/callback
+    # POST /bff/backchannel-logout: every call comes from the OP's few addresses
+    backchannel_logout: RateLimit = RateLimit(per_second=50.0, burst=1000)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LogSettings:
     """Logging."""
 
@@ -184,6 +203,7 @@ class Settings:
     # whose path prefixes a request path is the longest match (/api/orders beats /api).
     upstreams: tuple[Upstream, ...] = ()
     security: SecuritySettings = SecuritySettings()  # security response headers
+    rate_limits: RateLimitSettings = RateLimitSettings()  # per-address limits, anonymous routes
     log: LogSettings = LogSettings()  # logging
     dev: bool = field(init=False)  # derived: public_url is http:// on a loopback host
 

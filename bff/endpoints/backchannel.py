@@ -14,7 +14,9 @@ all of the subject's sessions. Finding none is not an error: the user may have l
 first, and the OP still notifies us.
 
 Answers (2.8): 200 with ``Cache-Control: no-store``, or 400 with a JSON error. Bodies are read
-with a small cap, so a huge or odd body is a 400, never a 500.
+with a small cap, so a huge or odd body is a 400, never a 500. Anyone can post here, so each
+address is rate-limited (``rate_limits.backchannel_logout``, generous: the OP posts from few
+addresses, sometimes many tokens at once); beyond it, 429 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from aiohttp import web
 
 from bff.errors import BadRequest
 from bff.oidc import InvalidToken
+from bff.ratelimit import enforce
 from bff.services import SERVICES
 
 __all__ = ["handle"]
@@ -47,6 +50,7 @@ class InvalidLogoutToken(BadRequest):
 
 async def handle(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
+    await enforce(request, "backchannel_logout")
     token = await _logout_token(request)
     try:
         claims = await services.oidc.validate_logout_token(token)

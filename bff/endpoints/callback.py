@@ -1,9 +1,14 @@
-"""``GET /bff/callback``: finish the login; any failure leaves no session and answers 400.
+"""``GET /bff/callback``: finish the login; any failure leaves no session.
 
 The OP's redirect back here is a cross-site navigation, on which the browser does not send a
 SameSite=Strict cookie, and would not send it on a 302 onwards either (still the same cross-site
 redirect chain). So we answer with a tiny page that navigates to ``returnTo`` itself: that
 navigation starts on our origin, and the new session cookie travels with it.
+
+A failed login is not a dead end. A browser navigation (``redirects.is_navigation``) is sent back
+to the app with a 303: to the login's ``returnTo`` when the transaction is known, else ``/``, with
+``?bff_error=<code>``, the code being one of ``OP_ERRORS`` or bff's own fixed error codes, never
+the OP's free text. Anything else (a script, an API client) gets the JSON error as before.
 """
 
 from __future__ import annotations
@@ -13,18 +18,34 @@ import html
 import logging
 import re
 import time
+from dataclasses import dataclass
+from typing import Final
 
 from aiohttp import web
 
-from bff.errors import LoginFailed
+from bff.errors import BffError, LoginFailed
 from bff.keys import StoreKey
 from bff.oidc import InvalidGrant, InvalidToken, OidcError, user_claims
+from bff.ratelimit import enforce
+from bff.redirects import is_navigation, with_error
 from bff.services import SERVICES
 from bff.sessions import SessionData
+
+__all__ = ["OP_ERRORS", "back_to_app", "handle"]
 
 log = logging.getLogger(__name__)
 
 _ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
+
+# The authorization error codes of RFC 6749 4.1.2.1 and OpenID Connect Core 3.1.2.6: the only
+# ones the SPA is told as they are; any other code the OP sends becomes ``login_failed``.
+OP_ERRORS: Final = frozenset({
+    "access_denied", "invalid_request", "unauthorized_client", "unsupported_response_type",
+    "invalid_scope", "server_error", "temporarily_unavailable", "interaction_required",
+    "login_required", "account_selection_required", "consent_required", "invalid_request_uri",
+    "invalid_request_object", "request_not_supported", "request_uri_not_supported",
+    "registration_not_supported",
+})  # fmt: skip
 
 _LANDING = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -34,7 +55,43 @@ _LANDING = """<!doctype html>
 """
 
 
+@dataclass(slots=True)
+class _Attempt:
+    """What a failing callback knows so far, for the way back to the app."""
+
+    return_to: str | None = None  # the login's returnTo, once its transaction is found
+    op_error: str | None = None  # the OP's error code, when the OP refused
+
+
+class OpRefused(LoginFailed):
+    """The OP answered the authorization request with an error (``error=...``)."""
+
+
 async def handle(request: web.Request) -> web.Response:
+    attempt = _Attempt()
+    try:
+        await enforce(request, "callback")
+        return await _finish(request, attempt)
+    except BffError as exc:
+        if not is_navigation(request.headers):
+            raise
+        return back_to_app(attempt.return_to, attempt.op_error or exc.error)
+    except Exception:
+        if not is_navigation(request.headers):
+            raise
+        log.exception("request.failed", extra={"event": "request.failed", "path": request.path})
+        return back_to_app(attempt.return_to, "server_error")
+
+
+def back_to_app(return_to: str | None, code: str) -> web.Response:
+    """A 303 to ``return_to`` (or ``/``) carrying ``bff_error=<code>`` for the SPA to show."""
+    return web.Response(
+        status=303,
+        headers={"Location": with_error(return_to, code), "Cache-Control": "no-store"},
+    )
+
+
+async def _finish(request: web.Request, attempt: _Attempt) -> web.Response:
     services = request.app[SERVICES]
     query = request.query
     browser = services.cookies.browser_secret(request)
@@ -42,11 +99,14 @@ async def handle(request: web.Request) -> web.Response:
         # Consume the transaction too, so this state cannot be used again.
         if query.get("state"):
             with contextlib.suppress(LoginFailed):
-                await services.sessions.finish_login(browser, query.get("state"))
+                refused = await services.sessions.finish_login(browser, query.get("state"))
+                attempt.return_to = refused.return_to
         error = query["error"] if _ERROR_CODE.match(query["error"]) else "invalid_error"
+        attempt.op_error = error if error in OP_ERRORS else "login_failed"
         services.metrics.inc("bff_logins_total", outcome="op_error")
-        raise LoginFailed(f"the OpenID Provider refused the login: {error}")
+        raise OpRefused(f"the OpenID Provider refused the login: {error}")
     tx = await services.sessions.finish_login(browser, query.get("state"))
+    attempt.return_to = tx.return_to
     code = query.get("code")
     try:
         await services.oidc.check_response_issuer(query.get("iss"))

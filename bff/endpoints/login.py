@@ -1,4 +1,10 @@
-"""``GET /bff/login?returnTo=/path``: start the authorization code flow with PKCE."""
+"""``GET /bff/login?returnTo=/path``: start the authorization code flow with PKCE.
+
+When the login cannot start (too many logins from this address, the OP's metadata or the store
+unavailable, a ``returnTo`` off this origin), a browser navigation goes back to the app with
+``?bff_error=<code>`` like a failed callback does (``callback.back_to_app``); API clients get the
+JSON error.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +13,27 @@ import time
 
 from aiohttp import web
 
-from bff.errors import InvalidReturnTo
+from bff.endpoints.callback import back_to_app
+from bff.errors import BffError, InvalidReturnTo
 from bff.keys import new_secret, store_id
 from bff.oidc import new_pkce_pair
-from bff.redirects import is_local_path
+from bff.ratelimit import enforce
+from bff.redirects import is_local_path, is_navigation
 from bff.services import SERVICES
 from bff.sessions import LoginTransaction
 
 
 async def handle(request: web.Request) -> web.Response:
+    try:
+        await enforce(request, "login")
+        return await _start(request)
+    except BffError as exc:
+        if not is_navigation(request.headers):
+            raise
+        return back_to_app(request.query.get("returnTo"), exc.error)
+
+
+async def _start(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     return_to = request.query.get("returnTo", "/")
     if not is_local_path(return_to):

@@ -7,6 +7,8 @@ handles a token. Two implementations pass one contract suite (``tests/unit/test_
 * :class:`~bff.store.redis.RedisStore`: shared by every instance; keys are laid out for Redis
   Cluster (``bff:{<id>}:s`` and ``bff:{<id>}:lock`` share a hash slot).
 
+Every operation touches one key, so each runs inside one Cluster hash slot.
+
 Failures of the backend surface as :class:`bff.errors.StoreUnavailable`, never as a driver error.
 """
 
@@ -59,6 +61,15 @@ class SessionStore(Protocol):
     async def index_members(self, index: str) -> list[str]: ...
 
     async def index_remove(self, index: str, *members: str) -> None: ...
+
+    async def take_token(self, key: str, rate: float, burst: int) -> tuple[bool, float]:
+        """Take one token from the bucket at ``key`` in one atomic step (``bff.store.bucket``).
+
+        The bucket starts full (``burst`` tokens), gains ``rate`` tokens a second and expires
+        once it would be full again. Returns ``(allowed, retry_after_seconds)``; the clock is the
+        store's own (Redis ``TIME``), so instances with drifting clocks still share one bucket.
+        """
+        ...
 
     async def ping(self) -> None: ...
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from bff.store import bucket
+
 __all__ = ["MemoryStore"]
 
 
@@ -92,6 +94,13 @@ class MemoryStore:
         entries = self._indexes.get(index, {})
         for member in members:
             entries.pop(member, None)
+
+    async def take_token(self, key: str, rate: float, burst: int) -> tuple[bool, float]:
+        now = self._clock()
+        tokens, stamp = bucket.decode(self._live(key))
+        result = bucket.take(tokens, stamp, now, rate, burst)
+        self._data[key] = (bucket.encode(result.tokens, now), now + result.ttl)
+        return result.allowed, result.retry_after
 
     async def ping(self) -> None:
         return None

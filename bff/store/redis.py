@@ -1,8 +1,9 @@
 """The shared store on Redis (``redis://``, ``rediss://``, ``unix://``), via ``redis.asyncio``.
 
 Every instance of bff reads and writes here, so any instance serves any request. Multi-step
-operations that must be atomic (compare-and-set, lock renew/release) are Lua scripts; ``take`` is
-GETDEL (Redis >= 6.2). Driver errors become :class:`~bff.errors.StoreUnavailable` here, at the seam.
+operations that must be atomic (compare-and-set, lock renew/release, the rate-limit token bucket)
+are Lua scripts; ``take`` is GETDEL (Redis >= 6.2). Driver errors become
+:class:`~bff.errors.StoreUnavailable` here, at the seam.
 """
 
 from __future__ import annotations
@@ -50,6 +51,36 @@ end
 return 0
 """
 
+# A token bucket (the arithmetic of ``bff/store/bucket.py``, kept in step with it) on the
+# server's own clock: one atomic step, whatever the number of instances and their clocks.
+_BUCKET = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local level = burst
+local raw = redis.call('GET', KEYS[1])
+if raw then
+  local saved, stamp = string.match(raw, '^(%S+) (%S+)$')
+  saved = tonumber(saved)
+  stamp = tonumber(stamp)
+  if saved and stamp then
+    level = math.min(burst, saved + math.max(0, now - stamp) * rate)
+  end
+end
+local allowed = 0
+local wait = 0
+if level >= 1 then
+  level = level - 1
+  allowed = 1
+else
+  wait = (1 - level) / rate
+end
+local ttl = math.max(1, math.ceil((burst - level) / rate * 1000))
+redis.call('SET', KEYS[1], string.format('%.6f %.6f', level, now), 'PX', ttl)
+return {allowed, string.format('%.6f', wait)}
+"""
+
 
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
@@ -79,6 +110,7 @@ class RedisStore:
         self._replace = client.register_script(_REPLACE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._take_token = client.register_script(_BUCKET)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisStore:
@@ -167,6 +199,11 @@ class RedisStore:
     async def index_remove(self, index: str, *members: str) -> None:
         if members:
             await self._r.zrem(index, *members)
+
+    @_translated
+    async def take_token(self, key: str, rate: float, burst: int) -> tuple[bool, float]:
+        allowed, wait = await self._take_token(keys=[key], args=[repr(float(rate)), int(burst)])
+        return bool(allowed), float(wait)
 
     @_translated
     async def ping(self) -> None:

@@ -287,6 +287,62 @@ class StoreContract:
         await advance(self.past)
         assert await store.index_members("i:1") == []
 
+    # -- rate-limit token buckets -----------------------------------------------------------
+
+    async def test_a_new_bucket_allows_exactly_burst_then_says_when_to_retry(
+        self, store: SessionStore
+    ) -> None:
+        # 1000 s per token: no refill can sneak in, however slow the machine.
+        rate = 0.001
+        results = [await store.take_token("rl:1", rate, 3) for _ in range(5)]
+        assert [allowed for allowed, _ in results] == [True, True, True, False, False]
+        assert all(wait == 0.0 for _, wait in results[:3])
+        for _, wait in results[3:]:
+            assert 0 < wait <= 1 / rate
+
+    async def test_concurrent_takes_never_exceed_the_burst(self, store: SessionStore) -> None:
+        results = await asyncio.gather(*(store.take_token("rl:1", 0.001, 5) for _ in range(20)))
+        assert sum(allowed for allowed, _ in results) == 5
+
+    async def test_buckets_of_different_keys_are_independent(self, store: SessionStore) -> None:
+        assert await store.take_token("rl:a", 0.001, 1) == (True, 0.0)
+        assert (await store.take_token("rl:a", 0.001, 1))[0] is False
+        assert await store.take_token("rl:b", 0.001, 1) == (True, 0.0)
+
+    async def test_tokens_come_back_once_the_retry_time_has_passed(
+        self, store: SessionStore, advance: Advance
+    ) -> None:
+        rate = 1 / self.short  # one token per `short`
+        for _ in range(50):  # bounded: each take is far quicker than a refill
+            allowed, wait = await store.take_token("rl:1", rate, 2)
+            if not allowed:
+                break
+        assert not allowed and 0 < wait <= self.short + 1e-6
+        await advance(self.past)
+        assert (await store.take_token("rl:1", rate, 2))[0] is True
+
+    async def test_an_idle_bucket_expires_once_it_would_be_full(
+        self, store: SessionStore, advance: Advance
+    ) -> None:
+        await store.take_token("rl:1", 1 / self.short, 1)
+        left = assert_finite(await store.ttl("rl:1"))
+        assert 0 < left <= self.short + 1e-3
+        await advance(self.past)
+        assert await store.get("rl:1") is None
+
+    async def test_a_slow_bucket_lives_until_it_is_full_again(self, store: SessionStore) -> None:
+        await store.take_token("rl:1", 0.01, 10)
+        await store.take_token("rl:1", 0.01, 10)
+        # Two tokens at 100 s each: the bucket is full again in 200 s, and not before.
+        left = assert_finite(await store.ttl("rl:1"))
+        assert 190 < left <= 200.001
+
+    async def test_an_unreadable_bucket_reads_as_a_full_one(self, store: SessionStore) -> None:
+        await store.set("rl:1", b"not a bucket", LONG)
+        assert await store.take_token("rl:1", 0.001, 2) == (True, 0.0)
+        assert await store.take_token("rl:1", 0.001, 2) == (True, 0.0)
+        assert (await store.take_token("rl:1", 0.001, 2))[0] is False
+
     # -- health -----------------------------------------------------------------------------
 
     async def test_ping_answers(self, store: SessionStore) -> None:
