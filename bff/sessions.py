@@ -49,6 +49,7 @@ from bff.keys import (
 from bff.store import SessionStore
 
 __all__ = [
+    "LoginTooSlow",
     "LoginTransaction",
     "Session",
     "SessionData",
@@ -129,6 +130,14 @@ class LoginTransaction:
     # The store id of the session this browser had when the login started: it ends when the new
     # one begins. Taken at /bff/login: the cross-site callback never carries a Strict cookie.
     previous: str | None = None
+
+
+class LoginTooSlow(LoginFailed):
+    """A login transaction older than ``login_timeout``: refused, but its ``returnTo`` is known."""
+
+    def __init__(self, return_to: str) -> None:
+        super().__init__("the login took too long; start again")
+        self.return_to = return_to
 
 
 @dataclass(slots=True)
@@ -361,7 +370,7 @@ class SessionManager:
         if await self.store.take(key) != blob or tx.state != state:
             raise LoginFailed("unknown, expired or already used state")
         if tx.created_at + self.login_timeout < self._clock():
-            raise LoginFailed("the login took too long; start again")
+            raise LoginTooSlow(tx.return_to)
         return tx
 
 

@@ -29,7 +29,7 @@ from bff.oidc import InvalidGrant, InvalidToken, OidcError, user_claims
 from bff.ratelimit import enforce
 from bff.redirects import is_navigation, with_error
 from bff.services import SERVICES
-from bff.sessions import SessionData
+from bff.sessions import LoginTooSlow, SessionData
 
 __all__ = ["OP_ERRORS", "back_to_app", "handle"]
 
@@ -75,6 +75,8 @@ async def handle(request: web.Request) -> web.Response:
     except BffError as exc:
         if not is_navigation(request.headers):
             raise
+        if isinstance(exc, LoginTooSlow):
+            attempt.return_to = exc.return_to
         return back_to_app(attempt.return_to, attempt.op_error or exc.error)
     except Exception:
         if not is_navigation(request.headers):

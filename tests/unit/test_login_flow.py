@@ -594,3 +594,136 @@ async def test_the_previous_session_ends_even_when_the_callback_carries_no_sessi
     assert resp.status == 200
     assert not first_keys & bff.session_keys(), "the first session outlived the second login"
     assert len(bff.session_keys()) == 1
+
+
+# -------------------------------------------------------------------------------------------------
+# A failed login is not a dead end (issue 9, point 11): a browser navigation goes back to the app
+# with ?bff_error=<fixed code>; API clients keep the JSON error.
+
+NAVIGATION = {"Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document", "Accept": "text/html"}
+
+
+async def assert_back_in_app(
+    bff: Bff, resp: aiohttp.ClientResponse, location: str, sessions_before: set[str] | None = None
+) -> None:
+    """A 303 to ``location`` on this origin, no session made, no session cookie set."""
+    assert resp.status == 303, await resp.text()
+    assert resp.headers["Location"] == location
+    assert resp.headers["Cache-Control"] == "no-store"
+    assert bff.session_keys() == (sessions_before or set())
+    assert set_cookie(resp, COOKIE) is None
+
+
+async def test_a_refused_login_takes_the_browser_back_to_its_return_to_with_the_code(
+    bff: Bff,
+) -> None:
+    bff.op.response_defect = "access_denied"
+    callback = await bff.authorize(await bff.login("/orders?id=7#top"))
+    resp, body = await bff.get(callback, headers=NAVIGATION)
+    await assert_back_in_app(bff, resp, "/orders?id=7&bff_error=access_denied#top")
+    assert not bff.tx_keys()  # the state is burnt all the same
+    assert b"the user said no" not in body and "said" not in resp.headers["Location"]
+
+
+async def test_api_clients_still_get_the_json_error(bff: Bff) -> None:
+    bff.op.response_defect = "access_denied"
+    callback = await bff.authorize(await bff.login("/orders"))
+    # A script's fetch says so in its fetch metadata, whatever it accepts.
+    resp, body = await bff.get(
+        callback,
+        headers={"Sec-Fetch-Mode": "cors", "Sec-Fetch-Dest": "empty", "Accept": "text/html"},
+    )
+    error = await assert_refused(bff, resp, body, "access_denied")
+    assert error["error"] == "login_failed"
+
+
+async def test_a_browser_without_fetch_metadata_is_recognised_by_accept(bff: Bff) -> None:
+    bff.op.response_defect = "access_denied"
+    callback = await bff.authorize(await bff.login())
+    resp, _ = await bff.get(callback, headers={"Accept": "text/html,*/*;q=0.8"})
+    await assert_back_in_app(bff, resp, "/?bff_error=access_denied")
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        ("consent_required", "consent_required"),
+        ("temporarily_unavailable", "temporarily_unavailable"),
+        ("made_up_error", "login_failed"),  # not an OAuth/OIDC code: not passed on
+        ("<script>alert(1)</script>", "login_failed"),
+        ("access_denied&bff_error=x", "login_failed"),
+    ],
+)
+async def test_only_allow_listed_op_error_codes_reach_the_app(
+    bff: Bff, error: str, code: str
+) -> None:
+    state = URL(await bff.login("/here")).query["state"]
+    query = {"error": error, "error_description": "<b>free text</b> from the OP", "state": state}
+    resp, _ = await bff.get(str(URL("/bff/callback").with_query(query)), headers=NAVIGATION)
+    await assert_back_in_app(bff, resp, f"/here?bff_error={code}")
+    assert not bff.tx_keys()
+
+
+async def test_every_state_failure_lands_on_the_root(bff: Bff) -> None:
+    callback = await bff.authorize(await bff.login("/orders"))
+    without_state = str(URL(callback).without_query_params("state"))
+    forged = str(URL(callback).update_query(state="forged-" + new_secret()))
+    for path in (without_state, forged):
+        resp, _ = await bff.get(path, headers=NAVIGATION)
+        await assert_back_in_app(bff, resp, "/?bff_error=login_failed")
+    async for other in second_browser(bff):  # a login started in another browser
+        resp, _ = await bff.get(callback, other, headers=NAVIGATION)
+        await assert_back_in_app(bff, resp, "/?bff_error=login_failed")
+    assert (await bff.callback(callback))[0].status == 200  # the real one was not burnt
+    sessions = bff.session_keys()
+    resp, _ = await bff.get(callback, headers=NAVIGATION)  # used twice
+    await assert_back_in_app(bff, resp, "/?bff_error=login_failed", sessions)
+
+
+async def test_an_expired_login_goes_back_to_its_return_to(bff: Bff) -> None:
+    callback = await bff.authorize(await bff.login("/orders"))
+    bff.client.app[SERVICES].sessions.login_timeout = 0.0
+    resp, _ = await bff.get(callback, headers=NAVIGATION)
+    await assert_back_in_app(bff, resp, "/orders?bff_error=login_failed")
+
+
+async def test_an_invalid_code_or_id_token_goes_back_to_the_return_to(bff: Bff) -> None:
+    old = await bff.authorize(await bff.login())
+    assert (await bff.callback(old))[0].status == 200
+    sessions = bff.session_keys()
+    fresh = await bff.authorize(await bff.login("/a"))
+    replay = str(URL(fresh).update_query(code=URL(old).query["code"]))
+    resp, _ = await bff.get(replay, headers=NAVIGATION)
+    await assert_back_in_app(bff, resp, "/a?bff_error=login_failed", sessions)
+    bff.op.id_token_defect = "wrong_nonce"
+    callback = await bff.authorize(await bff.login("/b"))
+    resp, body = await bff.get(callback, headers=NAVIGATION)
+    await assert_back_in_app(bff, resp, "/b?bff_error=login_failed", sessions)
+    assert bff.op.issued[-1].id_token not in body.decode()
+
+
+async def test_an_op_that_fails_at_the_token_endpoint_goes_back_with_provider_unavailable(
+    bff: Bff,
+) -> None:
+    callback = await bff.authorize(await bff.login("/orders"))
+    bff.op.token_status = 502
+    resp, _ = await bff.get(callback, headers=NAVIGATION)
+    await assert_back_in_app(bff, resp, "/orders?bff_error=provider_unavailable")
+
+
+async def test_a_navigation_to_login_with_a_bad_return_to_goes_to_the_root(bff: Bff) -> None:
+    path = URL(f"/bff/login?returnTo={quote('//evil.example', safe='')}", encoded=True)
+    resp = await bff.client.get(path, headers=NAVIGATION, allow_redirects=False)
+    await assert_back_in_app(bff, resp, "/?bff_error=invalid_return_to")
+    assert not bff.tx_keys() and not bff.op.authorize_requests
+
+
+async def test_a_navigation_to_login_while_the_op_is_down_goes_back_with_the_code(
+    aiohttp_client: AiohttpClient,
+) -> None:
+    async with HostileOp() as dead:
+        pass
+    bff = await start_bff(aiohttp_client, dead)
+    resp, _ = await bff.get("/bff/login?returnTo=/orders", headers=NAVIGATION)
+    await assert_back_in_app(bff, resp, "/orders?bff_error=provider_unavailable")
+    assert set_cookie(resp, TX_COOKIE) is None and not bff.tx_keys()
