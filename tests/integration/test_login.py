@@ -441,20 +441,45 @@ async def test_a_wrong_iss_response_parameter_is_refused_before_the_code_is_spen
     assert (await oidc_op.stats())["token"]["authorization_code"] == before
 
 
+def cancel(html: str, forms: list[Any]) -> tuple[Any, dict[str, str]] | None:
+    """What a person who clicks the OP's Cancel button does (its abort path: access_denied)."""
+    for form in forms:
+        if form.id == "abort-form":
+            return form, {}
+    raise AssertionError(f"no cancel form:\n{html[:500]}")
+
+
 async def test_an_access_denied_answer_from_the_op_is_refused(
     bff: Bff, browser: Browser, raw_redis: aioredis.Redis
 ) -> None:
     authorize = await start_login(browser, bff)
-
-    def cancel(html: str, forms: list[Any]) -> tuple[Any, dict[str, str]] | None:
-        for form in forms:
-            if form.id == "abort-form":
-                return form, {}
-        raise AssertionError(f"no cancel form:\n{html[:500]}")
-
     location = await _walk(browser.http, authorize, cancel)
     assert URL(location).query["error"] == "access_denied"
     await assert_refused(browser, location, "access_denied", raw_redis)
+
+
+async def test_a_person_who_cancels_at_the_op_lands_back_in_the_app_with_the_error(
+    bff: Bff, browser: Browser, raw_redis: aioredis.Redis
+) -> None:
+    """Issue 9, point 11: a browser navigation never ends on a JSON page after a failed login."""
+    authorize = await start_login(browser, bff, "/orders%3Fid%3D7")
+    tx_key = f"bff:{{{store_id(SessionSecret(URL(authorize).query['state']), 'tx')}}}:tx"
+    assert await raw_redis.exists(tx_key)
+    sessions = await session_keys(raw_redis)
+    location = await _walk(browser.http, authorize, cancel)
+    assert URL(location).query["error"] == "access_denied"
+    assert URL(location).query["error_description"]  # the OP's own words ...
+    navigation = {"Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    resp, body = await browser.get(location, headers=navigation)
+    assert resp.status == 303, body
+    # ... never reach the app: only the fixed code, on the login's returnTo.
+    assert resp.headers["Location"] == "/orders?id=7&bff_error=access_denied"
+    assert set_cookie_attrs(resp, COOKIE) is None
+    assert await session_keys(raw_redis) == sessions
+    assert not await raw_redis.exists(tx_key)
+    # The state was spent: the same answer again no longer knows its returnTo.
+    resp, _ = await browser.get(location, headers=navigation)
+    assert resp.headers["Location"] == "/?bff_error=access_denied"
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,8 @@ from bff.config import (
     Listen,
     LogSettings,
     OidcSettings,
+    RateLimit,
+    RateLimitSettings,
     Secret,
     SecuritySettings,
     SessionSettings,
@@ -167,6 +169,12 @@ def test_defaults() -> None:
     assert sess.cookie == CookieSettings(name="__Host-bff", same_site="strict", secure=True)
     assert (sess.idle_timeout, sess.absolute_timeout) == (8 * 3600, 24 * 3600)
     assert (sess.login_timeout, sess.cache_ttl) == (600.0, 1.0)
+    assert s.rate_limits == RateLimitSettings(
+        enabled=True,
+        login=RateLimit(per_second=5.0, burst=100),
+        callback=RateLimit(per_second=5.0, burst=100),
+        backchannel_logout=RateLimit(per_second=50.0, burst=1000),
+    )
 
 
 def test_dataclass_defaults_match_loader_defaults() -> None:
@@ -174,6 +182,7 @@ def test_dataclass_defaults_match_loader_defaults() -> None:
     assert s.session == SessionSettings()
     assert s.log == LogSettings()
     assert s.security == SecuritySettings()
+    assert s.rate_limits == RateLimitSettings()
     bare = OidcSettings(issuer="https://idp.example.com", client_id="shop")
     assert dataclasses.replace(s.oidc, client_secret=None) == bare
 
@@ -1346,3 +1355,53 @@ def test_problem_lines_are_sorted_and_unique() -> None:
     found = problems(text)
     assert len(found) == len(set(found)) == 3
     assert [int(re.match(r"bff\.yaml:(\d+):", m).group(1)) for m in found] == [7, 7, 8]  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------------------------------
+# rate_limits (issue 9, point 9)
+
+
+def test_rate_limits_override_only_what_is_given() -> None:
+    s = parse(
+        MINIMAL
+        + "rate_limits:\n"
+        + "  login: {per_second: 0.5, burst: 20}\n"
+        + "  backchannel_logout: {burst: 5}\n"
+    )
+    assert s.rate_limits == RateLimitSettings(
+        login=RateLimit(per_second=0.5, burst=20),
+        backchannel_logout=RateLimit(per_second=50.0, burst=5),
+    )
+    assert parse(MINIMAL + "rate_limits: {enabled: false}\n").rate_limits.enabled is False
+
+
+def test_rate_limits_from_the_environment() -> None:
+    env = {"RATE": "2.5", "BURST": "40", "ON": "false"}
+    s = parse(
+        MINIMAL
+        + "rate_limits: {enabled: ${ON}, callback: {per_second: ${RATE}, burst: ${BURST}}}\n",
+        env,
+    )
+    assert s.rate_limits.callback == RateLimit(per_second=2.5, burst=40)
+    assert s.rate_limits.enabled is False
+
+
+@pytest.mark.parametrize(
+    ("value", "expect"),
+    [
+        ("{login: {per_second: 0}}", "rate_limits.login.per_second: must be more than 0, got 0"),
+        ("{login: {per_second: -1}}", "rate_limits.login.per_second: must be more than 0"),
+        ("{login: {per_second: fast}}", "rate_limits.login.per_second: expected a number"),
+        ("{callback: {burst: 0}}", "rate_limits.callback.burst: must be at least 1, got 0"),
+        ("{callback: {burst: 1.5}}", "rate_limits.callback.burst: expected an integer"),
+        ("{callback: {burst: true}}", "rate_limits.callback.burst: expected an integer"),
+        ("{enabled: yes please}", "rate_limits.enabled: expected true or false"),
+        ("{login: {rate: 5}}", "rate_limits.login.rate: unknown key"),
+        ("{backchannel: {}}", "rate_limits.backchannel: unknown key; did you mean"),
+        ("[]", "rate_limits: expected a mapping"),
+    ],
+)
+def test_bad_rate_limits(value: str, expect: str) -> None:
+    msg = one_problem(MINIMAL + f"rate_limits: {value}\n")
+    assert msg.startswith("bff.yaml:7: "), msg
+    assert expect in msg, msg
