@@ -367,3 +367,43 @@ async def test_another_site_gets_nothing_usable_and_its_form_post_is_refused(
     # The user's own tab still works: the attack changed nothing.
     await call_api(page, 2, 200)
     await context.close()
+
+
+async def test_a_cancelled_login_lands_back_in_the_app_which_shows_why(
+    bff: Bff, browser: Browser
+) -> None:
+    """Issue 9, point 11: the person cancels at the OP; the app, not a JSON page, says so."""
+    context = await browser.new_context()
+    page = await context.new_page()
+    documents: list[tuple[str, int, dict[str, str]]] = []
+    page.on(
+        "response",
+        lambda r: (
+            documents.append((r.url, r.status, r.headers))
+            if r.request.is_navigation_request() and r.frame == page.main_frame
+            else None
+        ),
+    )
+    async with page.expect_response(lambda r: r.url.endswith("/bff/user")) as first:
+        await page.goto(f"{bff.url}/orders?tab=2")
+    await (await first.value).finished()
+    await expect(page.locator("#login-error")).to_be_hidden()
+    await page.click("#login")
+    await page.wait_for_url(f"{bff.op.issuer}/**")
+    await page.click("#cancel")
+
+    error = page.locator("#login-error")
+    await expect(error).to_have_text("The login was cancelled or refused. You are not logged in.")
+    assert await error.get_attribute("data-code") == "access_denied"
+    await expect(page.locator("#logged-out")).to_be_visible()
+    # Back on the page the login started from; the app took the code out of the address bar, so
+    # a reload or the next login does not carry the old failure along.
+    await expect(page).to_have_url(f"{bff.url}/orders?tab=2")
+    href = await page.locator("#login").get_attribute("href")
+    assert href == "/bff/login?returnTo=" + quote("/orders?tab=2", safe="")
+
+    callback = next(d for d in documents if urlsplit(d[0]).path == "/bff/callback")
+    assert callback[1] == 303
+    assert callback[2]["location"] == "/orders?tab=2&bff_error=access_denied"
+    assert not any(d[2].get("content-type", "").startswith("application/json") for d in documents)
+    await context.close()
