@@ -12,6 +12,7 @@ key                         value                                               
 ``bff:{sub:<h>}:sessions``  index sub -> session ids (no tokens)                  longest member
 ``bff:{sid:<h>}:sessions``  index OP sid -> session ids (no tokens)               longest member
 ``bff:{jti:<h>}:seen``      a back-channel logout token's ``jti`` (replay guard)  token lifetime
+``bff:{rl:<h>}:<route>``    an address's rate-limit bucket (``ratelimit.py``)    until refilled
 ==========================  ===================================================  ===============
 
 ``<id>`` is a one-way hash of the cookie secret, so a store dump reveals neither the cookie nor the
