@@ -87,6 +87,7 @@ async def handle(request: web.Request) -> web.Response:
 
 def back_to_app(return_to: str | None, code: str) -> web.Response:
     """A 303 to ``return_to`` (or ``/``) carrying ``bff_error=<code>`` for the SPA to show."""
+    code = code if _ERROR_CODE.match(code) else "login_failed"
     return web.Response(
         status=303,
         headers={"Location": with_error(return_to, code), "Cache-Control": "no-store"},

@@ -28,8 +28,10 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bff import errors  # noqa: E402
 from bff.app import create_app  # noqa: E402
 from bff.config import Settings, parse_settings  # noqa: E402
+from bff.endpoints.callback import back_to_app  # noqa: E402
 from bff.keys import Keyring, new_secret  # noqa: E402
 from bff.services import SERVICES  # noqa: E402
 from bff.store.memory import MemoryStore  # noqa: E402
@@ -727,3 +729,13 @@ async def test_a_navigation_to_login_while_the_op_is_down_goes_back_with_the_cod
     resp, _ = await bff.get("/bff/login?returnTo=/orders", headers=NAVIGATION)
     await assert_back_in_app(bff, resp, "/orders?bff_error=provider_unavailable")
     assert set_cookie(resp, TX_COOKIE) is None and not bff.tx_keys()
+
+
+def test_every_bff_error_code_is_a_code_the_way_back_can_carry() -> None:
+    """``bff_error`` carries ``BffError.error`` as it is: each must be a plain fixed code."""
+    classes = [c for c in vars(errors).values() if isinstance(c, type)]
+    codes = {c.error for c in classes if issubclass(c, errors.BffError)}
+    assert {"login_failed", "rate_limited", "provider_unavailable"} <= codes
+    for code in codes:
+        assert back_to_app("/x", code).headers["Location"] == f"/x?bff_error={code}"
+    assert back_to_app("/x", "Not A Code").headers["Location"] == "/x?bff_error=login_failed"
