@@ -3,13 +3,15 @@ processes and a real redis-server.
 
 A flood of ``/bff/login`` from one address leaves no more login transactions in Redis than the
 configured burst, and every refused request is a 429 with ``Retry-After`` and a JSON error. Two
-instances on one Redis share one bucket: the limit is per address, not per process.
+instances on one Redis share one bucket: the limit is per address, not per process. A dead Redis
+makes the limiter fail open, and the login a clear 503, never a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -141,3 +143,32 @@ async def test_two_instances_share_one_bucket(two_bffs: BffCluster, redis: aiore
     assert sum(s.count(302) for s in statuses.values()) == BURST
     for url, seen in statuses.items():
         assert seen.count(302) >= 2 and seen.count(429) >= 2, (url, seen)
+
+
+async def test_a_dead_store_makes_login_a_503_not_a_500_and_the_limiter_fails_open(
+    one_bff: BffProcess, redis: aioredis.Redis, redis_server: RedisServer, ensure_running: None
+) -> None:
+    redis_server.stop()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            for i in range(3):
+                status, headers, body = await get_login(http, one_bff.url, i)
+                assert status == 503, body
+                assert json.loads(body)["error"] == "store_unavailable"
+                assert headers["Retry-After"].isdigit()
+    finally:
+        redis_server.restart()
+    logs = one_bff.logs()
+    assert "ratelimit.fail_open" in logs
+    assert "request.failed" not in logs and "Traceback" not in logs
+    # Redis is back (empty): logins start again, limited again, with no restart of bff.
+    deadline = time.monotonic() + 20
+    status = 503
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        while status == 503 and time.monotonic() < deadline:
+            status, _, _ = await get_login(http, one_bff.url, 0)
+            if status == 503:
+                await asyncio.sleep(0.2)
+        assert status == 302
+        answers = [(await get_login(http, one_bff.url, i))[0] for i in range(BURST)]
+    assert answers.count(302) == BURST - 1 and answers.count(429) == 1
