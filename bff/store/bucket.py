@@ -49,6 +49,6 @@ def decode(raw: bytes | None) -> tuple[float | None, float]:
         tokens, stamp = (float(part) for part in raw.split(b" "))
     except ValueError:
         return None, 0.0
-    if not (math.isfinite(tokens) and math.isfinite(stamp)):
+    if not (math.isfinite(tokens) and math.isfinite(stamp)) or tokens < 0 or stamp < 0:
         return None, 0.0
     return tokens, stamp

@@ -64,7 +64,8 @@ if raw then
   local saved, stamp = string.match(raw, '^(%S+) (%S+)$')
   saved = tonumber(saved)
   stamp = tonumber(stamp)
-  if saved and stamp then
+  -- Only a sane state counts (NaN fails every comparison); anything else is a full bucket.
+  if saved and stamp and saved >= 0 and saved < math.huge and stamp >= 0 and stamp < math.huge then
     level = math.min(burst, saved + math.max(0, now - stamp) * rate)
   end
 end

@@ -338,10 +338,12 @@ class StoreContract:
         assert 190 < left <= 200.001
 
     async def test_an_unreadable_bucket_reads_as_a_full_one(self, store: SessionStore) -> None:
-        await store.set("rl:1", b"not a bucket", LONG)
-        assert await store.take_token("rl:1", 0.001, 2) == (True, 0.0)
-        assert await store.take_token("rl:1", 0.001, 2) == (True, 0.0)
-        assert (await store.take_token("rl:1", 0.001, 2))[0] is False
+        for i, junk in enumerate([b"not a bucket", b"nan 1", b"inf 1", b"1 -inf", b"-5 1", b""]):
+            key = f"rl:{i}"
+            await store.set(key, junk, LONG)
+            assert await store.take_token(key, 0.001, 2) == (True, 0.0), junk
+            assert await store.take_token(key, 0.001, 2) == (True, 0.0), junk
+            assert (await store.take_token(key, 0.001, 2))[0] is False, junk
 
     # -- health -----------------------------------------------------------------------------
 

@@ -67,7 +67,8 @@ def test_a_bucket_lives_exactly_until_it_would_be_full_again() -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", [None, b"", b"garbage", b"1.0", b"1 2 3", b"nan 1", b"1 inf", b"\xff\xfe 1"]
+    "raw",
+    [None, b"", b"garbage", b"1.0", b"1 2 3", b"nan 1", b"1 inf", b"-1 5", b"\xff\xfe 1"],
 )
 def test_an_absent_or_unreadable_state_decodes_as_no_bucket(raw: bytes | None) -> None:
     assert decode(raw) == (None, 0.0)
