@@ -22,6 +22,7 @@ _NONEMPTY: Final = {"type": "string", "minLength": 1}
 _STR_LIST: Final = {"type": "array", "items": _NONEMPTY}
 _BOOL: Final = {"type": "boolean"}
 _STR_MAP: Final = {"type": "object", "additionalProperties": _STR}
+_LISTEN: Final = {"host": _NONEMPTY, "port": {"type": "integer", "minimum": 0, "maximum": 65535}}
 
 
 def _obj(props: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -45,12 +46,7 @@ SCHEMA: Final[dict[str, Any]] = {
     **_obj(
         {
             "public_url": _NONEMPTY,
-            "listen": _obj(
-                {
-                    "host": _NONEMPTY,
-                    "port": {"type": "integer", "minimum": 0, "maximum": 65535},
-                }
-            ),
+            "listen": _obj(_LISTEN),
             "static": _NONEMPTY,
             "prefix": _NONEMPTY,
             "oidc": _obj(
@@ -129,6 +125,13 @@ SCHEMA: Final[dict[str, Any]] = {
                     "format": {"enum": ["json", "text"]},
                 }
             ),
+            "metrics": _obj(
+                {
+                    "listen": {**_obj(_LISTEN), "type": ["object", "null"]},
+                    "public": _BOOL,
+                }
+            ),
+            "workers": {"type": "integer", "minimum": 1},
         },
         required=("public_url", "oidc", "keys"),
     ),

@@ -93,6 +93,14 @@ class Listen:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsSettings:
+    """Where Prometheus scrapes ``/metrics``: its own listener, loopback by default."""
+
+    listen: Listen | None = Listen(port=9464)  # metrics listener; None = none; `--metrics-port`
+    public: bool = False  # also serve /metrics on the public listener (else 404 there)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OidcSettings:
     """The OpenID Provider and how bff authenticates to it as a confidential client."""
 
@@ -185,6 +193,8 @@ class Settings:
     upstreams: tuple[Upstream, ...] = ()
     security: SecuritySettings = SecuritySettings()  # security response headers
     log: LogSettings = LogSettings()  # logging
+    metrics: MetricsSettings = MetricsSettings()  # where /metrics is served
+    workers: int | None = None  # worker processes; None = one per core; `bff run --workers` wins
     dev: bool = field(init=False)  # derived: public_url is http:// on a loopback host
 
     def __post_init__(self) -> None:
