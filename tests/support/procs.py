@@ -244,7 +244,8 @@ class RedisServer(ChildProcess):
     """A throw-away ``redis-server`` on 127.0.0.1: no persistence, data lives until ``stop()``.
 
     ``stop()`` kills it (a crash, as far as clients can tell); ``restart()`` brings back an empty
-    server on the same port.
+    server on the same port. With ``unix_socket=True`` it listens on a Unix socket only
+    (``socket_path``, mode 700) and ``url`` is a ``unix://`` URL.
     """
 
     name = "redis-server"
@@ -256,19 +257,26 @@ class RedisServer(ChildProcess):
         *,
         executable: str = "redis-server",
         startup_timeout: float | None = None,
+        unix_socket: bool = False,
     ) -> None:
         super().__init__(port, startup_timeout=startup_timeout)
         self.executable = executable
+        self.socket_path = self.workdir / "redis.sock" if unix_socket else None
 
     @property
     def url(self) -> str:
+        if self.socket_path is not None:
+            return f"unix://{self.socket_path}?db=0"
         return f"redis://{HOST}:{self.port}/0"
 
     def command(self) -> tuple[Sequence[str], Path, Mapping[str, str] | None]:
+        if self.socket_path is not None:
+            path = str(self.socket_path)
+            listen = ["--port", "0", "--unixsocket", path, "--unixsocketperm", "700"]
+        else:
+            listen = ["--port", str(self.port), "--bind", HOST]
         argv = [
-            self.executable,
-            "--port", str(self.port),
-            "--bind", HOST,
+            self.executable, *listen,
             "--save", "",
             "--appendonly", "no",
             "--dir", str(self.workdir),
@@ -281,7 +289,13 @@ class RedisServer(ChildProcess):
     def ping(self) -> bool:
         """True when the server answers PING right now."""
         try:
-            with socket.create_connection((HOST, self.port), timeout=1) as sock:
+            if self.socket_path is not None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(1)
+                sock.connect(str(self.socket_path))
+            else:
+                sock = socket.create_connection((HOST, self.port), timeout=1)
+            with sock:
                 sock.sendall(b"PING\r\n")
                 return sock.recv(64).startswith(b"+PONG")
         except OSError:
