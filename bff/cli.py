@@ -111,8 +111,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     workers, why = _worker_count(settings, args.workers)
     _check_workers(settings, args.config or os.environ.get("BFF_CONFIG", ""), workers, why)
     metrics_port = args.metrics_port
+    metrics = settings.metrics.listen
+    where = (
+        f"/metrics on {metrics.host}:{metrics_port if metrics_port is not None else metrics.port}"
+        if metrics is not None
+        else "no metrics listener"
+    )
     print(
-        f"bff: serving {settings.public_url} on {host}:{port} with {workers} worker(s)", flush=True
+        f"bff: serving {settings.public_url} on {host}:{port} with {workers} worker(s); {where}",
+        flush=True,
     )
     if workers == 1:
         _run_worker(args.config, host, port, False, metrics_port)

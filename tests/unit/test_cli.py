@@ -91,12 +91,14 @@ def test_run_refuses_an_explicit_memory_store_with_several_workers(
 def test_run_serves_a_memory_store_with_one_worker(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
     served: list[tuple[object, ...]],
     argv: list[str],
     extra: str,
 ) -> None:
     monkeypatch.setattr(cli.os, "cpu_count", lambda: 4)
     assert cli.main(["run", "--config", config(tmp_path, extra), *argv]) == 0
+    assert "with 1 worker(s); /metrics on 127.0.0.1:9464" in capsys.readouterr().out
     assert len(served) == 1
     _config, _host, _port, reuse_port, _metrics_port = served[0]
     assert reuse_port is False  # one worker binds its ports alone
@@ -149,3 +151,12 @@ def test_check_config_accepts_redis_with_every_core(
     path = config(tmp_path, store="redis://127.0.0.1:6379/0")
     assert cli.main(["check-config", "--offline", path]) == 0
     assert "configuration is valid" in capsys.readouterr().out
+
+
+def test_run_metrics_port_flag_overrides_the_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], served: list[tuple[object, ...]]
+) -> None:
+    path = config(tmp_path, "metrics: {listen: {host: 127.0.0.2, port: 9500}}\n")
+    assert cli.main(["run", "--config", path, "--workers", "1", "--metrics-port", "9999"]) == 0
+    assert "/metrics on 127.0.0.2:9999" in capsys.readouterr().out
+    assert served[0][4] == 9999
