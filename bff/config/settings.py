@@ -96,8 +96,9 @@ class Listen:
 class MetricsSettings:
     """Where Prometheus scrapes ``/metrics``: its own listener, loopback by default."""
 
-    listen: Listen | None = Listen(port=9464)  # metrics listener; None = none; `--metrics-port`
-    public: bool = False  # also serve /metrics on the public listener (else 404 there)
+    # where /metrics (and health) are served; None = nowhere; `bff run --metrics-port` sets the port
+    listen: Listen | None = Listen(port=9464)
+    public: bool = False  # also serve /metrics on the public listener (else a JSON 404 there)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
