@@ -32,8 +32,10 @@ __all__ = ["create_app"]
 
 def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.Application:
     api_prefixes = (settings.prefix, *(u.path for u in settings.upstreams))
+    # /metrics is on its own listener unless configured public: here a JSON 404, never the SPA.
+    private = () if settings.metrics.public else (health.METRICS_PATH,)
     app = web.Application(
-        middlewares=[error_middleware(api_prefixes=api_prefixes)],
+        middlewares=[error_middleware(api_prefixes=(*api_prefixes, *private))],
         client_max_size=1024**2,  # for bff's own endpoints; proxied bodies stream instead
         # A proxy passes request bodies on as they came: no decompression (and no zip bombs).
         handler_args={"auto_decompress": False},
@@ -102,9 +104,9 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     app.cleanup_ctx.append(services_ctx)
     app.cleanup_ctx.append(upstreams.cleanup_ctx)  # one keep-alive pool per upstream
     endpoints.add_routes(app, settings.prefix)
-    health.add_routes(app)
+    health.add_routes(app, metrics_public=settings.metrics.public)
     proxy.add_routes(app, upstreams)  # before the SPA's catch-all
-    spa.add_routes(app, settings.static, reserved=api_prefixes)
+    spa.add_routes(app, settings.static, reserved=(*api_prefixes, *private))
     app.on_response_prepare.append(
         security_headers(
             csp=settings.security.content_security_policy,

@@ -30,18 +30,53 @@ def _load(path: str | None) -> Settings:
     return load_settings(path)
 
 
-def _run_worker(config: str | None, host: str, port: int, reuse_port: bool) -> None:
+def _worker_count(settings: Settings, flag: int | None) -> tuple[int, str]:
+    """How many worker processes, and where that number comes from (for messages)."""
+    if flag is not None:
+        if flag < 1:
+            raise ConfigError([f"--workers must be at least 1, got {flag}"])
+        return flag, "set by --workers"
+    if settings.workers is not None:
+        return settings.workers, "set by workers: in the config"
+    return os.cpu_count() or 1, "the default: one per core of this machine"
+
+
+def _check_workers(settings: Settings, source: str, workers: int, why: str) -> None:
+    """A memory:// store lives in one process: with more workers, each has its own sessions and a
+    user is logged out whenever the kernel hands a request to another worker. Refuse, loudly."""
+    if settings.session.store == "memory://" and workers > 1:
+        raise ConfigError([
+            f"{source}: session.store: memory:// (the default when store: is left out) holds "
+            f"sessions in one process, but bff would run {workers} workers ({why}); each would "
+            "have its own sessions. Set session.store to a redis:// URL, or run --workers 1 "
+            "(workers: 1 in the config)."
+        ])  # fmt: skip
+
+
+def _run_worker(
+    config: str | None,
+    host: str,
+    port: int,
+    reuse_port: bool,
+    metrics_port: int | None = None,
+) -> None:
     from aiohttp import web
 
     from bff.app import create_app
+    from bff.health import add_metrics_listener
     from bff.log import setup_logging
 
     settings = _load(config)
     setup_logging(settings.log.level, settings.log.format)
     _install_fast_loop()
     _tune_gc()
+    app = create_app(settings)
+    metrics = settings.metrics.listen
+    if metrics is not None:
+        port_ = metrics.port if metrics_port is None else metrics_port
+        add_metrics_listener(app, metrics.host, port_, reuse_port=reuse_port)
     web.run_app(
-        create_app(settings),
+        app,
         host=host,
         port=port,
         reuse_port=reuse_port,
@@ -73,18 +108,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     host = args.host or settings.listen.host
     port = args.port if args.port is not None else settings.listen.port
-    workers = args.workers or os.cpu_count() or 1
+    workers, why = _worker_count(settings, args.workers)
+    _check_workers(settings, args.config or os.environ.get("BFF_CONFIG", ""), workers, why)
+    metrics_port = args.metrics_port
+    metrics = settings.metrics.listen
+    where = (
+        f"/metrics on {metrics.host}:{metrics_port if metrics_port is not None else metrics.port}"
+        if metrics is not None
+        else "no metrics listener"
+    )
     print(
-        f"bff: serving {settings.public_url} on {host}:{port} with {workers} worker(s)", flush=True
+        f"bff: serving {settings.public_url} on {host}:{port} with {workers} worker(s); {where}",
+        flush=True,
     )
     if workers == 1:
-        _run_worker(args.config, host, port, reuse_port=False)
+        _run_worker(args.config, host, port, False, metrics_port)
         return 0
     # One process per core, all bound to one port with SO_REUSEPORT; the kernel spreads
     # connections. They share nothing but the store, like instances behind a load balancer.
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=_run_worker, args=(args.config, host, port, True), daemon=False)
+        ctx.Process(
+            target=_run_worker, args=(args.config, host, port, True, metrics_port), daemon=False
+        )
         for _ in range(workers)
     ]
     for proc in procs:
@@ -104,6 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load(args.file)
+    _check_workers(settings, args.file, *_worker_count(settings, None))
     print(f"{args.file}: configuration is valid")
     if args.show:
         print(json.dumps(dump_redacted(settings), indent=2, default=str))
@@ -137,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML config file (default: $BFF_CONFIG)")
     run.add_argument("--host", help="override listen.host")
     run.add_argument("--port", type=int, help="override listen.port")
-    run.add_argument("--workers", type=int, help="worker processes (default: number of cores)")
+    run.add_argument(
+        "--workers", type=int, help="worker processes (default: workers:, else number of cores)"
+    )
+    run.add_argument("--metrics-port", type=int, help="override metrics.listen.port")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config file without serving")

@@ -1,13 +1,30 @@
-"""``/healthz`` (the process runs), ``/readyz`` (store and OP metadata reachable), ``/metrics``."""
+"""``/healthz`` (the process runs), ``/readyz`` (store and OP metadata reachable), ``/metrics``.
+
+``/metrics`` is not for the public: by default it is served only on a listener of its own
+(``metrics.listen``, loopback unless configured otherwise), which ``add_metrics_listener`` starts
+next to the main app, however that app is run. ``metrics.public: true`` puts it back on the public
+listener too. ``/healthz`` and ``/readyz`` are on both: load balancers probe the public one.
+
+With several workers, each binds the metrics address with SO_REUSEPORT like the main listener, so
+a scrape reaches one worker and shows that worker's counters (see ``bff.metrics``); summing across
+workers is for a later change (prometheus-client's multiprocess mode).
+"""
 
 from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from bff.errors import BffError
 from bff.services import SERVICES
 
-__all__ = ["add_routes"]
+__all__ = ["METRICS_PATH", "add_metrics_listener", "add_routes"]
+
+METRICS_PATH = "/metrics"
+
+log = logging.getLogger(__name__)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -15,7 +32,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    return await _readiness(request.app)
+
+
+async def _readiness(app: web.Application) -> web.Response:
+    services = app[SERVICES]
     checks: dict[str, str] = {}
     try:
         await services.store.ping()
@@ -31,12 +52,76 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
-async def metrics(request: web.Request) -> web.Response:
-    text = request.app[SERVICES].metrics.render()
+def _metrics_text(app: web.Application) -> web.Response:
+    text = app[SERVICES].metrics.render()
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
-def add_routes(app: web.Application) -> None:
+async def metrics(request: web.Request) -> web.Response:
+    return _metrics_text(request.app)
+
+
+def add_routes(app: web.Application, *, metrics_public: bool = False) -> None:
+    """Health on the public listener; ``/metrics`` there only when ``metrics_public``."""
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    if metrics_public:
+        app.router.add_get(METRICS_PATH, metrics)
+
+
+def _metrics_app(main: web.Application) -> web.Application:
+    """The metrics listener's app: it reads the main app's services, it has none of its own."""
+
+    async def metrics_handler(request: web.Request) -> web.Response:
+        return _metrics_text(main)
+
+    async def readyz_handler(request: web.Request) -> web.Response:
+        return await _readiness(main)
+
+    app = web.Application()
+    app.router.add_get(METRICS_PATH, metrics_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz_handler)
+    return app
+
+
+def add_metrics_listener(
+    app: web.Application, host: str, port: int, *, reuse_port: bool = False
+) -> None:
+    """Serve ``/metrics`` (and health) on ``host:port`` while ``app`` runs.
+
+    Started and stopped in ``app``'s cleanup_ctx, after its services exist and before they are
+    torn down. A port that cannot be bound fails the start-up: metrics that silently vanish are
+    worse than a worker that says why it cannot start.
+    """
+    app.cleanup_ctx.append(_listener_ctx(host, port, reuse_port))
+
+
+def _listener_ctx(
+    host: str, port: int, reuse_port: bool
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        runner = web.AppRunner(_metrics_app(app), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            log.error(
+                "metrics.listen_failed",
+                extra={"event": "metrics.listen_failed", "host": host, "port": port,
+                       "reason": exc.strerror or str(exc)},
+            )  # fmt: skip
+            raise
+        bound = [a[1] for a in runner.addresses if isinstance(a, tuple)]
+        log.info(
+            "metrics.listening",
+            extra={"event": "metrics.listening", "host": host, "port": bound[0] if bound else port},
+        )
+        try:
+            yield
+        finally:
+            await runner.cleanup()
+
+    return ctx

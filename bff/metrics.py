@@ -1,7 +1,9 @@
 """Prometheus counters in the text exposition format, per process.
 
 Small on purpose: a dict of counters is all the hot path should pay for. Each worker process
-exposes its own numbers; label the scrape target by instance/pid to sum them.
+counts on its own; with several workers sharing the metrics port (``bff/health.py``) a scrape shows
+the worker the kernel picked, until a later change aggregates them (prometheus-client's
+multiprocess mode).
 """
 
 from __future__ import annotations

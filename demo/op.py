@@ -4,6 +4,12 @@ It is a real OP that we do not write (authlib underneath): discovery, JWKS, an a
 endpoint with a login form a person can use (type any user name, no password; the predefined
 users are one-click buttons), ID tokens, refresh tokens, userinfo and RP-initiated logout. It has
 no revocation endpoint, and it accepts but does not check PKCE; bff sends S256 anyway.
+
+It runs in a thread of the demo's one process, not as a child process, so it is not a
+``tests.support.procs.ChildProcess`` (and ``demo/`` imports nothing from ``tests/``): binding is
+synchronous, so it serves when the constructor returns (no readiness wait, no log files), and
+Ctrl-C on ``make run`` stops everything at once; a child could outlive a killed demo and hold
+its port.
 """
 
 from __future__ import annotations

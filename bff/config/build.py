@@ -26,6 +26,7 @@ from bff.config.settings import (
     CookieSettings,
     Listen,
     LogSettings,
+    MetricsSettings,
     OidcSettings,
     RateLimit,
     RateLimitSettings,
@@ -82,6 +83,8 @@ class _Builder(Reader):
             level=self.get(log_data, ("log",), "level", "info"),
             format=self.get(log_data, ("log",), "format", "json"),
         )
+        metrics = self.metrics(self.section(data, "metrics"), listen)
+        workers = self.get(data, (), "workers", None)
         if self.ctx.problems or public_url is None or oidc is None or prefix is None:
             return None
         return Settings(
@@ -96,6 +99,8 @@ class _Builder(Reader):
             security=security,
             rate_limits=rate_limits,
             log=log,
+            metrics=metrics,
+            workers=workers,
         )
 
     def public_url(self, data: dict[str, Any]) -> str | None:
@@ -267,6 +272,34 @@ class _Builder(Reader):
             callback=bucket("callback", default.callback),
             backchannel_logout=bucket("backchannel_logout", default.backchannel_logout),
         )
+
+    def metrics(self, d: dict[str, Any], public: Listen) -> MetricsSettings:
+        p: Key = ("metrics",)
+        default = MetricsSettings()
+        raw = self.get(d, p, "listen", {})
+        listen = None
+        if isinstance(raw, dict):
+            lp: Key = (*p, "listen")
+            assert default.listen is not None
+            listen = Listen(
+                host=self.get(raw, lp, "host", default.listen.host),
+                port=int(self.get(raw, lp, "port", default.listen.port)),
+            )
+            same_port = listen.port == public.port != 0
+            same_host = listen.host == public.host or "0.0.0.0" in (listen.host, public.host)  # noqa: S104 - compared, not bound
+            if same_port and same_host and "listen" in d:
+                self.ctx.report(
+                    lp,
+                    f"must not be the public listener's address ({public.host}:{public.port}); "
+                    "to serve /metrics there, set metrics.public: true",
+                )
+            elif same_port and same_host:
+                self.ctx.report(
+                    ("listen", "port"),
+                    f"{public.port} is where /metrics is served by default; choose another port "
+                    "or set metrics.listen",
+                )
+        return MetricsSettings(listen=listen, public=self.get(d, p, "public", default.public))
 
     def keys(self, data: dict[str, Any]) -> tuple[Secret, ...]:
         raw = self.get(data, (), "keys", [])

@@ -30,6 +30,7 @@ _BUCKET: Final = {
         "burst": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
     },
 }
+_LISTEN: Final = {"host": _NONEMPTY, "port": {"type": "integer", "minimum": 0, "maximum": 65535}}
 
 
 def _obj(props: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -53,12 +54,7 @@ SCHEMA: Final[dict[str, Any]] = {
     **_obj(
         {
             "public_url": _NONEMPTY,
-            "listen": _obj(
-                {
-                    "host": _NONEMPTY,
-                    "port": {"type": "integer", "minimum": 0, "maximum": 65535},
-                }
-            ),
+            "listen": _obj(_LISTEN),
             "static": _NONEMPTY,
             "prefix": _NONEMPTY,
             "oidc": _obj(
@@ -145,6 +141,13 @@ SCHEMA: Final[dict[str, Any]] = {
                     "format": {"enum": ["json", "text"]},
                 }
             ),
+            "metrics": _obj(
+                {
+                    "listen": {**_obj(_LISTEN), "type": ["object", "null"]},
+                    "public": _BOOL,
+                }
+            ),
+            "workers": {"type": "integer", "minimum": 1},
         },
         required=("public_url", "oidc", "keys"),
     ),

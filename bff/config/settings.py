@@ -93,6 +93,15 @@ class Listen:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsSettings:
+    """Where Prometheus scrapes ``/metrics``: its own listener, loopback by default."""
+
+    # where /metrics (and health) are served; None = nowhere; `bff run --metrics-port` sets the port
+    listen: Listen | None = Listen(port=9464)
+    public: bool = False  # also serve /metrics on the public listener (else a JSON 404 there)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OidcSettings:
     """The OpenID Provider and how bff authenticates to it as a confidential client."""
 
@@ -205,6 +214,8 @@ class Settings:
     security: SecuritySettings = SecuritySettings()  # security response headers
     rate_limits: RateLimitSettings = RateLimitSettings()  # per-address limits, anonymous routes
     log: LogSettings = LogSettings()  # logging
+    metrics: MetricsSettings = MetricsSettings()  # where /metrics is served
+    workers: int | None = None  # worker processes; None = one per core; `bff run --workers` wins
     dev: bool = field(init=False)  # derived: public_url is http:// on a loopback host
 
     def __post_init__(self) -> None:

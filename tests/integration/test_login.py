@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ from bff.keys import (
     store_id,
 )
 from bff.sessions import LoginTransaction, SessionData, session_key
+from tests.support.bff_procs import BffProcess
 from tests.support.procs import (
     OidcProvider,
     RedisServer,
@@ -78,6 +78,7 @@ session:
   cookie: {{name: {COOKIE}, secure: true, same_site: strict}}
 keys: [{", ".join(keys)}]
 log: {{level: warning}}
+workers: 1
 """
 
 
@@ -637,71 +638,18 @@ async def test_a_cookie_survives_key_rotation_and_dies_when_its_key_is_removed(
 # 5 & 6. Processes: a Redis outage, the CLI, an OP that is down at start
 
 
-class BffProcess:
-    """``python -m bff run`` as a child process, for tests that need a process boundary."""
-
-    def __init__(self, config: Path, port: int) -> None:
-        self.config = config
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = config.with_suffix(".log")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def _spawn(self) -> None:
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "bff",
-                    "run",
-                    "--config",
-                    str(self.config),
-                    "--workers",
-                    "1",
-                ],
-                cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    async def start(self) -> None:
-        self._spawn()
-        deadline = time.monotonic() + 15
-        async with aiohttp.ClientSession() as http:
-            while time.monotonic() < deadline:
-                assert self.alive(), self.log.read_text()
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with http.get(f"{self.url}/healthz") as resp:
-                        if resp.status == 200:
-                            return
-                await asyncio.sleep(0.1)
-        raise AssertionError(f"bff did not come up:\n{self.log.read_text()}")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-
-
 @contextlib.asynccontextmanager
 async def bff_process(config_text: str, port: int, tmp_path: Path) -> AsyncIterator[BffProcess]:
+    """``bff run`` on ``config_text``, up once ``/healthz`` answers (the OP may be down)."""
     config = tmp_path / f"bff-{port}.yaml"
     config.write_text(config_text)
-    proc = BffProcess(config, port)
-    await proc.start()
+    proc = BffProcess(config, port=port, wait_ready=False)
+    await asyncio.to_thread(proc.start)
     try:
         yield proc
     finally:
-        proc.stop()
+        await asyncio.to_thread(proc.terminate)
+        proc.close()
 
 
 async def get_json(url: str, **kw: Any) -> tuple[int, dict[str, str], dict[str, Any]]:
@@ -727,7 +675,7 @@ async def test_a_redis_outage_gives_503_and_bff_recovers_without_a_restart(
         async with aioredis.from_url(redis_server.url) as r:
             key, blob, _ = await session_of_cookie(r, cookie, [KEY_A])
             ttl_ms = await r.pttl(key)
-        pid = proc.proc.pid if proc.proc else None
+        pid = proc.pid
 
         redis_server.stop()
         await asyncio.sleep(1.2)  # past session.cache_ttl: the store must really be asked
@@ -741,7 +689,7 @@ async def test_a_redis_outage_gives_503_and_bff_recovers_without_a_restart(
         status, headers, body = await get_json(f"{proc.url}/bff/login")
         assert status == 503 and body["error"] == "store_unavailable"
         assert "Retry-After" in headers
-        assert proc.alive()
+        assert proc.is_running()
         assert (await get_json(f"{proc.url}/healthz"))[0] == 200
 
         redis_server.start()  # same port, empty: put the session back as it was
@@ -753,7 +701,7 @@ async def test_a_redis_outage_gives_503_and_bff_recovers_without_a_restart(
         assert status == 200 and body["sub"] == "alice"
         status, _, _ = await get_json(f"{proc.url}/bff/login")
         assert status == 302
-        assert proc.alive() and proc.proc is not None and proc.proc.pid == pid
+        assert proc.is_running() and proc.pid == pid
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -864,4 +812,4 @@ async def test_an_issuer_down_at_start_gives_503_at_login_until_it_comes_up(
                 await asyncio.sleep(0.25)
             assert status == 302, body
             assert headers["Location"].startswith(f"{issuer}/auth?")
-            assert proc.alive()
+            assert proc.is_running()

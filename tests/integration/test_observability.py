@@ -149,11 +149,15 @@ async def test_health_readiness_and_metrics_follow_the_store(
         async with http.get(f"{url}/readyz") as resp:
             assert resp.status == 200
             assert (await resp.json())["checks"] == {"store": "ok", "provider": "ok"}
-        async with http.get(f"{url}/metrics") as resp:
+        async with http.get(f"{bff[0].metrics_url}/metrics") as resp:
             assert resp.status == 200
             text = await resp.text()
         assert "# TYPE bff_logins_total counter" in text
         assert 'bff_logins_total{outcome="ok"}' in text
+        # Issue 9, point 6: not on the public listener by default, and no SPA page either.
+        async with http.get(f"{url}/metrics") as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"] == "not_found"
 
         redis_server.stop()
         async with http.get(f"{url}/readyz") as resp:

@@ -81,6 +81,15 @@ async def test_two_workers_serve_one_port_and_share_sessions(
                 break
             await asyncio.sleep(0.1)
         assert len(workers) == 2, "expected two worker processes listening on the port"
+        # Issue 9, point 6: each worker also binds the metrics listener (SO_REUSEPORT), which it
+        # does before its public one; the public port never serves /metrics.
+        metrics_listening = tcp_sockets(proc.metrics_port, "0A")
+        assert all(socket_inodes(w) & metrics_listening for w in workers)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{proc.metrics_url}/metrics") as resp:
+                assert resp.status == 200
+            async with http.get(f"{url}/metrics") as resp:
+                assert resp.status == 404
 
         cookie = await login(url, "worker-user")
         headers = {"X-CSRF": "1", "Cookie": f"{COOKIE_NAME}={cookie}"}

@@ -7,10 +7,8 @@ hash slots and the behaviour of a server that dies and comes back are checked fo
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import cast
 
 import pytest
@@ -145,27 +143,16 @@ async def test_a_burst_beyond_the_connection_pool_waits_instead_of_failing(
 
 
 @pytest.fixture
-def redis_socket(tmp_path: Path) -> Iterator[Path]:
+def redis_socket() -> Iterator[RedisServer]:
     """A real redis-server listening only on a Unix socket."""
-    sock = tmp_path / "redis.sock"
-    argv = ["redis-server", "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"]
-    server = subprocess.Popen(
-        [*argv, "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        yield sock
-    finally:
-        server.kill()
-        server.wait()
+    with RedisServer(unix_socket=True) as server:
+        yield server
 
 
-async def test_the_store_works_over_a_unix_socket(redis_socket: Path) -> None:
+async def test_the_store_works_over_a_unix_socket(redis_socket: RedisServer) -> None:
     """``session.store: unix:///path/redis.sock`` reaches a real redis-server over its socket."""
-    store = open_store(f"unix://{redis_socket}?db=0")
+    assert redis_socket.url.startswith("unix://")
+    store = open_store(redis_socket.url)
     try:
         await store.ping()
         await store.set("bff:{unix}:s", b"over the socket", 10)

@@ -5,9 +5,11 @@ separate operating-system processes: an in-process app shares the event loop, th
 refresh future and the session cache with its siblings, which hides exactly the races under test.
 
 - ``BffProcess``: one ``python -m bff run --config FILE --workers N`` on its own free port (with
-  ``--workers 3`` the workers share that port through SO_REUSEPORT); ``start()`` waits for
-  ``/healthz`` (and, by default, ``/readyz``: the OP's metadata is loaded), ``kill()`` sends
-  SIGKILL to the whole process group, ``terminate()`` SIGTERM.
+  ``--workers 3`` the workers share that port through SO_REUSEPORT), ``/metrics`` on another free
+  port (``metrics_url``); ``start()`` waits for ``/healthz`` (and, by default, ``/readyz``: the
+  OP's metadata is loaded), ``kill()`` sends SIGKILL to the whole process group, ``terminate()``
+  SIGTERM, ``wait_exit()`` waits for a process that should end by itself (a refused config).
+  It is a ``ChildProcess`` (``tests/support/procs.py``) like the Redis server and the OP.
 - ``BffCluster``: N such processes on one config, started in parallel.
 - ``write_config`` / ``base_config``: a YAML config in a temporary directory.
 - ``login``: a real login through ``/bff/login``, the real OP's form and ``/bff/callback``;
@@ -21,17 +23,9 @@ refresh future and the session cache with its siblings, which hides exactly the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
-import shutil
-import signal
-import subprocess
-import tempfile
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +39,15 @@ from aiohttp import web
 from bff.keys import Keyring, SessionSecret, open_sealed, secret_key, store_id
 from bff.sessions import SessionData, session_key
 from bff.store.redis import RedisStore
-from tests.support.procs import HOST, OidcProvider, browser_session, free_port, op_login
+from tests.support.procs import (
+    HOST,
+    ChildProcess,
+    OidcProvider,
+    browser_session,
+    free_port,
+    http_status,
+    op_login,
+)
 
 __all__ = [
     "COOKIE_NAME",
@@ -67,139 +69,58 @@ PYTHON = ROOT / ".venv" / "bin" / "python"
 COOKIE_NAME = "bff-session"  # not __Host-: the loopback test origin is plain http
 
 
-def _tail(path: Path, limit: int = 4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-limit:]
-    except FileNotFoundError:
-        return ""
+class BffProcess(ChildProcess):
+    """``bff run`` as a child process in its own process group, on 127.0.0.1:``port``.
 
+    ``/metrics`` is on a listener of its own (``metrics_url``), on a free port passed with
+    ``--metrics-port``: never the fixed default, which parallel test runs would fight over.
+    ``workers=None`` leaves ``--workers`` out (bff's own default then applies).
+    """
 
-def _status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            status: int = resp.status
-            return status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (OSError, ValueError):
-        return None
-
-
-class BffProcess:
-    """``bff run`` as a child process in its own process group, on 127.0.0.1:``port``."""
+    name = "bff"
 
     def __init__(
         self,
         config: Path,
         *,
         port: int | None = None,
-        workers: int = 1,
-        startup_timeout: float = 20.0,
+        workers: int | None = 1,
+        startup_timeout: float | None = None,
         wait_ready: bool = True,
+        metrics_port: int | None = None,
     ) -> None:
+        super().__init__(port, startup_timeout=startup_timeout)
         self.config = config
-        self.port = port if port is not None else free_port()
         self.workers = workers
-        self.startup_timeout = startup_timeout
         self.wait_ready = wait_ready
-        self.workdir = Path(tempfile.mkdtemp(prefix="bff-run-"))
-        self._proc: subprocess.Popen[bytes] | None = None
+        self.metrics_port = metrics_port if metrics_port is not None else free_port()
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
     @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+    def metrics_url(self) -> str:
+        return f"http://{HOST}:{self.metrics_port}"
 
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def spawn(self) -> None:
-        """Start the process without waiting for it (see ``wait_started``)."""
-        if self.is_running():
-            return
+    def command(self) -> tuple[Sequence[str], Path, Mapping[str, str] | None]:
         argv = [
             str(PYTHON), "-m", "bff", "run",
             "--config", str(self.config),
-            "--workers", str(self.workers),
             "--host", HOST,
             "--port", str(self.port),
+            "--metrics-port", str(self.metrics_port),
         ]  # fmt: skip
+        if self.workers is not None:
+            argv += ["--workers", str(self.workers)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("BFF_")}
-        with (
-            open(self.workdir / "stdout.log", "ab") as out,
-            open(self.workdir / "stderr.log", "ab") as err,
-        ):
-            # A process group of its own: kill() reaches the --workers children too.
-            self._proc = subprocess.Popen(
-                argv, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True
-            )
+        return argv, ROOT, env
 
-    def wait_started(self) -> None:
-        """Block until ``/healthz`` (and ``/readyz`` when ``wait_ready``) answer 200."""
-        paths = ["/healthz", "/readyz"] if self.wait_ready else ["/healthz"]
-        deadline = time.monotonic() + self.startup_timeout
-        for path in paths:
-            while _status(self.url + path) != 200:
-                if not self.is_running():
-                    raise self._fail("exited during startup")
-                if time.monotonic() > deadline:
-                    raise self._fail(f"{path} not 200 within {self.startup_timeout} s")
-                time.sleep(0.05)
-
-    def start(self) -> None:
-        self.spawn()
-        self.wait_started()
-
-    def _signal_group(self, signum: int) -> None:
-        if self._proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._proc.pid, signum)
-
-    def kill(self) -> None:
-        """SIGKILL the process and its workers (a crash: nothing is cleaned up) and reap it."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-    def terminate(self, timeout: float = 10.0) -> None:
-        """SIGTERM (graceful shutdown), SIGKILL after ``timeout``."""
-        proc = self._proc
-        if proc is None:
-            return
-        self._signal_group(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=timeout)
-        self.kill()
-
-    def logs(self) -> str:
-        return _tail(self.workdir / "stderr.log") + _tail(self.workdir / "stdout.log")
-
-    def _fail(self, reason: str) -> RuntimeError:
-        self.kill()
-        return RuntimeError(f"bff on port {self.port}: {reason}\n{self.logs()}")
-
-    def close(self) -> None:
-        self.kill()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    def ready(self) -> bool:
+        """``/healthz`` is 200, and ``/readyz`` too when ``wait_ready`` (OP metadata loaded)."""
+        if http_status(self.url + "/healthz") != 200:
+            return False
+        return not self.wait_ready or http_status(self.url + "/readyz") == 200
 
 
 class BffCluster:

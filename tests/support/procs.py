@@ -1,6 +1,8 @@
-"""Real processes for integration tests: ``redis-server`` and the test OpenID Provider.
+"""Real processes for integration tests: ``redis-server``, the test OpenID Provider, and the base.
 
-Both listen on 127.0.0.1 only, on a free port chosen at construction and kept across
+``ChildProcess`` is the one process helper: ``RedisServer`` and ``OidcProvider`` here and
+``BffProcess`` (``tests/support/bff_procs.py``) are small subclasses that say what to run and when
+it is ready. All listen on 127.0.0.1 only, on a free port chosen at construction and kept across
 ``restart()``, so a client configured with ``.url`` / ``.issuer`` can reconnect after a fault.
 
 The OP is ``tests/op/server.mjs`` (npm ``oidc-provider`` 8); read its header for the endpoints,
@@ -22,6 +24,8 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from html.parser import HTMLParser
 from pathlib import Path
@@ -32,15 +36,19 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 
 __all__ = [
+    "HOST",
     "OP_DIR",
+    "ChildProcess",
     "OidcProvider",
     "OpInteractionError",
     "RedisServer",
     "browser_session",
     "ensure_op_installed",
     "free_port",
+    "http_status",
     "op_login",
     "op_logout",
+    "tail",
 ]
 
 HOST = "127.0.0.1"
@@ -55,7 +63,8 @@ def free_port() -> int:
         return port
 
 
-def _tail(path: Path, limit: int = 4000) -> str:
+def tail(path: Path, limit: int = 4000) -> str:
+    """The last ``limit`` characters of a log file ("" when there is none yet)."""
     try:
         text = path.read_text(errors="replace")
     except FileNotFoundError:
@@ -63,51 +72,155 @@ def _tail(path: Path, limit: int = 4000) -> str:
     return text[-limit:]
 
 
-class _Process:
-    """A child process whose output goes to files in its own temporary directory."""
+def http_status(url: str) -> int | None:
+    """The status of a GET to ``url`` right now, or None when nothing answers (1 s at most)."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            status: int = resp.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (OSError, ValueError):
+        return None
+
+
+class ChildProcess:
+    """The one base of every process a test starts: ``redis-server``, the OP, ``bff run``.
+
+    What they share lives here once: a free port chosen at construction and kept across
+    ``restart()``; a temporary directory holding ``stdout.log`` and ``stderr.log`` (appended to, so
+    a restart keeps the earlier output); a process group of its own, so that signals reach the
+    children a process starts (``bff run --workers N``); a bounded wait for readiness that fails
+    with the log tails when the process exits or the time is up; and ``kill()`` (SIGKILL: a
+    crash), ``terminate()`` (SIGTERM, then SIGKILL), ``close()`` and the ``with`` statement.
+
+    A subclass says what to run (``command()``) and when it is ready (``ready()``); ``stop()`` is
+    ``kill()`` unless it overrides it.
+    """
 
     name = "process"
+    startup_timeout = 20.0
 
-    def __init__(self, port: int | None) -> None:
+    def __init__(self, port: int | None = None, *, startup_timeout: float | None = None) -> None:
         self.port = port if port is not None else free_port()
+        if startup_timeout is not None:
+            self.startup_timeout = startup_timeout
         self.workdir = Path(tempfile.mkdtemp(prefix=f"bff-{self.name}-"))
         self._proc: subprocess.Popen[bytes] | None = None
+        self._stdout_mark = 0  # size of stdout.log when the current process was spawned
 
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    # -- what a subclass provides
+
+    def command(self) -> tuple[Sequence[str], Path, Mapping[str, str] | None]:
+        """``(argv, cwd, env)``; env None inherits the test process's environment."""
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """True once the process serves (polled by ``wait_started``)."""
+        raise NotImplementedError
+
+    # -- the shared machinery
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def _spawn(self, argv: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None) -> None:
-        with (
-            open(self.workdir / "stdout.log", "wb") as out,
-            open(self.workdir / "stderr.log", "wb") as err,
-        ):
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it (see ``wait_started``)."""
+        if self.is_running():
+            return
+        argv, cwd, env = self.command()
+        stdout = self.workdir / "stdout.log"
+        self._stdout_mark = stdout.stat().st_size if stdout.exists() else 0
+        with open(stdout, "ab") as out, open(self.workdir / "stderr.log", "ab") as err:
             self._proc = subprocess.Popen(
-                argv, cwd=cwd, env=dict(env) if env is not None else None, stdout=out, stderr=err
+                list(argv),
+                cwd=cwd,
+                env=dict(env) if env is not None else None,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,  # its own process group: signals reach its children
             )
 
-    def _fail(self, reason: str) -> RuntimeError:
-        self.stop()
-        return RuntimeError(
-            f"{self.name} on port {self.port}: {reason}\n"
-            f"--- stderr ---\n{_tail(self.workdir / 'stderr.log')}\n"
-            f"--- stdout ---\n{_tail(self.workdir / 'stdout.log')}"
-        )
+    def wait_started(self) -> None:
+        """Block until ``ready()``; fail with the logs if the process exits or time runs out."""
+        deadline = time.monotonic() + self.startup_timeout
+        while not self.ready():
+            if not self.is_running():
+                raise self._fail("exited during startup")
+            if time.monotonic() > deadline:
+                raise self._fail(f"not ready within {self.startup_timeout} s")
+            time.sleep(0.05)
 
     def start(self) -> None:
-        raise NotImplementedError
+        """Spawn and wait until ready; a no-op when already running."""
+        if self.is_running():
+            return
+        self.spawn()
+        self.wait_started()
 
-    def stop(self) -> None:
-        """Kill the process (SIGKILL) and wait for it; a no-op when it is not running."""
-        proc, self._proc = self._proc, None
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        """Wait for the process to end by itself and return its exit code."""
+        if self._proc is None:
+            raise RuntimeError(f"{self.name} was never started")
+        return self._proc.wait(timeout=timeout)
+
+    def output(self) -> str:
+        """What the current process wrote to stdout so far (not earlier runs)."""
+        try:
+            with open(self.workdir / "stdout.log", "rb") as f:
+                f.seek(self._stdout_mark)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def logs(self) -> str:
+        """The tails of stderr and stdout, for failure messages."""
+        return (
+            f"--- stderr ---\n{tail(self.workdir / 'stderr.log')}\n"
+            f"--- stdout ---\n{tail(self.workdir / 'stdout.log')}"
+        )
+
+    def _signal_group(self, signum: int) -> None:
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL the process and its children (a crash: nothing is cleaned up) and reap it."""
+        proc = self._proc
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.kill()
+        self._signal_group(signal.SIGKILL)
         proc.wait(timeout=10)
+        self._proc = None
+
+    def terminate(self, timeout: float = 10.0) -> None:
+        """SIGTERM (a graceful shutdown), SIGKILL after ``timeout``."""
+        proc = self._proc
+        if proc is None:
+            return
+        self._signal_group(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout)
+        self.kill()
+
+    def stop(self) -> None:
+        """Stop the process; a no-op when it is not running. ``kill()`` unless overridden."""
+        self.kill()
+
+    def restart(self) -> None:
+        """Stop and start again on the same port."""
+        self.stop()
+        self.start()
+
+    def _fail(self, reason: str) -> RuntimeError:
+        self.kill()
+        return RuntimeError(f"{self.name} on port {self.port}: {reason}\n{self.logs()}")
 
     def close(self) -> None:
         """Stop and remove the temporary directory."""
@@ -127,61 +240,62 @@ class _Process:
         self.close()
 
 
-class RedisServer(_Process):
+class RedisServer(ChildProcess):
     """A throw-away ``redis-server`` on 127.0.0.1: no persistence, data lives until ``stop()``.
 
     ``stop()`` kills it (a crash, as far as clients can tell); ``restart()`` brings back an empty
-    server on the same port.
+    server on the same port. With ``unix_socket=True`` it listens on a Unix socket only
+    (``socket_path``, mode 700) and ``url`` is a ``unix://`` URL.
     """
 
     name = "redis-server"
+    startup_timeout = 10.0
 
     def __init__(
         self,
         port: int | None = None,
         *,
         executable: str = "redis-server",
-        startup_timeout: float = 10.0,
+        startup_timeout: float | None = None,
+        unix_socket: bool = False,
     ) -> None:
-        super().__init__(port)
+        super().__init__(port, startup_timeout=startup_timeout)
         self.executable = executable
-        self.startup_timeout = startup_timeout
+        self.socket_path = self.workdir / "redis.sock" if unix_socket else None
 
     @property
     def url(self) -> str:
+        if self.socket_path is not None:
+            return f"unix://{self.socket_path}?db=0"
         return f"redis://{HOST}:{self.port}/0"
 
-    def start(self) -> None:
-        """Start and wait until it answers PING; a no-op when already running."""
-        if self.is_running():
-            return
+    def command(self) -> tuple[Sequence[str], Path, Mapping[str, str] | None]:
+        if self.socket_path is not None:
+            path = str(self.socket_path)
+            listen = ["--port", "0", "--unixsocket", path, "--unixsocketperm", "700"]
+        else:
+            listen = ["--port", str(self.port), "--bind", HOST]
         argv = [
-            self.executable,
-            "--port", str(self.port),
-            "--bind", HOST,
+            self.executable, *listen,
             "--save", "",
             "--appendonly", "no",
             "--dir", str(self.workdir),
         ]  # fmt: skip
-        self._spawn(argv, cwd=self.workdir, env=None)
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if not self.is_running():
-                raise self._fail("exited during startup")
-            if self.ping():
-                return
-            time.sleep(0.05)
-        raise self._fail(f"no PONG within {self.startup_timeout} s")
+        return argv, self.workdir, None
 
-    def restart(self) -> None:
-        """Kill and start again on the same port. All data is gone afterwards."""
-        self.stop()
-        self.start()
+    def ready(self) -> bool:
+        return self.ping()
 
     def ping(self) -> bool:
         """True when the server answers PING right now."""
         try:
-            with socket.create_connection((HOST, self.port), timeout=1) as sock:
+            if self.socket_path is not None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(1)
+                sock.connect(str(self.socket_path))
+            else:
+                sock = socket.create_connection((HOST, self.port), timeout=1)
+            with sock:
                 sock.sendall(b"PING\r\n")
                 return sock.recv(64).startswith(b"+PONG")
         except OSError:
@@ -209,7 +323,7 @@ def ensure_op_installed() -> None:
             raise RuntimeError(f"npm ci in {OP_DIR} failed:\n{result.stdout}\n{result.stderr}")
 
 
-class OidcProvider(_Process):
+class OidcProvider(ChildProcess):
     """The test OP (``node tests/op/server.mjs``) on 127.0.0.1; issuer ``http://127.0.0.1:PORT``.
 
     All OP state (clients registered at runtime, sessions, grants, tokens, signing keys, stats) is
@@ -228,14 +342,13 @@ class OidcProvider(_Process):
         refresh_ttl: int = 86400,
         clients: Sequence[Mapping[str, Any]] = (),
         node: str = "node",
-        startup_timeout: float = 20.0,
+        startup_timeout: float | None = None,
     ) -> None:
-        super().__init__(port)
+        super().__init__(port, startup_timeout=startup_timeout)
         self.access_ttl = access_ttl
         self.refresh_ttl = refresh_ttl
         self.clients = list(clients)
         self.node = node
-        self.startup_timeout = startup_timeout
 
     @property
     def issuer(self) -> str:
@@ -245,11 +358,7 @@ class OidcProvider(_Process):
     def discovery_url(self) -> str:
         return f"{self.issuer}/.well-known/openid-configuration"
 
-    def start(self) -> None:
-        """Start and wait for its READY line; a no-op when already running."""
-        if self.is_running():
-            return
-        ensure_op_installed()
+    def command(self) -> tuple[Sequence[str], Path, Mapping[str, str] | None]:
         env = {
             **os.environ,
             "OP_PORT": str(self.port),
@@ -258,30 +367,19 @@ class OidcProvider(_Process):
             "OP_CLIENTS": json.dumps(self.clients),
             "NODE_ENV": "test",
         }
-        self._spawn([self.node, str(OP_DIR / "server.mjs")], cwd=OP_DIR, env=env)
-        stdout = self.workdir / "stdout.log"
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if "READY" in _tail(stdout).splitlines():
-                return
-            if not self.is_running():
-                raise self._fail("exited during startup")
-            time.sleep(0.05)
-        raise self._fail(f"no READY within {self.startup_timeout} s")
+        return [self.node, str(OP_DIR / "server.mjs")], OP_DIR, env
+
+    def spawn(self) -> None:
+        ensure_op_installed()
+        super().spawn()
+
+    def ready(self) -> bool:
+        """The server prints READY once it listens."""
+        return "READY" in self.output().splitlines()
 
     def stop(self) -> None:
         """SIGTERM (the server exits at once), SIGKILL if it lingers; then wait."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
-        super().stop()
-
-    def restart(self) -> None:
-        """Stop and start on the same port. All in-memory OP state is lost (see the class doc)."""
-        self.stop()
-        self.start()
+        self.terminate(timeout=5)
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         async with (

@@ -18,6 +18,7 @@ from bff.config import (
     CookieSettings,
     Listen,
     LogSettings,
+    MetricsSettings,
     OidcSettings,
     RateLimit,
     RateLimitSettings,
@@ -175,10 +176,13 @@ def test_defaults() -> None:
         callback=RateLimit(per_second=5.0, burst=100),
         backchannel_logout=RateLimit(per_second=50.0, burst=1000),
     )
+    assert s.metrics == MetricsSettings(listen=Listen(host="127.0.0.1", port=9464), public=False)
+    assert s.workers is None  # one per core, decided by `bff run`
 
 
 def test_dataclass_defaults_match_loader_defaults() -> None:
     s = parse(MINIMAL)
+    assert s.metrics == MetricsSettings()
     assert s.session == SessionSettings()
     assert s.log == LogSettings()
     assert s.security == SecuritySettings()
@@ -1405,3 +1409,38 @@ def test_bad_rate_limits(value: str, expect: str) -> None:
     msg = one_problem(MINIMAL + f"rate_limits: {value}\n")
     assert msg.startswith("bff.yaml:7: "), msg
     assert expect in msg, msg
+def test_metrics_listener_and_workers() -> None:
+    s = parse(
+        MINIMAL + "metrics: {listen: {host: 0.0.0.0, port: 9100}, public: true}\nworkers: 3\n"
+    )
+    assert s.metrics == MetricsSettings(listen=Listen(host="0.0.0.0", port=9100), public=True)
+    assert s.workers == 3
+    assert parse(MINIMAL + "metrics: {listen: {port: 9101}}\n").metrics.listen == Listen(
+        host="127.0.0.1", port=9101
+    )
+    assert parse(MINIMAL + "metrics: {listen: null, public: true}\n").metrics.listen is None
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("workers: 0\n", "workers: must be at least 1, got 0"),
+        ("workers: two\n", "workers: expected an integer"),
+        ("metrics: {listen: {port: 70000}}\n", "metrics.listen.port: must be at most 65535"),
+        ("metrics: {public: yes please}\n", "metrics.public: expected true or false"),
+        ("metrics: {path: /m}\n", "metrics.path: unknown key"),
+        (
+            "listen: {port: 9000}\nmetrics: {listen: {port: 9000}}\n",
+            "metrics.listen: must not be the public listener's address (127.0.0.1:9000); to "
+            "serve /metrics there, set metrics.public: true",
+        ),
+        (
+            "listen: {host: 0.0.0.0, port: 9464}\n",
+            "bff.yaml:7: listen.port: 9464 is where /metrics is served by default",
+        ),
+    ],
+)
+def test_metrics_and_workers_problems(text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse(MINIMAL + text)
+    assert needle in str(err.value), str(err.value)

@@ -1,0 +1,162 @@
+"""`bff run` and `bff check-config` refuse defaults that would silently break (issue 9, point 6).
+
+A ``memory://`` store (also the default when ``store:`` is left out) holds the sessions of one
+process; with several workers each would have its own, and a user would be logged out whenever the
+kernel handed a request to another worker. Both commands refuse that, with exit code 2, the two
+fixes named, and no traceback. ``main`` is called with argv; nothing is served.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bff import cli
+
+BASE = f"""\
+public_url: http://127.0.0.1:8080
+oidc: {{issuer: "http://127.0.0.1:1", client_id: c, client_secret: s}}
+keys: ["{"k" * 43}"]
+"""
+COOKIE = "cookie: {name: bff-session, secure: false}"
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, ...]]:
+    """Records what ``bff run`` would serve, instead of serving it."""
+    calls: list[tuple[object, ...]] = []
+
+    def fake_worker(*args: object) -> None:
+        calls.append(args)
+
+    monkeypatch.setattr(cli, "_run_worker", fake_worker)
+    return calls
+
+
+def config(tmp_path: Path, extra: str = "", store: str | None = None) -> str:
+    """A dev config; ``store`` None leaves ``store:`` out (memory:// by default)."""
+    session = (
+        f"session: {{{COOKIE}}}" if store is None else f"session: {{{COOKIE}, store: {store!r}}}"
+    )
+    path = tmp_path / "bff.yaml"
+    path.write_text(f"{BASE}{session}\n{extra}")
+    return str(path)
+
+
+def assert_refused(capsys: pytest.CaptureFixture[str], code: int, workers: int) -> str:
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "Traceback" not in out + err
+    assert "session.store: memory://" in err
+    assert f"{workers} workers" in err
+    assert "Set session.store to a redis:// URL, or run --workers 1" in err
+    return err
+
+
+def test_run_refuses_the_default_store_with_the_default_worker_count(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    served: list[tuple[object, ...]],
+) -> None:
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 4)
+    code = cli.main(["run", "--config", config(tmp_path)])  # store: left out, no --workers
+    assert "one per core of this machine" in assert_refused(capsys, code, 4)
+    assert served == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "extra", "workers"),
+    [
+        (["--workers", "2"], "", 2),
+        ([], "workers: 3\n", 3),
+        (["--workers", "2"], "workers: 1\n", 2),  # the flag wins over the config
+    ],
+)
+def test_run_refuses_an_explicit_memory_store_with_several_workers(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    served: list[tuple[object, ...]],
+    argv: list[str],
+    extra: str,
+    workers: int,
+) -> None:
+    code = cli.main(["run", "--config", config(tmp_path, extra, "memory://"), *argv])
+    assert_refused(capsys, code, workers)
+    assert served == []
+
+
+@pytest.mark.parametrize(("argv", "extra"), [(["--workers", "1"], ""), ([], "workers: 1\n")])
+def test_run_serves_a_memory_store_with_one_worker(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    served: list[tuple[object, ...]],
+    argv: list[str],
+    extra: str,
+) -> None:
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 4)
+    assert cli.main(["run", "--config", config(tmp_path, extra), *argv]) == 0
+    assert "with 1 worker(s); /metrics on 127.0.0.1:9464" in capsys.readouterr().out
+    assert len(served) == 1
+    _config, _host, _port, reuse_port, _metrics_port = served[0]
+    assert reuse_port is False  # one worker binds its ports alone
+
+
+def test_run_refuses_zero_workers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], served: list[tuple[object, ...]]
+) -> None:
+    assert cli.main(["run", "--config", config(tmp_path), "--workers", "0"]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err
+    assert served == []
+
+
+def test_check_config_refuses_memory_when_this_machine_would_run_several_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 8)
+    code = cli.main(["check-config", "--offline", config(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "configuration is valid" not in out
+    assert "one per core of this machine" in err
+    assert "Set session.store to a redis:// URL, or run --workers 1" in err
+    assert "Traceback" not in out + err
+
+
+@pytest.mark.parametrize(
+    ("cores", "extra"),
+    [
+        (8, "workers: 1\n"),  # told to run one worker
+        (1, ""),  # one core: one worker by default
+    ],
+)
+def test_check_config_accepts_memory_with_one_worker(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    cores: int,
+    extra: str,
+) -> None:
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: cores)
+    assert cli.main(["check-config", "--offline", config(tmp_path, extra)]) == 0
+    assert "configuration is valid" in capsys.readouterr().out
+
+
+def test_check_config_accepts_redis_with_every_core(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 8)
+    path = config(tmp_path, store="redis://127.0.0.1:6379/0")
+    assert cli.main(["check-config", "--offline", path]) == 0
+    assert "configuration is valid" in capsys.readouterr().out
+
+
+def test_run_metrics_port_flag_overrides_the_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], served: list[tuple[object, ...]]
+) -> None:
+    path = config(tmp_path, "metrics: {listen: {host: 127.0.0.2, port: 9500}}\n")
+    assert cli.main(["run", "--config", path, "--workers", "1", "--metrics-port", "9999"]) == 0
+    assert "/metrics on 127.0.0.2:9999" in capsys.readouterr().out
+    assert served[0][4] == 9999
