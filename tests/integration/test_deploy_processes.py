@@ -79,6 +79,11 @@ async def test_the_healthcheck_exit_code_follows_healthz_on_the_configured_port(
     assert await asyncio.to_thread(healthcheck, ["--config", str(tmp_path / "broken.yaml")]) == 1
 
 
+def test_the_healthcheck_without_a_config_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BFF_CONFIG", raising=False)
+    assert healthcheck([]) == 1
+
+
 @contextlib.contextmanager
 def demo_service(*args: str) -> Iterator[subprocess.Popen[bytes]]:
     """``python -m demo.services ARGS``; SIGTERM at the end, which must exit it cleanly."""

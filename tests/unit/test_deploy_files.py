@@ -405,6 +405,8 @@ def deployment_problems(deployment: Mapping[str, Any], config: Mapping[str, Any]
         problems.append("preStop must be a plain sleep")
     elif int(command[1]) + SHUTDOWN_TIMEOUT_S >= pod.get("terminationGracePeriodSeconds", 30):
         problems.append("terminationGracePeriodSeconds leaves no room after preStop + shutdown")
+    if pod.get("enableServiceLinks") is not False:
+        problems.append("enableServiceLinks must be false: the Service bff would set BFF_PORT")
     mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
     args = container.get("args", [])
     if "--config" not in args or not args[args.index("--config") + 1].startswith(
@@ -435,7 +437,8 @@ def test_the_deployment_checker_notices_broken_manifests(k8s_config: dict[str, A
     del container["securityContext"]["capabilities"]
     pod["terminationGracePeriodSeconds"] = 12
     pod["securityContext"]["seccompProfile"]["type"] = "Unconfined"
-    assert len(deployment_problems(deployment, k8s_config)) == 5
+    del pod["enableServiceLinks"]
+    assert len(deployment_problems(deployment, k8s_config)) == 6
     config = copy.deepcopy(k8s_config)
     config["listen"]["port"] = 8000
     config["metrics"]["listen"]["host"] = "127.0.0.1"
