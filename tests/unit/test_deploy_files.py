@@ -587,6 +587,25 @@ def test_the_dockerfile_copies_only_what_exists_and_installs_from_the_lock() -> 
     assert user == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
 
 
+def test_the_build_context_holds_what_the_dockerfile_copies_and_no_spa() -> None:
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*", "an allow-list: nothing enters the context unless named"
+    allowed = {line[1:] for line in lines if line.startswith("!")}
+    sources = {
+        source
+        for instructions in dict(dockerfile_stages(DOCKERFILE.read_text())).values()
+        for i in instructions
+        if i.upper().startswith("COPY") and "--from=" not in i
+        for source in i.split()[1:-1]
+    }
+    assert {s.rstrip("/").removeprefix("./") for s in sources} == allowed
+    assert "static" not in allowed
+
+
 def locked(path: Path) -> dict[str, tuple[str, int]]:
     """name -> (version, number of hashes) of a pip-compile --generate-hashes file."""
     pins: dict[str, tuple[str, int]] = {}
