@@ -95,6 +95,9 @@ class SessionData:
     expires_at: float  # absolute end of the session, epoch seconds
     sid: str | None = None  # the OP's session id, for back-channel logout
     version: int = 1
+    # The access token's expires_in when issued: caps the refresh skew (refresh.py). None for
+    # an OP that sent none, and in sessions stored before this field existed.
+    access_lifetime: float | None = None
 
     def to_bytes(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()

@@ -81,6 +81,7 @@ async def handle(request: web.Request) -> web.Response:
             claims=profile,
             access_token=tokens.access_token,
             access_expires_at=tokens.expires_at,
+            access_lifetime=tokens.lifetime,
             refresh_token=tokens.refresh_token,
             id_token=tokens.id_token,
             scopes=tokens.scope
@@ -91,6 +92,7 @@ async def handle(request: web.Request) -> web.Response:
             sid=claims.get("sid") if isinstance(claims.get("sid"), str) else None,
         )
     )
+    services.refresher.note_lifetime(tokens.lifetime)
     services.metrics.inc("bff_logins_total", outcome="ok")
     url = html.escape(tx.return_to, quote=True)
     response = web.Response(

@@ -46,13 +46,14 @@ class FakeOp:
         self.current: str | None = current
         self.fail_with: Exception | None = None
         self.presented: list[str] = []
+        self.revoked: list[tuple[str, str]] = []  # (token, hint) in the order revoked
         self.started = asyncio.Event()
 
     @property
     def refreshes(self) -> int:
         return len(self.presented)
 
-    async def refresh(self, refresh_token: str) -> TokenSet:
+    async def refresh(self, refresh_token: str, *, answer_timeout: float | None = None) -> TokenSet:
         self.presented.append(refresh_token)
         self.started.set()
         if self.delay:
@@ -72,7 +73,12 @@ class FakeOp:
             refresh_token=f"RT-{n}" if self.rotate else None,
             id_token=None,
             scope=None,
+            lifetime=self.lifetime,
         )
+
+    async def revoke(self, token: str, hint: str) -> bool:
+        self.revoked.append((token, hint))
+        return True
 
     async def validate_id_token(
         self, id_token: str, *, nonce: str | None, expected_sub: str | None = None
