@@ -29,6 +29,7 @@ from bff.oidc import (  # noqa: E402
     InvalidToken,
     OidcClient,
     TokenRequestRefused,
+    authorization_server_metadata_url,
     new_pkce_pair,
 )
 from tests.support.hostile_op import HostileOp  # noqa: E402
@@ -289,6 +290,86 @@ async def test_a_flood_of_forged_logout_tokens_does_not_stop_a_login_after_a_rot
 
 def _kid() -> str:
     return f"forged-{secrets.token_hex(6)}"
+
+
+# -------------------------------------------------------------------------------------------------
+# The revocation endpoint: discovery, else RFC 8414 metadata, config first (issue 9, point 10)
+
+
+@pytest.mark.parametrize(
+    ("issuer", "expected"),
+    [
+        ("https://op.example", "https://op.example/.well-known/oauth-authorization-server"),
+        ("https://op.example/", "https://op.example/.well-known/oauth-authorization-server"),
+        (
+            "https://op.example/realms/app",
+            "https://op.example/.well-known/oauth-authorization-server/realms/app",
+        ),
+        (
+            "https://op.example:8443/t/",
+            "https://op.example:8443/.well-known/oauth-authorization-server/t",
+        ),
+    ],
+)
+def test_rfc8414_metadata_url_inserts_the_well_known_segment_before_the_path(
+    issuer: str, expected: str
+) -> None:
+    assert authorization_server_metadata_url(issuer) == expected
+
+
+@pytest.mark.parametrize("path", ["", "/tenant/a"])
+async def test_a_revocation_endpoint_only_in_rfc8414_metadata_is_found_and_used(
+    http: aiohttp.ClientSession, clock: Clock, path: str
+) -> None:
+    async with HostileOp(path=path) as op:
+        op.revocation_in = "rfc8414"
+        client = OidcClient(settings_for(op), http, REDIRECT, clock=clock)
+        assert (await client.metadata()).revocation_endpoint == f"{op.issuer}/revoke"
+        assert await client.revoke("RT-1", "refresh_token") is True
+        assert op.revoked == [("RT-1", "refresh_token")]
+        assert op.rfc8414_fetches == 1
+
+
+async def test_rfc8414_metadata_about_another_issuer_is_ignored(
+    op: HostileOp, client: OidcClient
+) -> None:
+    op.revocation_in = "rfc8414"
+    op.rfc8414_issuer = "https://evil.example"
+    assert (await client.metadata()).revocation_endpoint is None
+    assert await client.revoke("RT-1", "refresh_token") is False
+    assert op.revoked == []
+
+
+async def test_the_configured_revocation_endpoint_wins(
+    op: HostileOp, http: aiohttp.ClientSession, clock: Clock
+) -> None:
+    op.revocation_in = "discovery"
+    configured = f"{op.issuer}/configured/revoke"
+    client = OidcClient(
+        settings_for(op, revocation_endpoint=configured), http, REDIRECT, clock=clock
+    )
+    assert (await client.metadata()).revocation_endpoint == configured
+    assert op.rfc8414_fetches == 0
+
+
+async def test_discovery_names_the_revocation_endpoint_without_asking_rfc8414(
+    op: HostileOp, client: OidcClient
+) -> None:
+    op.revocation_in = "discovery"
+    assert (await client.metadata()).revocation_endpoint == f"{op.issuer}/revoke"
+    assert op.rfc8414_fetches == 0
+
+
+async def test_no_revocation_endpoint_anywhere_is_said_once(
+    op: HostileOp, client: OidcClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="bff.oidc")
+    assert (await client.metadata()).revocation_endpoint is None
+    assert await client.revoke("AT-1", "access_token") is False
+    await client.metadata()
+    warned = [r for r in caplog.records if r.getMessage() == "oidc.no_revocation_endpoint"]
+    assert len(warned) == 1
+    assert op.rfc8414_fetches == 1
 
 
 # -------------------------------------------------------------------------------------------------
