@@ -231,6 +231,7 @@ class TokenRefresher:
                 await self._sessions.end(fresh)
                 raise SessionExpired("the access token expired and the OP gave no refresh token")
             return fresh
+        tokens: TokenSet | None = None
         try:
             tokens = await self._oidc.refresh(refresh_token, answer_timeout=self.answer_timeout)
             claims, id_token = fresh.data.claims, fresh.data.id_token
@@ -254,8 +255,12 @@ class TokenRefresher:
             await self._sessions.end(fresh)
             raise SessionExpired("the OP no longer accepts this session's refresh token") from None
         except InvalidToken as exc:
+            # Refused even by a key set fetched after it failed (oidc.py): the session ends,
+            # and the tokens that came with that ID token must not outlive it.
             self._metrics.inc("bff_refreshes_total", outcome="bad_id_token")
             await self._sessions.end(fresh)
+            if tokens is not None:
+                await self._revoke(tokens)
             raise SessionExpired(f"the refreshed ID token is invalid: {exc}") from None
         except TokenRequestRefused as exc:
             self._metrics.inc("bff_refreshes_total", outcome="refused")
@@ -281,7 +286,9 @@ class TokenRefresher:
             if current is None:
                 # The session ended (logout, back-channel, admin) while the OP was minting these
                 # tokens: the logout revoked the old ones; these must not outlive it either.
-                await self._revoke_orphans(tokens)
+                log.info("refresh.after_logout", extra={"event": "refresh.after_logout"})
+                self._metrics.inc("bff_refreshes_total", outcome="session_gone")
+                await self._revoke(tokens)
                 raise SessionExpired()
             # Only possible if our lease lapsed; whoever wrote holds the newer tokens.
             log.warning("refresh.lost_race", extra={"event": "refresh.lost_race"})
@@ -291,10 +298,8 @@ class TokenRefresher:
         log.info("session.refreshed", extra={"event": "session.refreshed", "session": fresh.id[:8]})
         return saved
 
-    async def _revoke_orphans(self, tokens: TokenSet) -> None:
-        """RFC 7009 for the tokens of a refresh whose session is gone (refresh token first)."""
-        log.info("refresh.after_logout", extra={"event": "refresh.after_logout"})
-        self._metrics.inc("bff_refreshes_total", outcome="session_gone")
+    async def _revoke(self, tokens: TokenSet) -> None:
+        """RFC 7009 for tokens no session holds (refresh token first); best effort."""
         if tokens.refresh_token:
             await self._oidc.revoke(tokens.refresh_token, "refresh_token")
         await self._oidc.revoke(tokens.access_token, "access_token")

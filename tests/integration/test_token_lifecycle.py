@@ -222,8 +222,9 @@ async def test_eight_second_tokens_cost_one_refresh_per_burst_and_per_half_lifet
     elapsed = time.time() - started
     grants, failed = await setup.refresh_grants()
     assert failed == 0
-    assert elapsed / 8 - 1 <= grants <= elapsed / 4 + 1, (grants, elapsed, calls)
-    assert grants < calls / 4  # not one refresh per call, as a 60 s skew alone would give
+    # (+2: the counter was reset a moment before the clock started.) A 60 s skew alone, with
+    # 8 s tokens, would refresh on every one of the ~80 calls.
+    assert elapsed / 8 - 1 <= grants <= elapsed / 4 + 2, (grants, elapsed, calls)
 
     # Each instance that saw a token said once that the OP's tokens outlive no skew.
     logs = "".join(p.logs() for p in setup.cluster)

@@ -18,7 +18,7 @@ import pytest
 from fakeredis import aioredis as fake_aioredis
 
 from bff.errors import ProviderUnavailable, SessionExpired
-from bff.oidc import InvalidGrant, OidcClient, TokenRequestRefused
+from bff.oidc import InvalidGrant, InvalidToken, OidcClient, TokenRequestRefused
 from bff.refresh import TokenRefresher
 from bff.sessions import Session, SessionData, SessionManager, lock_key
 from bff.store.redis import RedisStore
@@ -345,6 +345,30 @@ async def test_tokens_of_a_refresh_that_ends_after_the_logout_are_revoked(
         await refreshing
     assert op.revoked == [("RT-1", "refresh_token"), ("AT-1", "access_token")]
     assert await a.store.get(session.key) is None
+
+
+async def test_a_refreshed_id_token_refused_ends_the_session_and_revokes_its_tokens(
+    instances: tuple[Instance, Instance], op: FakeOp
+) -> None:
+    a, _ = instances
+    op.id_tokens = True
+    op.id_token_error = InvalidToken("the token's signature is invalid")
+    session = await a.sessions.create(_data())
+    with pytest.raises(SessionExpired):
+        await a.refresher.access_token(session)
+    assert await a.store.get(session.key) is None
+    assert op.revoked == [("RT-1", "refresh_token"), ("AT-1", "access_token")]
+
+
+async def test_a_refreshed_id_token_that_validates_updates_the_session(
+    instances: tuple[Instance, Instance], op: FakeOp
+) -> None:
+    a, _ = instances
+    op.id_tokens = True
+    session = await a.sessions.create(_data())
+    refreshed, token = await a.refresher.access_token(session)
+    assert (token, refreshed.data.id_token) == ("AT-1", "IDT-1")
+    assert op.revoked == []
 
 
 async def test_a_refresh_that_lost_to_a_newer_write_revokes_nothing(
