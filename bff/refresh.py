@@ -14,16 +14,22 @@ whole grant, so two refreshes racing would log the user out.
 Outcomes: ``invalid_grant`` ends the session (401 ``session_expired``); an OP that is down, slow,
 answers 5xx or refuses for another reason keeps the session (503 with ``Retry-After``).
 
-**A slow answer is still awaited** (the cause of a once-flaky integration test, and of real
-logouts under load): a refresh request that reached the OP may be carried out there even when it
-answers after ``oidc.http_timeout`` (an OP process paused or overloaded, the request waiting in
-its socket buffer). If we dropped the connection at the timeout, the OP would rotate the refresh
-token anyway, we would keep the old one, and the next refresh would present a consumed token: the
-OP takes that for theft and revokes the grant, and the user is logged out by our impatience. So
-the callers get their 503 after ``http_timeout``, but the lock holder goes on waiting for the
-OP's answer (up to ``answer_timeout``, keeping its lock renewed, so nobody else presents the same
-refresh token meanwhile) and stores whatever tokens arrive. Only a request that never left (no
-connection) fails fast.
+**A slow answer is still awaited.** This was the cause of the once-flaky
+``test_an_op_stopped_mid_refresh_gives_503_and_the_session_refreshes_once_it_is_back`` ("the OP
+no longer accepts this session's refresh token"), and the same thing logs real users out under
+load. A refresh request that reached the OP may be carried out there even when the answer comes
+after ``oidc.http_timeout``: in that test the OP is SIGSTOPped with the request already in its
+socket buffer, and on SIGCONT it reads and handles it; an overloaded OP does the same. We used
+to drop the connection at the timeout, so the OP rotated the refresh token, we kept the old one,
+and the next refresh presented a consumed token, which a rotating OP takes for theft: it revokes
+the grant and the user is logged out. Whether the OP handled the abandoned request depended on
+scheduling, hence a flaky test (reproduced under CPU load: 2 logouts in 6 runs before this fix,
+0 after; ``test_an_op_answering_after_the_timeout_does_not_lose_the_rotated_refresh_token``
+reproduces it deterministically). The code was wrong, not the test (which only also had to
+accept 503 while the resumed OP catches up). Now the callers get their 503 after
+``http_timeout``, but the lock holder goes on waiting for the OP's answer (up to
+``answer_timeout``; its lock stays renewed, so nobody presents the same refresh token meanwhile)
+and stores whatever tokens arrive. Only a request that never got a connection fails fast.
 
 **Short-lived access tokens** (issue 9, point 8): the effective skew is ``min(skew, lifetime/2)``
 with ``lifetime`` the token's ``expires_in`` at issue (kept in the session), so an OP issuing
