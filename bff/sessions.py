@@ -104,9 +104,14 @@ class SessionData:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> SessionData:
+        """Missing fields take their defaults (records from before they existed); unknown ones
+        are ignored (records from a newer version, during a rolling upgrade)."""
         values = json.loads(raw)
         values["scopes"] = tuple(values["scopes"])
-        return cls(**values)
+        return cls(**{k: v for k, v in values.items() if k in _FIELDS})
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(SessionData))
 
 
 @dataclass(slots=True)
