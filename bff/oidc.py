@@ -265,11 +265,26 @@ class OidcClient:
         return dataclasses.replace(meta, revocation_endpoint=revocation)
 
     async def _rfc8414_revocation_endpoint(self) -> str | None:
-        """Some OPs name ``revocation_endpoint`` only in their RFC 8414 metadata."""
+        """Some OPs name ``revocation_endpoint`` only in their RFC 8414 metadata.
+
+        A 4xx means there is no such document (most OPs); a 5xx or no answer is only a moment's
+        trouble, and fails discovery so that it is tried again, rather than concluding for the
+        whole life of the process that logout cannot revoke anything.
+        """
+        url = authorization_server_metadata_url(self.issuer)
         try:
-            doc = await self._get_json(authorization_server_metadata_url(self.issuer))
-        except ProviderUnavailable:
-            return None  # most OPs publish no such document: nothing to learn
+            async with self._http.get(url, timeout=self._timeout) as resp:
+                if resp.status >= 500:
+                    raise ProviderUnavailable(f"{url} answered {resp.status}")
+                if resp.status != 200:
+                    return None
+                doc = json.loads(await resp.read())
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ProviderUnavailable(f"{url} is unreachable") from exc
+        except ValueError:
+            return None
+        if not isinstance(doc, dict):
+            return None
         endpoint = doc.get("revocation_endpoint")
         # RFC 8414 3.3: a document about another issuer must not be used.
         if doc.get("issuer") != self.issuer or not isinstance(endpoint, str) or not endpoint:

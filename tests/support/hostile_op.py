@@ -16,8 +16,9 @@ bff refuses exactly that lie:
   ``rotate_signing_key`` / ``replace_key_material`` rotate the keys (new kid / same kid).
 * ``revocation_in``: where the revocation endpoint is published: ``"discovery"``, ``"rfc8414"``
   (only in ``/.well-known/oauth-authorization-server``, RFC 8414, as some OPs do) or ``None``.
-  ``rfc8414_issuer`` makes that document name another issuer. ``path`` gives the issuer a path
-  (``http://127.0.0.1:PORT/tenant``), to exercise RFC 8414's path insertion.
+  ``rfc8414_issuer`` makes that document name another issuer, ``rfc8414_status`` fail it.
+  ``path`` gives the issuer a path (``http://127.0.0.1:PORT/tenant``), to exercise RFC 8414's
+  path insertion.
 
 Everything it saw is recorded (``authorize_requests``, ``token_requests``, ``jwks_fetches``,
 ``issued``) for assertions. Listens on 127.0.0.1 only; ``port`` may be fixed so that a test can
@@ -143,6 +144,7 @@ class HostileOp:
         self.jwks_delay: float = 0.0
         self.revocation_in: str | None = None
         self.rfc8414_issuer: str | None = None
+        self.rfc8414_status: int | None = None  # answer the RFC 8414 document with this status
         # records
         self.authorize_requests: list[dict[str, str]] = []
         self.token_requests: list[TokenRequest] = []
@@ -322,6 +324,8 @@ class HostileOp:
 
     async def _rfc8414(self, request: web.Request) -> web.Response:
         self.rfc8414_fetches += 1
+        if self.rfc8414_status is not None:
+            return web.json_response({"error": "told to fail"}, status=self.rfc8414_status)
         if self.revocation_in != "rfc8414":
             return web.json_response({"error": "not_found"}, status=404)
         return web.json_response(

@@ -340,6 +340,19 @@ async def test_rfc8414_metadata_about_another_issuer_is_ignored(
     assert op.revoked == []
 
 
+async def test_an_rfc8414_document_that_fails_for_a_moment_fails_discovery_until_it_is_back(
+    op: HostileOp, client: OidcClient, clock: Clock
+) -> None:
+    op.revocation_in = "rfc8414"
+    op.rfc8414_status = 503
+    with pytest.raises(ProviderUnavailable):
+        await client.metadata()
+    assert not client.ready
+    op.rfc8414_status = None
+    clock.now += 1.5  # discovery retries at most once a second
+    assert (await client.metadata()).revocation_endpoint == f"{op.issuer}/revoke"
+
+
 async def test_the_configured_revocation_endpoint_wins(
     op: HostileOp, http: aiohttp.ClientSession, clock: Clock
 ) -> None:
