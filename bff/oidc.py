@@ -267,15 +267,15 @@ class OidcClient:
     async def _rfc8414_revocation_endpoint(self) -> str | None:
         """Some OPs name ``revocation_endpoint`` only in their RFC 8414 metadata.
 
-        A 4xx means there is no such document (most OPs); a 5xx or no answer is only a moment's
-        trouble, and fails discovery so that it is tried again, rather than concluding for the
-        whole life of the process that logout cannot revoke anything.
+        Any HTTP answer but 200 means there is no such document (most OPs; some answer 5xx for
+        paths they do not know, and must not keep bff from ever becoming ready). No answer at
+        all, right after the discovery document came from the same host, is a moment's trouble:
+        it fails discovery so that it is tried again, rather than concluding for the life of
+        the process that logout cannot revoke anything.
         """
         url = authorization_server_metadata_url(self.issuer)
         try:
             async with self._http.get(url, timeout=self._timeout) as resp:
-                if resp.status >= 500:
-                    raise ProviderUnavailable(f"{url} answered {resp.status}")
                 if resp.status != 200:
                     return None
                 doc = json.loads(await resp.read())

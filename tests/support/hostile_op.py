@@ -16,7 +16,8 @@ bff refuses exactly that lie:
   ``rotate_signing_key`` / ``replace_key_material`` rotate the keys (new kid / same kid).
 * ``revocation_in``: where the revocation endpoint is published: ``"discovery"``, ``"rfc8414"``
   (only in ``/.well-known/oauth-authorization-server``, RFC 8414, as some OPs do) or ``None``.
-  ``rfc8414_issuer`` makes that document name another issuer, ``rfc8414_status`` fail it.
+  ``rfc8414_issuer`` makes that document name another issuer, ``rfc8414_status`` /
+  ``rfc8414_drop`` fail it.
   ``path`` gives the issuer a path (``http://127.0.0.1:PORT/tenant``), to exercise RFC 8414's
   path insertion.
 
@@ -145,6 +146,7 @@ class HostileOp:
         self.revocation_in: str | None = None
         self.rfc8414_issuer: str | None = None
         self.rfc8414_status: int | None = None  # answer the RFC 8414 document with this status
+        self.rfc8414_drop = False  # or close the connection without an answer
         # records
         self.authorize_requests: list[dict[str, str]] = []
         self.token_requests: list[TokenRequest] = []
@@ -324,6 +326,9 @@ class HostileOp:
 
     async def _rfc8414(self, request: web.Request) -> web.Response:
         self.rfc8414_fetches += 1
+        if self.rfc8414_drop and request.transport is not None:
+            request.transport.close()
+            raise web.HTTPInternalServerError()  # never sent: the connection is gone
         if self.rfc8414_status is not None:
             return web.json_response({"error": "told to fail"}, status=self.rfc8414_status)
         if self.revocation_in != "rfc8414":
