@@ -9,16 +9,22 @@ import argparse
 import asyncio
 import gc
 import json
+import logging
 import multiprocessing
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from bff.config import ConfigError, Settings, dump_redacted, load_settings
 from bff.errors import ProviderUnavailable
+from bff.oidc import OidcError, TokenRequestRefused
+
+if TYPE_CHECKING:
+    from bff.oidc import OidcClient
 
 __all__ = ["main"]
 
@@ -157,7 +163,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if args.offline:
         return 0
     try:
-        asyncio.run(_check_issuer(settings))
+        infos, warnings = asyncio.run(_check_issuer(settings))
     except ProviderUnavailable as exc:
         print(
             f"{args.file}: oidc.issuer {settings.oidc.issuer} is unreachable: {exc}",
@@ -165,15 +171,65 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         )
         return 1
     print(f"oidc.issuer {settings.oidc.issuer}: discovery OK")
+    for line in infos:
+        print(f"oidc.issuer {settings.oidc.issuer}: {line}")
+    for line in warnings:  # worth knowing, but the config works: still exit 0
+        print(f"warning: oidc.issuer {settings.oidc.issuer}: {line}", file=sys.stderr)
     return 0
 
 
-async def _check_issuer(settings: Settings) -> None:
+async def _check_issuer(settings: Settings) -> tuple[list[str], list[str]]:
+    """Discovery, then what the OP's answers mean for this config: (infos, warnings)."""
     from bff.oidc import OidcClient
 
-    async with aiohttp.ClientSession() as http:
-        client = OidcClient(settings.oidc, http, redirect_uri=settings.redirect_uri)
-        await client.metadata()
+    infos: list[str] = []
+    warnings: list[str] = []
+    logging.disable(logging.WARNING)  # the client's own log lines would repeat what we print
+    try:
+        async with aiohttp.ClientSession() as http:
+            client = OidcClient(settings.oidc, http, redirect_uri=settings.redirect_uri)
+            meta = await client.metadata()
+            if meta.revocation_endpoint:
+                infos.append(f"revocation endpoint {meta.revocation_endpoint}")
+            else:
+                warnings.append(
+                    "no revocation_endpoint in its discovery document nor in its RFC 8414 "
+                    "metadata, and oidc.revocation_endpoint is not set: logout cannot revoke "
+                    "the user's tokens at the OP"
+                )
+            await _check_token_lifetime(client, settings, infos, warnings)
+    finally:
+        logging.disable(logging.NOTSET)
+    return infos, warnings
+
+
+async def _check_token_lifetime(
+    client: OidcClient, settings: Settings, infos: list[str], warnings: list[str]
+) -> None:
+    """Only a token tells its lifetime: we ask for a client_credentials token (and revoke it).
+    An OP may give user tokens another lifetime; bff also logs it at the first login."""
+    skew = settings.oidc.refresh_skew
+    try:
+        tokens = await client.client_credentials()
+    except (OidcError, ProviderUnavailable) as exc:
+        reason = exc.error if isinstance(exc, TokenRequestRefused) else type(exc).__name__
+        infos.append(
+            f"access token lifetime unknown: the OP gave this client no client_credentials "
+            f"token ({reason}); bff logs oidc.short_lived_access_tokens at the first login "
+            f"if user tokens live shorter than oidc.refresh_skew ({skew:g} s)"
+        )
+        return
+    await client.revoke(tokens.access_token, "access_token")
+    if tokens.lifetime is None:
+        infos.append("access tokens: the OP sends no expires_in")
+    elif tokens.lifetime < skew:
+        warnings.append(
+            f"access tokens live {tokens.lifetime:g} s (a client_credentials token), shorter "
+            f"than oidc.refresh_skew ({skew:g} s): bff refreshes them when half of their "
+            f"lifetime is left ({tokens.lifetime / 2:g} s)"
+        )
+    else:
+        infos.append(f"access tokens live {tokens.lifetime:g} s (a client_credentials token)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import secrets
@@ -25,8 +26,8 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeGuard
-from urllib.parse import quote, urlencode
+from typing import TYPE_CHECKING, Any, NoReturn, TypeGuard
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
@@ -48,6 +49,7 @@ __all__ = [
     "ProviderMetadata",
     "TokenRequestRefused",
     "TokenSet",
+    "authorization_server_metadata_url",
     "new_pkce_pair",
     "user_claims",
 ]
@@ -122,6 +124,16 @@ class ProviderMetadata:
         )
 
 
+def authorization_server_metadata_url(issuer: str) -> str:
+    """RFC 8414 3.1: the well-known URI goes *between* the host and the issuer's path
+    (``https://op/tenant`` -> ``https://op/.well-known/oauth-authorization-server/tenant``)."""
+    parts = urlsplit(issuer)
+    path = parts.path.rstrip("/")
+    return urlunsplit(
+        (parts.scheme, parts.netloc, "/.well-known/oauth-authorization-server" + path, "", "")
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class TokenSet:
     access_token: str
@@ -130,6 +142,7 @@ class TokenSet:
     refresh_token: str | None
     id_token: str | None
     scope: tuple[str, ...] | None
+    lifetime: float | None = None  # expires_in as sent: what the refresh skew is capped by
 
     def __repr__(self) -> str:  # tokens never reach a log line or a traceback
         return f"TokenSet(expires_at={self.expires_at}, scope={self.scope}, tokens='**********')"
@@ -143,9 +156,10 @@ class TokenSet:
         if token_type.lower() != "bearer":
             raise ValueError(f"unsupported token_type {token_type!r}")
         expires_in = body.get("expires_in")
-        expires_at = None
-        if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
+        expires_at = lifetime = None
+        if _is_number(expires_in):
             expires_at = now + float(expires_in)
+            lifetime = max(0.0, float(expires_in))
         scope = body.get("scope")
         return cls(
             access_token=token,
@@ -154,6 +168,7 @@ class TokenSet:
             refresh_token=body.get("refresh_token") or None,
             id_token=body.get("id_token") or None,
             scope=tuple(scope.split()) if isinstance(scope, str) else None,
+            lifetime=lifetime,
         )
 
 
@@ -177,8 +192,12 @@ class OidcClient:
         self._discovery_lock = asyncio.Lock()
         self._last_discovery_try = 0.0
         self._jwks: KeySet | None = None
-        self._jwks_fetched_at = float("-inf")
-        self._jwks_lock = asyncio.Lock()
+        # JWKS fetches are numbered as they start; ``_jwks_number`` is the fetch whose keys we
+        # hold. ``_jwks_fetch`` is the newest fetch in flight, which callers join.
+        self._jwks_started = 0
+        self._jwks_number = 0
+        self._jwks_fetch: tuple[int, asyncio.Future[None]] | None = None
+        self._jwks_fetched_at = float("-inf")  # start of the newest fetch: the unsolicited limit
         # The config guarantees what each method needs: a secret, or a readable key file.
         self._secret = settings.client_secret.get() if settings.client_secret else ""
         self._signing_key: RSAKey | ECKey | OKPKey | None = None
@@ -204,6 +223,15 @@ class OidcClient:
                     raise ProviderUnavailable("the OpenID Provider's metadata is not loaded yet")
                 self._last_discovery_try = self._clock()
                 self._metadata = await self._discover()
+                if not self._metadata.revocation_endpoint:
+                    log.warning(
+                        "oidc.no_revocation_endpoint",
+                        extra={
+                            "event": "oidc.no_revocation_endpoint",
+                            "hint": "logout cannot revoke tokens at the OP; set "
+                            "oidc.revocation_endpoint if it has one",
+                        },
+                    )
         return self._metadata
 
     async def discover_forever(self, initial_delay: float = 0.5, max_delay: float = 30.0) -> None:
@@ -228,9 +256,40 @@ class OidcClient:
         url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
         doc = await self._get_json(url)
         try:
-            return ProviderMetadata.parse(doc, self.issuer)
+            meta = ProviderMetadata.parse(doc, self.issuer)
         except ValueError as exc:
             raise ProviderUnavailable(f"bad discovery document: {exc}") from exc
+        revocation = self.settings.revocation_endpoint or meta.revocation_endpoint
+        if revocation is None:
+            revocation = await self._rfc8414_revocation_endpoint()
+        return dataclasses.replace(meta, revocation_endpoint=revocation)
+
+    async def _rfc8414_revocation_endpoint(self) -> str | None:
+        """Some OPs name ``revocation_endpoint`` only in their RFC 8414 metadata.
+
+        Any HTTP answer but 200 means there is no such document (most OPs; some answer 5xx for
+        paths they do not know, and must not keep bff from ever becoming ready). No answer at
+        all, right after the discovery document came from the same host, is a moment's trouble:
+        it fails discovery so that it is tried again, rather than concluding for the life of
+        the process that logout cannot revoke anything.
+        """
+        url = authorization_server_metadata_url(self.issuer)
+        try:
+            async with self._http.get(url, timeout=self._timeout) as resp:
+                if resp.status != 200:
+                    return None
+                doc = json.loads(await resp.read())
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ProviderUnavailable(f"{url} is unreachable") from exc
+        except ValueError:
+            return None
+        if not isinstance(doc, dict):
+            return None
+        endpoint = doc.get("revocation_endpoint")
+        # RFC 8414 3.3: a document about another issuer must not be used.
+        if doc.get("issuer") != self.issuer or not isinstance(endpoint, str) or not endpoint:
+            return None
+        return endpoint
 
     # -- authorization request --------------------------------------------------------------
 
@@ -272,9 +331,18 @@ class OidcClient:
             }
         )
 
-    async def refresh(self, refresh_token: str) -> TokenSet:
+    async def refresh(self, refresh_token: str, *, answer_timeout: float | None = None) -> TokenSet:
+        """``answer_timeout``: how long to wait for the answer once the request is sent (the
+        connection still has ``http_timeout``). A rotating OP may carry out a refresh it
+        answers late; giving up on its answer would lose the new refresh token (refresh.py)."""
+        limits = None
+        if answer_timeout is not None:
+            limits = aiohttp.ClientTimeout(
+                total=max(answer_timeout, self.settings.http_timeout),
+                connect=self.settings.http_timeout,
+            )
         return await self._token_request(
-            {"grant_type": "refresh_token", "refresh_token": refresh_token}
+            {"grant_type": "refresh_token", "refresh_token": refresh_token}, limits
         )
 
     async def client_credentials(self, scopes: tuple[str, ...] = ()) -> TokenSet:
@@ -309,13 +377,15 @@ class OidcClient:
             meta.userinfo_endpoint, headers={"Authorization": f"Bearer {access_token}"}
         )
 
-    async def _token_request(self, form: dict[str, str]) -> TokenSet:
+    async def _token_request(
+        self, form: dict[str, str], limits: aiohttp.ClientTimeout | None = None
+    ) -> TokenSet:
         meta = await self.metadata()
         body, headers = self._client_auth(form, meta)
         headers["Accept"] = "application/json"
         try:
             async with self._http.post(
-                meta.token_endpoint, data=body, headers=headers, timeout=self._timeout
+                meta.token_endpoint, data=body, headers=headers, timeout=limits or self._timeout
             ) as resp:
                 status = resp.status
                 raw = await resp.read()
@@ -403,7 +473,7 @@ class OidcClient:
         self, id_token: str, *, nonce: str | None, expected_sub: str | None = None
     ) -> dict[str, Any]:
         """OpenID Connect Core 3.1.3.7 (and 12.2 for a refreshed ID token: ``nonce=None``)."""
-        claims = await self._verify_jwt(id_token)
+        claims = await self._verify_jwt(id_token, solicited=True)
         self._check_common(claims)
         now = self._clock()
         exp = claims.get("exp")
@@ -421,7 +491,7 @@ class OidcClient:
 
     async def validate_logout_token(self, token: str) -> dict[str, Any]:
         """Back-Channel Logout 1.0, 2.6. The caller checks ``jti`` replay in the store."""
-        claims = await self._verify_jwt(token)
+        claims = await self._verify_jwt(token, solicited=False)
         self._check_common(claims)
         exp = claims.get("exp")  # REQUIRED since Back-Channel Logout 1.0 final (2.4)
         if not _is_number(exp):
@@ -458,7 +528,18 @@ class OidcClient:
         if iat > self._clock() + self.settings.clock_skew:
             raise InvalidToken("the token was issued in the future (iat)")
 
-    async def _verify_jwt(self, token: str) -> dict[str, Any]:
+    async def _verify_jwt(self, token: str, *, solicited: bool) -> dict[str, Any]:
+        """Check the signature against the OP's published keys; the claims, unchecked.
+
+        A token that the cached key set does not verify (unknown ``kid``, no ``kid``, or a known
+        ``kid`` whose key material changed: the OP rotated) is judged again against a key set
+        fetched *after* it failed. ``solicited`` tokens come from the OP's token endpoint, in
+        answer to us: each gets that refetch, shared with any concurrent caller, and never
+        waits for a rate limit, so a rotation never fails a login or a refresh. Unsolicited
+        tokens (back-channel logout tokens, which anyone can POST) only join a fetch in flight
+        or start one at most once per ``jwks_refetch_interval``: forged ``kid`` values cannot
+        make us a JWKS request amplifier, and cannot use up anything a login needs.
+        """
         if not isinstance(token, str) or len(token) > _MAX_JWT or token.count(".") != 2:
             raise InvalidToken("not a signed JWT (encrypted or malformed)")
         try:
@@ -476,60 +557,107 @@ class OidcClient:
         # "secret" would be the OP's public key.
         if not isinstance(alg, str) or alg not in allowed or _kty_for(alg) is None:
             raise InvalidToken(f"the token's algorithm {alg!r} is not allowed")
-        kid = header.get("kid")
-        key = await self._key_for(kid if isinstance(kid, str) else None, alg)
-        try:
-            decoded = jwt.decode(token, key, algorithms=[alg])
-        except (JoseError, ValueError, TypeError) as exc:
-            raise InvalidToken("the token's signature is invalid") from exc
-        return dict(decoded.claims)
+        raw_kid = header.get("kid")
+        kid = raw_kid if isinstance(raw_kid, str) else None
+        failed_at = self._jwks_started  # a fetch numbered above this one started after now
+        claims, known = self._verify_cached(token, kid, alg)
+        if claims is None and solicited and self._jwks_fetch is not None:
+            # A fetch under way often brings the very key (a rotation fails many tokens at once).
+            await asyncio.shield(self._jwks_fetch[1])
+            claims, known = self._verify_cached(token, kid, alg)
+        if claims is None:
+            if solicited:
+                await self._jwks_fetched_after(failed_at)
+            elif not await self._jwks_refetch_unsolicited():
+                self._refuse(known)
+            claims, known = self._verify_cached(token, kid, alg)
+        if claims is None:
+            self._refuse(known)
+        return claims
 
-    async def _key_for(self, kid: str | None, alg: str) -> RSAKey | ECKey | OKPKey:
-        key = self._find_key(kid, alg)
-        if key is None and (
-            # A fetch under way (the first one, or after a rotation) may bring this very key:
-            # wait for it rather than fail the token while the rate limit holds.
-            self._jwks_lock.locked()
-            or self._clock() - self._jwks_fetched_at >= self.settings.jwks_refetch_interval
-        ):
-            # An unknown kid usually means the OP rotated its keys: refetch, at most once per
-            # interval, so forged kids cannot turn us into a JWKS request amplifier.
-            await self._refresh_jwks()
-            key = self._find_key(kid, alg)
-        if key is None:
-            raise InvalidToken("the token is signed with a key the OP does not publish")
-        return key
+    @staticmethod
+    def _refuse(known: bool) -> NoReturn:
+        if known:
+            raise InvalidToken("the token's signature is invalid")
+        raise InvalidToken("the token is signed with a key the OP does not publish")
 
-    def _find_key(self, kid: str | None, alg: str) -> RSAKey | ECKey | OKPKey | None:
-        if self._jwks is None:
-            return None
-        kty = _kty_for(alg)
-        for key in self._jwks.keys:
-            if not isinstance(key, RSAKey | ECKey | OKPKey) or key.key_type != kty:
-                continue
-            if key.get("use") not in (None, "sig"):
-                continue
-            if kid is None or key.kid == kid:
-                return key
-        return None
-
-    async def _refresh_jwks(self) -> None:
-        async with self._jwks_lock:
-            if self._clock() - self._jwks_fetched_at < self.settings.jwks_refetch_interval:
-                return
-            meta = await self.metadata()
-            self._jwks_fetched_at = self._clock()
-            doc = await self._get_json(meta.jwks_uri)
+    def _verify_cached(
+        self, token: str, kid: str | None, alg: str
+    ) -> tuple[dict[str, Any] | None, bool]:
+        """(claims or None, whether any cached key could have signed it)."""
+        candidates = self._keys_for(kid, alg)
+        for key in candidates:
             try:
-                # Only public asymmetric keys: an "oct" key in a JWKS would be an HMAC trap.
-                keys = [
-                    k
-                    for k in doc.get("keys", [])
-                    if isinstance(k, dict) and k.get("kty") in ("RSA", "EC", "OKP")
-                ]
-                self._jwks = KeySet.import_key_set({"keys": keys})
-            except (JoseError, ValueError, TypeError) as exc:
-                raise ProviderUnavailable("the OP's JWKS could not be read") from exc
+                return dict(jwt.decode(token, key, algorithms=[alg]).claims), True
+            except (JoseError, ValueError, TypeError):
+                continue
+        return None, bool(candidates)
+
+    def _keys_for(self, kid: str | None, alg: str) -> list[RSAKey | ECKey | OKPKey]:
+        """The published signing keys that may have signed a token (all of its type, no kid)."""
+        if self._jwks is None:
+            return []
+        kty = _kty_for(alg)
+        return [
+            key
+            for key in self._jwks.keys
+            if isinstance(key, RSAKey | ECKey | OKPKey)
+            and key.key_type == kty
+            and key.get("use") in (None, "sig")
+            and (kid is None or key.kid == kid)
+        ]
+
+    async def _jwks_fetched_after(self, number: int) -> None:
+        """Wait for a JWKS fetch that started after fetch ``number``: the newest one in flight,
+        or a new one. Concurrent callers share it; no rate limit applies."""
+        if self._jwks_number > number:
+            return  # one finished meanwhile
+        fetch = self._jwks_fetch
+        if fetch is None or fetch[0] <= number:
+            fetch = self._start_jwks_fetch()
+        await asyncio.shield(fetch[1])
+
+    async def _jwks_refetch_unsolicited(self) -> bool:
+        """Join the fetch in flight, or start one if the rate limit allows; False: neither."""
+        fetch = self._jwks_fetch
+        if fetch is None:
+            if self._clock() - self._jwks_fetched_at < self.settings.jwks_refetch_interval:
+                return False
+            fetch = self._start_jwks_fetch()
+        await asyncio.shield(fetch[1])
+        return True
+
+    def _start_jwks_fetch(self) -> tuple[int, asyncio.Future[None]]:
+        self._jwks_started += 1
+        self._jwks_fetched_at = self._clock()
+        number = self._jwks_started
+        fetch = (number, asyncio.ensure_future(self._fetch_jwks(number)))
+        self._jwks_fetch = fetch
+
+        def done(task: asyncio.Future[None]) -> None:
+            if self._jwks_fetch is fetch:
+                self._jwks_fetch = None
+            if not task.cancelled():
+                task.exception()  # retrieved: every waiter got it already
+
+        fetch[1].add_done_callback(done)
+        return fetch
+
+    async def _fetch_jwks(self, number: int) -> None:
+        meta = await self.metadata()
+        doc = await self._get_json(meta.jwks_uri)
+        try:
+            # Only public asymmetric keys: an "oct" key in a JWKS would be an HMAC trap.
+            keys = [
+                k
+                for k in doc.get("keys", [])
+                if isinstance(k, dict) and k.get("kty") in ("RSA", "EC", "OKP")
+            ]
+            jwks = KeySet.import_key_set({"keys": keys})
+        except (JoseError, ValueError, TypeError) as exc:
+            raise ProviderUnavailable("the OP's JWKS could not be read") from exc
+        if number > self._jwks_number:  # fetches may overlap: the newest answer wins
+            self._jwks, self._jwks_number = jwks, number
 
 
 _PROTOCOL_CLAIMS = frozenset(

@@ -13,6 +13,30 @@ whole grant, so two refreshes racing would log the user out.
 
 Outcomes: ``invalid_grant`` ends the session (401 ``session_expired``); an OP that is down, slow,
 answers 5xx or refuses for another reason keeps the session (503 with ``Retry-After``).
+
+**A slow answer is still awaited.** This was the cause of the once-flaky
+``test_an_op_stopped_mid_refresh_gives_503_and_the_session_refreshes_once_it_is_back`` ("the OP
+no longer accepts this session's refresh token"), and the same thing logs real users out under
+load. A refresh request that reached the OP may be carried out there even when the answer comes
+after ``oidc.http_timeout``: in that test the OP is SIGSTOPped with the request already in its
+socket buffer, and on SIGCONT it reads and handles it; an overloaded OP does the same. We used
+to drop the connection at the timeout, so the OP rotated the refresh token, we kept the old one,
+and the next refresh presented a consumed token, which a rotating OP takes for theft: it revokes
+the grant and the user is logged out. Whether the OP handled the abandoned request depended on
+scheduling, hence a flaky test (reproduced under CPU load: 2 logouts in 6 runs before this fix,
+0 after; ``test_an_op_answering_after_the_timeout_does_not_lose_the_rotated_refresh_token``
+reproduces it deterministically). The code was wrong, not the test (which only also had to
+accept 503 while the resumed OP catches up). Now the callers get their 503 after
+``http_timeout``, but the lock holder goes on waiting for the OP's answer (up to
+``answer_timeout``; its lock stays renewed, so nobody presents the same refresh token meanwhile)
+and stores whatever tokens arrive. Only a request that never got a connection fails fast.
+
+**Short-lived access tokens** (issue 9, point 8): the effective skew is ``min(skew, lifetime/2)``
+with ``lifetime`` the token's ``expires_in`` at issue (kept in the session), so an OP issuing
+8-second tokens costs one refresh per 4 seconds of use, not one per call.
+
+**A refresh that finishes after a logout** (point 10) finds its session gone: the tokens it just
+got are revoked at the OP at once, so no token outlives the logout.
 """
 
 from __future__ import annotations
@@ -23,13 +47,21 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from bff.errors import ProviderUnavailable, SessionExpired, StoreUnavailable
 from bff.locks import StoreLock, poll_delays
 from bff.metrics import Metrics
-from bff.oidc import InvalidGrant, InvalidToken, OidcClient, TokenRequestRefused, user_claims
-from bff.sessions import Session, SessionManager, lock_key, refresh_failure_key
+from bff.oidc import (
+    InvalidGrant,
+    InvalidToken,
+    OidcClient,
+    TokenRequestRefused,
+    TokenSet,
+    user_claims,
+)
+from bff.sessions import Session, SessionData, SessionManager, lock_key, refresh_failure_key
 
 __all__ = ["TokenRefresher"]
 
@@ -46,6 +78,7 @@ class TokenRefresher:
         lease: float = 5.0,
         wait_timeout: float | None = None,
         min_forced_interval: float = 10.0,
+        answer_timeout: float = 60.0,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -56,14 +89,45 @@ class TokenRefresher:
         # Waiting longer than the OP's own timeout plus a lease gains nothing.
         self.wait_timeout = wait_timeout or (oidc.settings.http_timeout + 2 * lease)
         self.min_forced_interval = min_forced_interval  # between refreshes an upstream forced
+        # How long callers wait for the lock holder's refresh before their 503 ...
+        self.caller_timeout: float = oidc.settings.http_timeout
+        # ... and how long the holder itself goes on waiting for the OP's answer (see above).
+        self.answer_timeout = answer_timeout
+        self._background: set[asyncio.Future[Any]] = set()
+        self._short_lifetime_logged = False
         self._metrics = metrics or Metrics()
         self._clock = clock
         self._inflight: dict[str, asyncio.Future[Session]] = {}
         self._forced_at: dict[str, float] = {}
 
+    def effective_skew(self, data: SessionData) -> float:
+        """``min(skew, lifetime / 2)``: a token shorter-lived than the skew is not refreshed at
+        once and on every call, but once half of its life has passed."""
+        if data.access_lifetime is None:
+            return self.skew
+        return min(self.skew, data.access_lifetime / 2)
+
     def needs_refresh(self, session: Session) -> bool:
         expires_at = session.data.access_expires_at
-        return expires_at is not None and expires_at - self.skew <= self._clock()
+        return (
+            expires_at is not None
+            and expires_at - self.effective_skew(session.data) <= self._clock()
+        )
+
+    def note_lifetime(self, lifetime: float | None) -> None:
+        """Say once per process when the OP's access tokens live shorter than the skew."""
+        if lifetime is None or lifetime >= self.skew or self._short_lifetime_logged:
+            return
+        self._short_lifetime_logged = True
+        log.warning(
+            "oidc.short_lived_access_tokens",
+            extra={
+                "event": "oidc.short_lived_access_tokens",
+                "lifetime": lifetime,
+                "refresh_skew": self.skew,
+                "effective_skew": lifetime / 2,
+            },
+        )
 
     async def access_token(self, session: Session) -> tuple[Session, str]:
         """The session (perhaps refreshed) and an access token that is not about to expire."""
@@ -122,15 +186,19 @@ class TokenRefresher:
             if await store.get(failed_key) not in (None, failure_seen):
                 raise ProviderUnavailable("the OpenID Provider failed to refresh the token")
             if await lock.acquire():
-                async with lock:
-                    try:
-                        return await self._refresh_holding_lock(session, force)
-                    except ProviderUnavailable:
-                        with contextlib.suppress(StoreUnavailable):
-                            await store.set(
-                                failed_key, lock.owner.encode(), max(1.0, self.wait_timeout)
-                            )
-                        raise
+                work = self._spawn(self._refresh_then_release(lock, session, force))
+                try:
+                    return await asyncio.wait_for(asyncio.shield(work), self.caller_timeout)
+                except (ProviderUnavailable, TimeoutError) as exc:
+                    # Our waiters, here and on other instances, answer 503 now too. On a
+                    # timeout the holder goes on waiting for the OP's answer in the background.
+                    with contextlib.suppress(StoreUnavailable):
+                        await store.set(
+                            failed_key, lock.owner.encode(), max(1.0, self.wait_timeout)
+                        )
+                    if isinstance(exc, TimeoutError):
+                        raise ProviderUnavailable("the OP is slow to refresh the token") from None
+                    raise
             # Another instance is refreshing: wait for its result instead of racing it.
             await asyncio.sleep(next(delays))
             fresh = await self._reload(session)
@@ -138,6 +206,24 @@ class TokenRefresher:
                 return fresh
             if self._clock() > deadline:
                 raise ProviderUnavailable("a token refresh is taking too long")
+
+    def _spawn(self, work: Coroutine[Any, Any, Session]) -> asyncio.Future[Session]:
+        """A task nobody's cancellation stops, kept referenced until it ends."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+        return task
+
+    def _background_done(self, task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the callers already had their answer
+
+    async def _refresh_then_release(
+        self, lock: StoreLock, session: Session, force: bool
+    ) -> Session:
+        async with lock:
+            return await self._refresh_holding_lock(session, force)
 
     async def _refresh_holding_lock(self, session: Session, force: bool) -> Session:
         fresh = await self._reload(session)
@@ -151,8 +237,9 @@ class TokenRefresher:
                 await self._sessions.end(fresh)
                 raise SessionExpired("the access token expired and the OP gave no refresh token")
             return fresh
+        tokens: TokenSet | None = None
         try:
-            tokens = await self._oidc.refresh(refresh_token)
+            tokens = await self._oidc.refresh(refresh_token, answer_timeout=self.answer_timeout)
             claims, id_token = fresh.data.claims, fresh.data.id_token
             if tokens.id_token:
                 try:
@@ -174,8 +261,12 @@ class TokenRefresher:
             await self._sessions.end(fresh)
             raise SessionExpired("the OP no longer accepts this session's refresh token") from None
         except InvalidToken as exc:
+            # Refused even by a key set fetched after it failed (oidc.py): the session ends,
+            # and the tokens that came with that ID token must not outlive it.
             self._metrics.inc("bff_refreshes_total", outcome="bad_id_token")
             await self._sessions.end(fresh)
+            if tokens is not None:
+                await self._revoke(tokens)
             raise SessionExpired(f"the refreshed ID token is invalid: {exc}") from None
         except TokenRequestRefused as exc:
             self._metrics.inc("bff_refreshes_total", outcome="refused")
@@ -189,6 +280,7 @@ class TokenRefresher:
             claims=claims,
             access_token=tokens.access_token,
             access_expires_at=tokens.expires_at,
+            access_lifetime=tokens.lifetime,
             # An OP that does not rotate sends no new refresh token: keep the one we have.
             refresh_token=tokens.refresh_token or refresh_token,
             id_token=id_token,
@@ -196,9 +288,24 @@ class TokenRefresher:
         )
         saved = await self._sessions.save(fresh, data)
         if saved is None:
+            current = await self._sessions.load(session.secret, fresh=True)
+            if current is None:
+                # The session ended (logout, back-channel, admin) while the OP was minting these
+                # tokens: the logout revoked the old ones; these must not outlive it either.
+                log.info("refresh.after_logout", extra={"event": "refresh.after_logout"})
+                self._metrics.inc("bff_refreshes_total", outcome="session_gone")
+                await self._revoke(tokens)
+                raise SessionExpired()
             # Only possible if our lease lapsed; whoever wrote holds the newer tokens.
             log.warning("refresh.lost_race", extra={"event": "refresh.lost_race"})
-            return await self._reload(session)
+            return current
+        self.note_lifetime(tokens.lifetime)
         self._metrics.inc("bff_refreshes_total", outcome="ok")
         log.info("session.refreshed", extra={"event": "session.refreshed", "session": fresh.id[:8]})
         return saved
+
+    async def _revoke(self, tokens: TokenSet) -> None:
+        """RFC 7009 for tokens no session holds (refresh token first); best effort."""
+        if tokens.refresh_token:
+            await self._oidc.revoke(tokens.refresh_token, "refresh_token")
+        await self._oidc.revoke(tokens.access_token, "access_token")

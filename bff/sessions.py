@@ -97,15 +97,23 @@ class SessionData:
     expires_at: float  # absolute end of the session, epoch seconds
     sid: str | None = None  # the OP's session id, for back-channel logout
     version: int = 1
+    # The access token's expires_in when issued: caps the refresh skew (refresh.py). None for
+    # an OP that sent none, and in sessions stored before this field existed.
+    access_lifetime: float | None = None
 
     def to_bytes(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> SessionData:
+        """Missing fields take their defaults (records from before they existed); unknown ones
+        are ignored (records from a newer version, during a rolling upgrade)."""
         values = json.loads(raw)
         values["scopes"] = tuple(values["scopes"])
-        return cls(**values)
+        return cls(**{k: v for k, v in values.items() if k in _FIELDS})
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(SessionData))
 
 
 @dataclass(slots=True)

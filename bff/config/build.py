@@ -185,6 +185,14 @@ class _Builder(Reader):
                 "must be a same-origin path starting with a single '/' (no '//', '\\', scheme, "
                 f"spaces or control characters), got {shown}",
             )
+        revocation = self.get(d, p, "revocation_endpoint", None)
+        if isinstance(revocation, str):
+            rp = (*p, "revocation_endpoint")
+            rparts = self.url(rp, revocation, ("http", "https"))
+            if rparts is None:
+                revocation = None
+            elif rparts.scheme == "http" and not is_loopback_host(rparts.hostname):
+                self.ctx.report(rp, "must be https:// (http:// only for a loopback OP in dev)")
         return OidcSettings(
             issuer=issuer if isinstance(issuer, str) else "",
             client_id=client_id,
@@ -201,6 +209,7 @@ class _Builder(Reader):
             jwks_refetch_interval=self.duration(d, p, "jwks_refetch_interval", 10.0),
             post_logout_redirect=redirect,
             logout_id_token_hint=self.get(d, p, "logout_id_token_hint", False),
+            revocation_endpoint=revocation if isinstance(revocation, str) else None,
         )
 
     def session(self, d: dict[str, Any], dev: bool, url_ok: bool) -> SessionSettings:

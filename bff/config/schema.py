@@ -78,6 +78,7 @@ SCHEMA: Final[dict[str, Any]] = {
                     "http_timeout": _DURATION,
                     "jwks_refetch_interval": _DURATION,
                     "post_logout_redirect": _NONEMPTY,
+                    "revocation_endpoint": {"type": ["string", "null"], "minLength": 1},
                     "logout_id_token_hint": _BOOL,
                 },
                 required=("issuer", "client_id"),

@@ -120,6 +120,7 @@ class OidcSettings:
     http_timeout: float = 10.0  # seconds per HTTP call to the OP (discovery, token, JWKS, ...)
     jwks_refetch_interval: float = 10.0  # minimum seconds between JWKS refetches on an unknown kid
     post_logout_redirect: str = "/"  # same-origin path the browser lands on after logout
+    revocation_endpoint: str | None = None  # RFC 7009 endpoint; wins over the OP's metadata
     logout_id_token_hint: bool = False  # send id_token_hint at RP-initiated logout (in a URL)
 
 

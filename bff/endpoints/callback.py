@@ -144,6 +144,7 @@ async def _finish(request: web.Request, attempt: _Attempt) -> web.Response:
             claims=profile,
             access_token=tokens.access_token,
             access_expires_at=tokens.expires_at,
+            access_lifetime=tokens.lifetime,
             refresh_token=tokens.refresh_token,
             id_token=tokens.id_token,
             scopes=tokens.scope
@@ -154,6 +155,7 @@ async def _finish(request: web.Request, attempt: _Attempt) -> web.Response:
             sid=claims.get("sid") if isinstance(claims.get("sid"), str) else None,
         )
     )
+    services.refresher.note_lifetime(tokens.lifetime)
     services.metrics.inc("bff_logins_total", outcome="ok")
     url = html.escape(tx.return_to, quote=True)
     response = web.Response(

@@ -18,6 +18,11 @@ without ``id_token_hint`` it asks the user to confirm the logout, as the spec sa
 proxy's access logs may record it, and an extension or a shared computer can read it. Turn it on
 only for an OP that refuses logout without it.
 
+A refresh that was in flight at the OP when the session ended here finds its session gone when
+it answers, and revokes the tokens it got (``refresh.py``): no token outlives the logout. An OP
+with no revocation endpoint at all (discovery, RFC 8414 metadata, ``oidc.revocation_endpoint``)
+is reported at start-up and by ``bff check-config``; logout can then only forget the tokens.
+
 An OP without an ``end_session_endpoint`` (or whose metadata is not loaded) cannot end its own
 session; the browser then lands on ``oidc.post_logout_redirect`` directly. A request with no live
 session also lands there: a stale cookie is cleared; with no cookie nothing is cleared, since a

@@ -9,6 +9,14 @@
 //   OP_ACCESS_TTL    access token / client-credentials token lifetime, seconds (default 60)
 //   OP_REFRESH_TTL   refresh token, grant and OP session lifetime, seconds (default 86400)
 //   OP_CLIENTS       JSON array of static client metadata (default: none; use registration)
+//   OP_STATE_FILE    keep all OP state (clients, sessions, grants, tokens) in this JSON file, so a
+//                    restart keeps it: with new signing keys, this is a key rotation. Default: none
+//   OP_FIXED_KIDS    "1": the signing keys' kids are always "rsa-1" / "ec-1", so a restart gives
+//                    new key material under known kids (default: fresh random kids)
+//   OP_REVOCATION_IN where the revocation endpoint is published: "discovery" (default), "rfc8414"
+//                    (only in /.well-known/oauth-authorization-server, RFC 8414) or "none"
+//   OP_REVOKE_GRANT  "0": revoking a token revokes only that token, as some OPs do (RFC 7009
+//                    leaves it open); default "1": oidc-provider revokes the whole grant
 //
 // Besides the OP endpoints (see /.well-known/openid-configuration) it serves:
 //   GET  /interaction/:uid           login form (any login + any non-empty password) or consent
@@ -17,17 +25,23 @@
 //   POST /interaction/:uid/abort     ends the request with error=access_denied
 //   GET  /__test/stats               counters (see `stats` below)
 //   POST /__test/reset               zeroes the counters
-//   POST /__test/delay               {"refresh_token_ms": N, "drop_if_disconnected": bool}: hold
-//                                    each refresh_token grant N ms before the OP handles it; with
-//                                    drop_if_disconnected a request whose client went away meanwhile
-//                                    is never handled (as if it was lost on the way). 0 = off
+//   POST /__test/delay               {"refresh_token_ms": N, "drop_if_disconnected": bool,
+//                                    "after": bool}: hold each refresh_token grant N ms before
+//                                    the OP handles it (with "after": handle it at once, then hold
+//                                    the answer); with drop_if_disconnected a request whose client
+//                                    went away meanwhile is never handled (as if it was lost on the
+//                                    way). 0 = off
+//   GET  /__test/live-tokens?account=SUB   {"RefreshToken": n, "AccessToken": n}: tokens of that
+//                                    account the OP would still accept (not consumed, not expired)
 //   POST /__test/fail                {"refresh_token_status": S}: answer refresh_token grants with
 //                                    HTTP S (e.g. 503) without handling them. 0 = off
 //   (both are off at start; POST /__test/reset turns them off too)
 //
 // Prints READY on stdout once listening.
 
+import { AsyncLocalStorage } from 'node:async_hooks';
 import * as crypto from 'node:crypto';
+import * as fs from 'node:fs';
 import * as http from 'node:http';
 
 import Provider, { errors } from 'oidc-provider';
@@ -42,6 +56,14 @@ const ISSUER = `http://${HOST}:${PORT}`;
 const ACCESS_TTL = positiveInt('OP_ACCESS_TTL', 60);
 const REFRESH_TTL = positiveInt('OP_REFRESH_TTL', 86400);
 const CLIENTS = JSON.parse(process.env.OP_CLIENTS || '[]');
+const STATE_FILE = process.env.OP_STATE_FILE || '';
+const FIXED_KIDS = process.env.OP_FIXED_KIDS === '1';
+const REVOCATION_IN = process.env.OP_REVOCATION_IN || 'discovery';
+const REVOKE_GRANT = process.env.OP_REVOKE_GRANT !== '0';
+if (!['discovery', 'rfc8414', 'none'].includes(REVOCATION_IN)) {
+  console.error(`OP_REVOCATION_IN must be discovery, rfc8414 or none, got ${REVOCATION_IN}`);
+  process.exit(2);
+}
 
 const API_SCOPES = ['api:read', 'api:write', 'orders:read'];
 
@@ -60,8 +82,8 @@ function signingKeys() {
   const rsa = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey;
   const ec = crypto.generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey;
   return [
-    { ...rsa.export({ format: 'jwk' }), kid: `rsa-${crypto.randomUUID()}`, use: 'sig' },
-    { ...ec.export({ format: 'jwk' }), kid: `ec-${crypto.randomUUID()}`, use: 'sig' },
+    { ...rsa.export({ format: 'jwk' }), kid: FIXED_KIDS ? 'rsa-1' : `rsa-${crypto.randomUUID()}`, use: 'sig' },
+    { ...ec.export({ format: 'jwk' }), kid: FIXED_KIDS ? 'ec-1' : `ec-${crypto.randomUUID()}`, use: 'sig' },
   ];
 }
 
@@ -108,7 +130,7 @@ let stats = emptyStats();
 
 // Fault injection for refresh_token grants (POST /__test/delay, /__test/fail).
 function noFaults() {
-  return { refreshDelayMs: 0, dropIfDisconnected: false, refreshStatus: 0 };
+  return { refreshDelayMs: 0, dropIfDisconnected: false, delayAfter: false, refreshStatus: 0 };
 }
 
 let faults = noFaults();
@@ -118,9 +140,102 @@ function bump(bucket, key) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Storage: oidc-provider's memory adapter, but enumerable (for /__test/live-tokens), optionally
+// kept in OP_STATE_FILE across restarts, and able to revoke only the presented token.
+
+const inRevocation = new AsyncLocalStorage(); // set while the revocation endpoint runs
+let storage = new Map(); // key -> { value, expiresAt (ms epoch) }
+
+if (STATE_FILE && fs.existsSync(STATE_FILE)) {
+  storage = new Map(JSON.parse(fs.readFileSync(STATE_FILE, 'utf8')));
+}
+
+function persist() {
+  if (!STATE_FILE) return;
+  const tmp = `${STATE_FILE}.tmp`;
+  fs.writeFileSync(tmp, JSON.stringify([...storage]));
+  fs.renameSync(tmp, STATE_FILE);
+}
+
+function load(key) {
+  const entry = storage.get(key);
+  if (!entry) return undefined;
+  if (entry.expiresAt && entry.expiresAt <= Date.now()) {
+    storage.delete(key);
+    return undefined;
+  }
+  return entry.value;
+}
+
+function store(key, value, expiresIn) {
+  storage.set(key, { value, expiresAt: expiresIn ? Date.now() + expiresIn * 1000 : 0 });
+}
+
+const GRANTABLE = new Set(['AccessToken', 'AuthorizationCode', 'RefreshToken', 'DeviceCode',
+  'BackchannelAuthenticationRequest']);
+
+class Adapter {
+  constructor(model) { this.model = model; }
+
+  key(id) { return `${this.model}:${id}`; }
+
+  async destroy(id) { storage.delete(this.key(id)); persist(); }
+
+  async consume(id) {
+    const value = load(this.key(id));
+    if (value) value.consumed = Math.floor(Date.now() / 1000);
+    persist();
+  }
+
+  async find(id) { return load(this.key(id)); }
+
+  async findByUid(uid) { return this.find(load(`sessionUid:${uid}`)); }
+
+  async findByUserCode(userCode) { return this.find(load(`userCode:${userCode}`)); }
+
+  async upsert(id, payload, expiresIn) {
+    const key = this.key(id);
+    if (this.model === 'Session') store(`sessionUid:${payload.uid}`, id, expiresIn);
+    const { grantId, userCode } = payload;
+    if (GRANTABLE.has(this.model) && grantId) {
+      const grantKey = `grant:${grantId}`;
+      const members = load(grantKey) ?? [];
+      members.push(key);
+      store(grantKey, members, 0);
+    }
+    if (userCode) store(`userCode:${userCode}`, id, expiresIn);
+    store(key, payload, expiresIn);
+    persist();
+  }
+
+  async revokeByGrantId(grantId) { // eslint-disable-line class-methods-use-this
+    if (!REVOKE_GRANT && inRevocation.getStore()) return; // this OP revokes only the token given
+    const grantKey = `grant:${grantId}`;
+    for (const key of load(grantKey) ?? []) storage.delete(key);
+    storage.delete(grantKey);
+    persist();
+  }
+}
+
+function liveTokens(account) {
+  const now = Math.floor(Date.now() / 1000);
+  const counts = { RefreshToken: 0, AccessToken: 0 };
+  for (const [key] of storage) {
+    const [model] = key.split(':', 1);
+    if (!(model in counts)) continue;
+    const value = load(key);
+    if (value && value.accountId === account && !value.consumed && !(value.exp && value.exp < now)) {
+      counts[model] += 1;
+    }
+  }
+  return counts;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Provider
 
 const configuration = {
+  adapter: Adapter,
   clients: CLIENTS,
   jwks: { keys: signingKeys() },
   cookies: {
@@ -235,6 +350,15 @@ provider.on('authorization.success', () => { stats.authorizations += 1; });
 
 const ROUTES = { token: '/token', revocation: '/token/revocation' };
 
+// OP_REVOCATION_IN=rfc8414|none: discovery does not name the revocation endpoint.
+provider.use(async (ctx, next) => {
+  await next();
+  if (ctx.path === '/.well-known/openid-configuration' && REVOCATION_IN !== 'discovery'
+      && ctx.body && typeof ctx.body === 'object') {
+    delete ctx.body.revocation_endpoint;
+  }
+});
+
 // Count token and revocation requests by outcome, after the provider has answered them.
 provider.use(async (ctx, next) => {
   await next();
@@ -313,6 +437,13 @@ async function tokenFaults(req, res) {
       error: 'temporarily_unavailable', error_description: 'injected by /__test/fail',
     }));
     return false;
+  }
+  if (faults.refreshDelayMs && faults.delayAfter) {
+    // Handle it now; hold the answer (headers and body go out with res.end).
+    const ms = faults.refreshDelayMs;
+    const end = res.end.bind(res);
+    res.end = (...args) => { setTimeout(() => end(...args), ms); return res; };
+    return true;
   }
   if (faults.refreshDelayMs) {
     const drop = faults.dropIfDisconnected; // as set when this request arrived
@@ -413,10 +544,31 @@ async function handle(req, res) {
     send(res, 200, 'application/json', JSON.stringify(stats));
     return;
   }
+  if (pathname === '/__test/live-tokens' && req.method === 'GET') {
+    const account = new URL(req.url, ISSUER).searchParams.get('account') ?? '';
+    send(res, 200, 'application/json', JSON.stringify(liveTokens(account)));
+    return;
+  }
+  if (pathname === '/.well-known/oauth-authorization-server' && req.method === 'GET') {
+    if (REVOCATION_IN !== 'rfc8414') {
+      send(res, 404, 'application/json', JSON.stringify({ error: 'not_found' }));
+      return;
+    }
+    send(res, 200, 'application/json', JSON.stringify({
+      issuer: ISSUER,
+      authorization_endpoint: `${ISSUER}/auth`,
+      token_endpoint: `${ISSUER}${ROUTES.token}`,
+      jwks_uri: `${ISSUER}/jwks`,
+      revocation_endpoint: `${ISSUER}${ROUTES.revocation}`,
+      response_types_supported: ['code'],
+    }));
+    return;
+  }
   if (pathname === '/__test/delay' && req.method === 'POST') {
     const body = await readJson(req);
     faults.refreshDelayMs = Math.max(0, Number(body.refresh_token_ms) || 0);
     faults.dropIfDisconnected = body.drop_if_disconnected === true;
+    faults.delayAfter = body.after === true;
     send(res, 200, 'application/json', JSON.stringify(faults));
     return;
   }
@@ -437,6 +589,10 @@ async function handle(req, res) {
     return;
   }
 
+  if (pathname === ROUTES.revocation) {
+    inRevocation.run(true, () => providerHandler(req, res));
+    return;
+  }
   providerHandler(req, res);
 }
 

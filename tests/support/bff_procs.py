@@ -280,11 +280,14 @@ async def _op_post(op: OidcProvider, path: str, body: Mapping[str, Any]) -> None
 
 
 async def op_delay_refresh(
-    op: OidcProvider, ms: int, *, drop_if_disconnected: bool = False
+    op: OidcProvider, ms: int, *, drop_if_disconnected: bool = False, after: bool = False
 ) -> None:
-    """Hold each refresh_token grant ``ms`` at the OP before it is handled (0: off)."""
+    """Hold each refresh_token grant ``ms`` at the OP before it is handled (0: off); with
+    ``after``, the OP handles it at once (the token rotates) and holds only its answer."""
     await _op_post(
-        op, "/__test/delay", {"refresh_token_ms": ms, "drop_if_disconnected": drop_if_disconnected}
+        op,
+        "/__test/delay",
+        {"refresh_token_ms": ms, "drop_if_disconnected": drop_if_disconnected, "after": after},
     )
 
 

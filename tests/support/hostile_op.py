@@ -12,10 +12,18 @@ bff refuses exactly that lie:
   response.
 * ``token_status`` / ``token_error`` / ``token_delay``: a failing, refusing or slow token endpoint.
 * ``discovery_issuer``: a discovery document that names another issuer.
+* ``jwks_delay``: a slow JWKS endpoint (to see concurrent verifications share one fetch);
+  ``rotate_signing_key`` / ``replace_key_material`` rotate the keys (new kid / same kid).
+* ``revocation_in``: where the revocation endpoint is published: ``"discovery"``, ``"rfc8414"``
+  (only in ``/.well-known/oauth-authorization-server``, RFC 8414, as some OPs do) or ``None``.
+  ``rfc8414_issuer`` makes that document name another issuer, ``rfc8414_status`` /
+  ``rfc8414_drop`` fail it.
+  ``path`` gives the issuer a path (``http://127.0.0.1:PORT/tenant``), to exercise RFC 8414's
+  path insertion.
 
 Everything it saw is recorded (``authorize_requests``, ``token_requests``, ``jwks_fetches``,
 ``issued``) for assertions. Listens on 127.0.0.1 only; ``port`` may be fixed so that a test can
-start it *late* on a port bff was already told about.
+start it *late* on a port bff was already told about. Revoked tokens are in ``revoked``.
 """
 
 from __future__ import annotations
@@ -115,8 +123,10 @@ class HostileOp:
         auth_method: str = "client_secret_basic",
         client_public_key: RSAKey | ECKey | OKPKey | None = None,
         subject: str = "alice",
+        path: str = "",
     ) -> None:
         self.port = port
+        self.path = path
         self.client_id = client_id
         self.client_secret = client_secret
         self.auth_method = auth_method
@@ -132,11 +142,18 @@ class HostileOp:
         self.iss_parameter_supported = True
         self.advertised_algs: list[str] = ["RS256"]
         self.extra_claims: dict[str, Any] = {}
+        self.jwks_delay: float = 0.0
+        self.revocation_in: str | None = None
+        self.rfc8414_issuer: str | None = None
+        self.rfc8414_status: int | None = None  # answer the RFC 8414 document with this status
+        self.rfc8414_drop = False  # or close the connection without an answer
         # records
         self.authorize_requests: list[dict[str, str]] = []
         self.token_requests: list[TokenRequest] = []
         self.jwks_fetches = 0
         self.discovery_fetches = 0
+        self.rfc8414_fetches = 0
+        self.revoked: list[tuple[str, str]] = []  # (token, token_type_hint)
         self.issued: list[_Issued] = []
         self.used_codes: set[str] = set()
         # keys: the published signing key, plus keys that sign but are never published
@@ -156,7 +173,7 @@ class HostileOp:
 
     @property
     def issuer(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return f"http://{HOST}:{self.port}{self.path}"
 
     @property
     def token_endpoint(self) -> str:
@@ -164,11 +181,14 @@ class HostileOp:
 
     async def start(self) -> None:
         app = web.Application()
-        app.router.add_get("/.well-known/openid-configuration", self._discovery)
-        app.router.add_get("/jwks", self._jwks)
-        app.router.add_get("/authorize", self._authorize)
-        app.router.add_post("/token", self._token)
-        app.router.add_get("/userinfo", self._userinfo)
+        p = self.path
+        app.router.add_get(f"{p}/.well-known/openid-configuration", self._discovery)
+        app.router.add_get(f"/.well-known/oauth-authorization-server{p}", self._rfc8414)
+        app.router.add_get(f"{p}/jwks", self._jwks)
+        app.router.add_get(f"{p}/authorize", self._authorize)
+        app.router.add_post(f"{p}/token", self._token)
+        app.router.add_post(f"{p}/revoke", self._revoke)
+        app.router.add_get(f"{p}/userinfo", self._userinfo)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, HOST, self.port)
@@ -194,6 +214,16 @@ class HostileOp:
         self._rotations += 1
         self.signing_key = _rsa_key(2 + self._rotations, self._kid())
         self.published.append(self.signing_key)
+        return self.signing_key
+
+    def replace_key_material(self) -> RSAKey:
+        """Sign with new key material under the *same* kid, and publish only that (some OPs
+        reuse kids such as ``"1"`` across rotations)."""
+        self._rotations += 1
+        kid = self.signing_key.kid
+        assert kid is not None
+        self.signing_key = _rsa_key(2 + self._rotations, kid)
+        self.published = [self.signing_key]
         return self.signing_key
 
     # -- tokens ----------------------------------------------------------------------------------
@@ -272,8 +302,10 @@ class HostileOp:
 
     async def _discovery(self, request: web.Request) -> web.Response:
         self.discovery_fetches += 1
+        revocation = {"revocation_endpoint": f"{self.issuer}/revoke"}
         return web.json_response(
             {
+                **(revocation if self.revocation_in == "discovery" else {}),
                 "issuer": self.discovery_issuer or self.issuer,
                 "authorization_endpoint": f"{self.issuer}/authorize",
                 "token_endpoint": self.token_endpoint,
@@ -292,8 +324,34 @@ class HostileOp:
             }
         )
 
+    async def _rfc8414(self, request: web.Request) -> web.Response:
+        self.rfc8414_fetches += 1
+        if self.rfc8414_drop and request.transport is not None:
+            request.transport.close()
+            raise web.HTTPInternalServerError()  # never sent: the connection is gone
+        if self.rfc8414_status is not None:
+            return web.json_response({"error": "told to fail"}, status=self.rfc8414_status)
+        if self.revocation_in != "rfc8414":
+            return web.json_response({"error": "not_found"}, status=404)
+        return web.json_response(
+            {
+                "issuer": self.rfc8414_issuer or self.issuer,
+                "token_endpoint": self.token_endpoint,
+                "revocation_endpoint": f"{self.issuer}/revoke",
+            }
+        )
+
+    async def _revoke(self, request: web.Request) -> web.Response:
+        form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+        if self._authenticate(form, dict(request.headers)):
+            return web.json_response({"error": "invalid_client"}, status=401)
+        self.revoked.append((form.get("token", ""), form.get("token_type_hint", "")))
+        return web.Response(status=200)
+
     async def _jwks(self, request: web.Request) -> web.Response:
         self.jwks_fetches += 1
+        if self.jwks_delay:
+            await asyncio.sleep(self.jwks_delay)
         return web.json_response({"keys": [k.as_dict(private=False) for k in self.published]})
 
     async def _authorize(self, request: web.Request) -> web.Response:

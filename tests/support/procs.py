@@ -330,6 +330,13 @@ class OidcProvider(ChildProcess):
     in memory: ``restart()`` keeps the port and the issuer but loses all of it, so registered
     clients must register again and every token issued before is dead. Static ``clients`` given
     here come back on restart.
+
+    With ``persistent=True`` the clients, sessions, grants and tokens survive ``restart()`` (a
+    state file in the work directory) while the signing keys are new: ``restart()`` is then a
+    key rotation. ``fixed_kids=True`` keeps the kids, so the new key material comes under known
+    kids. ``revocation_in`` is where the revocation endpoint is published (``"discovery"``,
+    ``"rfc8414"`` or ``"none"``); ``revoke_grant=False`` makes revoking a token revoke only that
+    token (oidc-provider itself revokes the whole grant).
     """
 
     name = "oidc-provider"
@@ -343,8 +350,16 @@ class OidcProvider(ChildProcess):
         clients: Sequence[Mapping[str, Any]] = (),
         node: str = "node",
         startup_timeout: float | None = None,
+        persistent: bool = False,
+        fixed_kids: bool = False,
+        revocation_in: str = "discovery",
+        revoke_grant: bool = True,
     ) -> None:
         super().__init__(port, startup_timeout=startup_timeout)
+        self.persistent = persistent
+        self.fixed_kids = fixed_kids
+        self.revocation_in = revocation_in
+        self.revoke_grant = revoke_grant
         self.access_ttl = access_ttl
         self.refresh_ttl = refresh_ttl
         self.clients = list(clients)
@@ -365,6 +380,10 @@ class OidcProvider(ChildProcess):
             "OP_ACCESS_TTL": str(self.access_ttl),
             "OP_REFRESH_TTL": str(self.refresh_ttl),
             "OP_CLIENTS": json.dumps(self.clients),
+            "OP_STATE_FILE": str(self.workdir / "state.json") if self.persistent else "",
+            "OP_FIXED_KIDS": "1" if self.fixed_kids else "0",
+            "OP_REVOCATION_IN": self.revocation_in,
+            "OP_REVOKE_GRANT": "1" if self.revoke_grant else "0",
             "NODE_ENV": "test",
         }
         return [self.node, str(OP_DIR / "server.mjs")], OP_DIR, env
@@ -407,6 +426,18 @@ class OidcProvider(ChildProcess):
         """
         stats: dict[str, Any] = await self._request("GET", "/__test/stats")
         return stats
+
+    async def live_tokens(self, account: str) -> dict[str, int]:
+        """``{"RefreshToken": n, "AccessToken": n}``: the account's tokens the OP still accepts."""
+        counts: dict[str, int] = await self._request(
+            "GET", "/__test/live-tokens", params={"account": account}
+        )
+        return counts
+
+    async def jwks(self) -> dict[str, Any]:
+        """The OP's published signing keys."""
+        keys: dict[str, Any] = await self._request("GET", "/jwks")
+        return keys
 
     async def reset_stats(self) -> None:
         """Zero every counter."""

@@ -45,14 +45,17 @@ class FakeOp:
         self.lifetime = lifetime
         self.current: str | None = current
         self.fail_with: Exception | None = None
+        self.id_tokens = False  # issue an ID token with each refresh ...
+        self.id_token_error: Exception | None = None  # ... which validation refuses with this
         self.presented: list[str] = []
+        self.revoked: list[tuple[str, str]] = []  # (token, hint) in the order revoked
         self.started = asyncio.Event()
 
     @property
     def refreshes(self) -> int:
         return len(self.presented)
 
-    async def refresh(self, refresh_token: str) -> TokenSet:
+    async def refresh(self, refresh_token: str, *, answer_timeout: float | None = None) -> TokenSet:
         self.presented.append(refresh_token)
         self.started.set()
         if self.delay:
@@ -70,11 +73,20 @@ class FakeOp:
             token_type="Bearer",
             expires_at=time.time() + self.lifetime,
             refresh_token=f"RT-{n}" if self.rotate else None,
-            id_token=None,
+            id_token=f"IDT-{n}" if self.id_tokens else None,
             scope=None,
+            lifetime=self.lifetime,
         )
+
+    async def revoke(self, token: str, hint: str) -> bool:
+        self.revoked.append((token, hint))
+        return True
 
     async def validate_id_token(
         self, id_token: str, *, nonce: str | None, expected_sub: str | None = None
     ) -> dict[str, Any]:
-        raise AssertionError("FakeOp issues no ID tokens")
+        if not self.id_tokens:
+            raise AssertionError("this FakeOp issues no ID tokens")
+        if self.id_token_error is not None:
+            raise self.id_token_error
+        return {"sub": expected_sub, "iss": "fake"}

@@ -165,6 +165,7 @@ def test_defaults() -> None:
     )
     assert o.post_logout_redirect == "/"
     assert o.logout_id_token_hint is False
+    assert o.revocation_endpoint is None  # then discovery, then RFC 8414 metadata
     sess = s.session
     assert sess.store == "memory://"
     assert sess.cookie == CookieSettings(name="__Host-bff", same_site="strict", secure=True)
@@ -1055,6 +1056,28 @@ def test_scopes_duplicates_and_bad_characters() -> None:
 def test_bad_post_logout_redirect_refused(value: str) -> None:
     msg = one_problem(MINIMAL.replace("keys:", f"  post_logout_redirect: {value}\nkeys:"))
     assert msg.startswith("bff.yaml:6: oidc.post_logout_redirect: must be a same-origin path")
+
+
+def test_revocation_endpoint_is_taken_verbatim() -> None:
+    text = MINIMAL.replace(
+        "keys:", "  revocation_endpoint: https://idp.example.com/oauth2/revoke\nkeys:"
+    )
+    assert parse(text).oidc.revocation_endpoint == "https://idp.example.com/oauth2/revoke"
+
+
+@pytest.mark.parametrize(
+    ("value", "expect"),
+    [
+        ("http://idp.example.com/revoke", "must be https://"),
+        ("https://idp.example.com/revoke?x=1", "must not have a query"),
+        ("idp.example.com/revoke", "expected a URL"),
+        ("''", "oidc.revocation_endpoint"),
+    ],
+)
+def test_bad_revocation_endpoint_refused(value: str, expect: str) -> None:
+    msg = one_problem(MINIMAL.replace("keys:", f"  revocation_endpoint: {value}\nkeys:"))
+    assert msg.startswith("bff.yaml:6: oidc.revocation_endpoint: ")
+    assert expect in msg
 
 
 @pytest.mark.parametrize("value", ["/", "/bye", "/bye?x=1#y", "/a/b/"])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import secrets
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -11,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from joserfc import jwt
 from joserfc.jwk import RSAKey
 from yarl import URL
 
@@ -21,10 +24,12 @@ if str(ROOT) not in sys.path:
 from bff.config import OidcSettings, Secret  # noqa: E402
 from bff.errors import ProviderUnavailable  # noqa: E402
 from bff.oidc import (  # noqa: E402
+    BACKCHANNEL_EVENT,
     InvalidGrant,
     InvalidToken,
     OidcClient,
     TokenRequestRefused,
+    authorization_server_metadata_url,
     new_pkce_pair,
 )
 from tests.support.hostile_op import HostileOp  # noqa: E402
@@ -163,43 +168,230 @@ def _segment(token: str, index: int) -> bytes:
 
 
 # -------------------------------------------------------------------------------------------------
-# JWKS: refetched on an unknown kid, at most once per interval
+# JWKS: a key rotation never fails a login or a refresh (issue 9, point 7); forged kids on the
+# unsolicited back-channel cannot turn us into a JWKS amplifier
 
 
-async def test_an_unknown_kid_refetches_the_jwks_at_most_once_per_interval(
-    op: HostileOp, client: OidcClient, clock: Clock
+def logout_token(op: HostileOp, key: RSAKey | None = None, **header: Any) -> str:
+    """A valid back-channel logout token (unsolicited: anyone can POST one)."""
+    now = int(time.time())
+    claims = {
+        "iss": op.issuer,
+        "aud": op.client_id,
+        "iat": now,
+        "exp": now + 120,
+        "jti": secrets.token_hex(8),
+        "sid": "op-session",
+        "events": {BACKCHANNEL_EVENT: {}},
+    }
+    return op.sign(claims, key, **header)
+
+
+def without_kid(op: HostileOp, claims: dict[str, Any]) -> str:
+    return jwt.encode({"alg": "RS256"}, claims, op.signing_key)
+
+
+@pytest.mark.parametrize("rotation", ["new kid", "same kid, new key material", "no kid"])
+async def test_a_rotated_key_is_fetched_at_once_for_a_token_from_the_token_endpoint(
+    op: HostileOp, client: OidcClient, rotation: str
 ) -> None:
     await client.validate_id_token(op.id_token(NONCE), nonce=NONCE)
     assert op.jwks_fetches == 1
-
-    # Right after a fetch, an unknown kid is refused without asking the OP again.
-    with pytest.raises(InvalidToken, match="does not publish"):
-        await client.validate_id_token(op.id_token(NONCE, "unknown_kid"), nonce=NONCE)
-    assert op.jwks_fetches == 1
-    # Once the interval has passed: one refetch, and still refused (the OP does not know it).
-    clock.now += 10.5
-    with pytest.raises(InvalidToken, match="does not publish"):
-        await client.validate_id_token(op.id_token(NONCE, "unknown_kid"), nonce=NONCE)
-    assert op.jwks_fetches == 2
-    # A flood of forged kids within the interval costs the OP nothing more.
-    for _ in range(5):
-        with pytest.raises(InvalidToken, match="does not publish"):
-            await client.validate_id_token(op.id_token(NONCE, "unknown_kid"), nonce=NONCE)
+    # Right after that fetch (well inside jwks_refetch_interval) the OP rotates.
+    if rotation == "same kid, new key material":
+        op.replace_key_material()
+    else:
+        op.rotate_signing_key()
+    token = without_kid(op, op.claims(NONCE)) if rotation == "no kid" else op.id_token(NONCE)
+    assert (await client.validate_id_token(token, nonce=NONCE))["sub"] == "alice"
+    assert op.jwks_fetches == 2  # exactly one refetch
+    # the new key is cached now: no more fetches
+    await client.validate_id_token(token, nonce=NONCE)
     assert op.jwks_fetches == 2
 
-    # The OP rotates its key: within the interval the new kid is not fetched yet ...
-    op.rotate_signing_key()
-    rotated = op.id_token(NONCE)
-    with pytest.raises(InvalidToken, match="does not publish"):
-        await client.validate_id_token(rotated, nonce=NONCE)
-    assert op.jwks_fetches == 2
-    # ... once the interval has passed, the unknown kid triggers one refetch that finds it.
-    clock.now += 10.5
-    assert (await client.validate_id_token(rotated, nonce=NONCE))["sub"] == "alice"
-    assert op.jwks_fetches == 3
-    # Known kids need no fetch at all.
+
+async def test_a_refreshed_id_token_is_refused_only_after_a_fresh_key_set_refuses_it(
+    op: HostileOp, client: OidcClient
+) -> None:
     await client.validate_id_token(op.id_token(NONCE), nonce=NONCE)
+    for n, defect in enumerate(["bad_signature", "unknown_kid"], start=2):
+        with pytest.raises(InvalidToken, match=r"signature is invalid|does not publish"):
+            await client.validate_id_token(
+                op.id_token(None, defect), nonce=None, expected_sub="alice"
+            )
+        assert op.jwks_fetches == n  # judged against a key set fetched after it failed
+
+
+async def test_concurrent_tokens_signed_by_a_new_key_share_one_jwks_fetch(
+    op: HostileOp, client: OidcClient
+) -> None:
+    await client.validate_id_token(op.id_token(NONCE), nonce=NONCE)
+    op.rotate_signing_key()
+    op.jwks_delay = 0.2  # the fetch is still under way when the others fail
+    tokens = [op.id_token(NONCE) for _ in range(20)]
+    results = await asyncio.gather(*(client.validate_id_token(t, nonce=NONCE) for t in tokens))
+    assert {r["sub"] for r in results} == {"alice"}
+    assert op.jwks_fetches == 2
+
+
+async def test_forged_kids_on_logout_tokens_refetch_at_most_once_per_interval(
+    op: HostileOp, client: OidcClient, clock: Clock
+) -> None:
+    await client.validate_logout_token(logout_token(op))
+    assert op.jwks_fetches == 1
+    # A flood of logout tokens with random kids, right after a fetch: no fetch at all.
+    for _ in range(50):
+        with pytest.raises(InvalidToken, match="does not publish"):
+            await client.validate_logout_token(logout_token(op, op.rogue_key, kid=_kid()))
+    assert op.jwks_fetches == 1
+    # Once the interval has passed, one of them gets one refetch, the rest none.
+    clock.now += 10.5
+    for _ in range(50):
+        with pytest.raises(InvalidToken, match="does not publish"):
+            await client.validate_logout_token(logout_token(op, op.rogue_key, kid=_kid()))
+    assert op.jwks_fetches == 2
+    # A genuine logout token signed by a rotated key within the interval is refused (the OP
+    # retries it, Back-Channel Logout 1.0 2.8) ...
+    op.rotate_signing_key()
+    with pytest.raises(InvalidToken, match="does not publish"):
+        await client.validate_logout_token(logout_token(op))
+    assert op.jwks_fetches == 2
+    # ... and accepted once the interval has passed.
+    clock.now += 10.5
+    await client.validate_logout_token(logout_token(op))
     assert op.jwks_fetches == 3
+
+
+async def test_a_flood_of_forged_logout_tokens_does_not_stop_a_login_after_a_rotation(
+    op: HostileOp, client: OidcClient
+) -> None:
+    await client.validate_id_token(op.id_token(NONCE), nonce=NONCE)
+    op.rotate_signing_key()
+    op.jwks_delay = 0.1
+
+    async def forged() -> None:
+        with pytest.raises(InvalidToken):
+            await client.validate_logout_token(logout_token(op, op.rogue_key, kid=_kid()))
+
+    flood = [asyncio.create_task(forged()) for _ in range(100)]
+    await asyncio.sleep(0)  # the flood has used up the unsolicited budget
+    claims = await client.validate_id_token(op.id_token(NONCE), nonce=NONCE)
+    assert claims["sub"] == "alice"
+    await asyncio.gather(*flood)
+    # the first fetch, at most one for the flood, one for the login
+    assert op.jwks_fetches <= 3
+    # the flood, still within the interval, cannot make the next login wait for anything
+    more = [asyncio.create_task(forged()) for _ in range(100)]
+    op.rotate_signing_key()
+    assert (await client.validate_id_token(op.id_token(NONCE), nonce=NONCE))["sub"] == "alice"
+    await asyncio.gather(*more)
+    assert op.jwks_fetches <= 4
+
+
+def _kid() -> str:
+    return f"forged-{secrets.token_hex(6)}"
+
+
+# -------------------------------------------------------------------------------------------------
+# The revocation endpoint: discovery, else RFC 8414 metadata, config first (issue 9, point 10)
+
+
+@pytest.mark.parametrize(
+    ("issuer", "expected"),
+    [
+        ("https://op.example", "https://op.example/.well-known/oauth-authorization-server"),
+        ("https://op.example/", "https://op.example/.well-known/oauth-authorization-server"),
+        (
+            "https://op.example/realms/app",
+            "https://op.example/.well-known/oauth-authorization-server/realms/app",
+        ),
+        (
+            "https://op.example:8443/t/",
+            "https://op.example:8443/.well-known/oauth-authorization-server/t",
+        ),
+    ],
+)
+def test_rfc8414_metadata_url_inserts_the_well_known_segment_before_the_path(
+    issuer: str, expected: str
+) -> None:
+    assert authorization_server_metadata_url(issuer) == expected
+
+
+@pytest.mark.parametrize("path", ["", "/tenant/a"])
+async def test_a_revocation_endpoint_only_in_rfc8414_metadata_is_found_and_used(
+    http: aiohttp.ClientSession, clock: Clock, path: str
+) -> None:
+    async with HostileOp(path=path) as op:
+        op.revocation_in = "rfc8414"
+        client = OidcClient(settings_for(op), http, REDIRECT, clock=clock)
+        assert (await client.metadata()).revocation_endpoint == f"{op.issuer}/revoke"
+        assert await client.revoke("RT-1", "refresh_token") is True
+        assert op.revoked == [("RT-1", "refresh_token")]
+        assert op.rfc8414_fetches == 1
+
+
+async def test_rfc8414_metadata_about_another_issuer_is_ignored(
+    op: HostileOp, client: OidcClient
+) -> None:
+    op.revocation_in = "rfc8414"
+    op.rfc8414_issuer = "https://evil.example"
+    assert (await client.metadata()).revocation_endpoint is None
+    assert await client.revoke("RT-1", "refresh_token") is False
+    assert op.revoked == []
+
+
+async def test_an_rfc8414_document_without_an_answer_fails_discovery_until_it_answers(
+    op: HostileOp, client: OidcClient, clock: Clock
+) -> None:
+    op.revocation_in = "rfc8414"
+    op.rfc8414_drop = True
+    with pytest.raises(ProviderUnavailable):
+        await client.metadata()
+    assert not client.ready
+    op.rfc8414_drop = False
+    clock.now += 1.5  # discovery retries at most once a second
+    assert (await client.metadata()).revocation_endpoint == f"{op.issuer}/revoke"
+
+
+async def test_an_rfc8414_document_answering_an_error_means_none_and_bff_gets_ready(
+    op: HostileOp, client: OidcClient
+) -> None:
+    op.revocation_in = "rfc8414"
+    op.rfc8414_status = 502  # some OPs' proxies answer 5xx for paths they do not know
+    assert (await client.metadata()).revocation_endpoint is None
+    assert client.ready
+
+
+async def test_the_configured_revocation_endpoint_wins(
+    op: HostileOp, http: aiohttp.ClientSession, clock: Clock
+) -> None:
+    op.revocation_in = "discovery"
+    configured = f"{op.issuer}/configured/revoke"
+    client = OidcClient(
+        settings_for(op, revocation_endpoint=configured), http, REDIRECT, clock=clock
+    )
+    assert (await client.metadata()).revocation_endpoint == configured
+    assert op.rfc8414_fetches == 0
+
+
+async def test_discovery_names_the_revocation_endpoint_without_asking_rfc8414(
+    op: HostileOp, client: OidcClient
+) -> None:
+    op.revocation_in = "discovery"
+    assert (await client.metadata()).revocation_endpoint == f"{op.issuer}/revoke"
+    assert op.rfc8414_fetches == 0
+
+
+async def test_no_revocation_endpoint_anywhere_is_said_once(
+    op: HostileOp, client: OidcClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="bff.oidc")
+    assert (await client.metadata()).revocation_endpoint is None
+    assert await client.revoke("AT-1", "access_token") is False
+    await client.metadata()
+    warned = [r for r in caplog.records if r.getMessage() == "oidc.no_revocation_endpoint"]
+    assert len(warned) == 1
+    assert op.rfc8414_fetches == 1
 
 
 # -------------------------------------------------------------------------------------------------

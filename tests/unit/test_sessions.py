@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 
 import fakeredis
 import pytest
@@ -432,3 +433,15 @@ async def test_of_two_racing_callbacks_with_one_state_exactly_one_finishes(
     )
     assert sum(isinstance(r, LoginTransaction) for r in results) == 1
     assert sum(isinstance(r, LoginFailed) for r in results) == 1
+
+
+def test_a_record_from_an_older_or_newer_version_still_reads(clock: FakeClock) -> None:
+    data = _data(clock)
+    data.access_lifetime = 8.0
+    values = json.loads(data.to_bytes())
+    del values["access_lifetime"]  # written before the field existed
+    old = SessionData.from_bytes(json.dumps(values).encode())
+    assert old.access_lifetime is None and old.access_token == ACCESS
+    values["field_of_a_later_version"] = 1  # written by a newer instance in a rolling upgrade
+    assert SessionData.from_bytes(json.dumps(values).encode()).refresh_token == REFRESH
+    assert SessionData.from_bytes(data.to_bytes()).access_lifetime == 8.0
