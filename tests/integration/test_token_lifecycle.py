@@ -250,6 +250,7 @@ def test_check_config_says_when_tokens_live_shorter_than_the_skew_and_no_revocat
             static=tmp_path / "static",
             refresh_skew="60s",
         )
+        config["workers"] = 1  # memory:// is refused with several workers
         path = write_config(tmp_path, config)
         result = run_cli("check-config", str(path))
         stats = asyncio.run(op.stats())
@@ -272,6 +273,7 @@ def test_check_config_says_when_it_cannot_learn_the_lifetime(tmp_path: Path) -> 
             keys=[secrets.token_urlsafe(32)],
             static=tmp_path / "static",
         )
+        config["workers"] = 1  # memory:// is refused with several workers
         result = run_cli("check-config", str(write_config(tmp_path, config)))
     assert result.returncode == 0, result.stderr
     assert "access token lifetime unknown" in result.stdout
