@@ -5,6 +5,10 @@
 * The login cookie (``<name>-tx``): binds a login transaction to the browser that started it. It
   must be SameSite=Lax, because the OP's redirect back to ``/bff/callback`` is a cross-site
   navigation on which a Strict cookie is never sent.
+
+A request that carries either cookie's name more than once (in one ``Cookie`` line or across
+several) has no such cookie: one of them was planted, by a sibling subdomain, an older path or
+a script, and neither "first wins" nor "last wins" may let a planted value choose the session.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ import re
 from typing import Literal
 
 from aiohttp import web
+
+# aiohttp's own Cookie parser (the one behind request.cookies), which keeps every pair in order;
+# request.cookies keeps only the last of a name and reads only the first Cookie line.
+from aiohttp._cookie_helpers import parse_cookie_header
 
 from bff.keys import Keyring, SessionSecret
 
@@ -62,7 +70,7 @@ class CookiePolicy:
         self._set(response, self.tx_name, "", 0, "Lax", "login")
 
     def _read(self, request: web.Request, name: str, purpose: str) -> SessionSecret | None:
-        raw = request.cookies.get(name)
+        raw = _only_value(request, name)
         if not raw:
             return None
         # Hot path: a value that verified before verifies again (keys change only at restart),
@@ -101,6 +109,18 @@ class CookiePolicy:
             httponly=True,
             samesite=same_site,
         )
+
+
+def _only_value(request: web.Request, name: str) -> str | None:
+    """The value of the one cookie called ``name``; None when absent or sent more than once."""
+    lines = request.headers.getall("Cookie", ())
+    if not lines:
+        return None
+    if len(lines) == 1 and lines[0].count(name) <= 1:
+        # Hot path: the name occurs at most once as text, so at most once as a cookie.
+        return request.cookies.get(name)
+    values = [m.value for line in lines for key, m in parse_cookie_header(line) if key == name]
+    return values[0] if len(values) == 1 else None
 
 
 def _remember(

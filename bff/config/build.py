@@ -7,6 +7,7 @@ the config (private_key_file) are checked for readability now rather than at the
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
@@ -74,6 +75,7 @@ class _Builder(Reader):
             content_security_policy=self.header_value((*sp, "content_security_policy"), csp),
             hsts=self.get(sec, sp, "hsts", True),
         )
+        trusted_proxies = self.trusted_proxies(data)
         log_data = self.section(data, "log")
         log = LogSettings(
             level=self.get(log_data, ("log",), "level", "info"),
@@ -91,6 +93,7 @@ class _Builder(Reader):
             keys=keys,
             upstreams=upstreams,
             security=security,
+            trusted_proxies=trusted_proxies,
             log=log,
         )
 
@@ -245,6 +248,33 @@ class _Builder(Reader):
             login_timeout=self.positive(d, p, "login_timeout", 600.0),
             cache_ttl=cache_ttl,
         )
+
+    def trusted_proxies(self, data: dict[str, Any]) -> tuple[str, ...]:
+        """CIDRs (or single addresses), normalised; host bits set is a mistake worth saying."""
+        p: Key = ("trusted_proxies",)
+        raw = self.get(data, (), "trusted_proxies", [])
+        found: list[tuple[int, str]] = []
+        for i, item in enumerate(raw):
+            if not isinstance(item, str) or not self.ctx.ok((*p, i)):
+                continue
+            shown = self.ctx.show((*p, i), item)
+            try:
+                network = ipaddress.ip_network(item.strip())
+            except ValueError:
+                try:
+                    loose = ipaddress.ip_network(item.strip(), strict=False)
+                except ValueError:
+                    message = (
+                        "expected an IP network like 10.0.0.0/8 or 2001:db8::/32 (or one "
+                        f"address), got {shown}"
+                    )
+                else:
+                    message = f"{shown} has host bits set; did you mean {loose}?"
+                self.ctx.report((*p, i), message)
+                continue
+            found.append((i, str(network)))
+        self.unique(p, found, "network")
+        return tuple(dict.fromkeys(n for _, n in found))
 
     def keys(self, data: dict[str, Any]) -> tuple[Secret, ...]:
         raw = self.get(data, (), "keys", [])

@@ -123,6 +123,7 @@ SCHEMA: Final[dict[str, Any]] = {
                 ),
             },
             "security": _obj({"content_security_policy": _STR, "hsts": _BOOL}),
+            "trusted_proxies": _STR_LIST,
             "log": _obj(
                 {
                     "level": {"enum": ["debug", "info", "warning", "error", "critical"]},

@@ -184,6 +184,9 @@ class Settings:
     # whose path prefixes a request path is the longest match (/api/orders beats /api).
     upstreams: tuple[Upstream, ...] = ()
     security: SecuritySettings = SecuritySettings()  # security response headers
+    # Networks (CIDR, normalised) of the proxies in front of bff whose X-Forwarded-For /
+    # Forwarded name the client; empty: every peer is the client itself (see bff/peers.py).
+    trusted_proxies: tuple[str, ...] = ()
     log: LogSettings = LogSettings()  # logging
     dev: bool = field(init=False)  # derived: public_url is http:// on a loopback host
 

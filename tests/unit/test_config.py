@@ -167,6 +167,7 @@ def test_defaults() -> None:
     assert sess.cookie == CookieSettings(name="__Host-bff", same_site="strict", secure=True)
     assert (sess.idle_timeout, sess.absolute_timeout) == (8 * 3600, 24 * 3600)
     assert (sess.login_timeout, sess.cache_ttl) == (600.0, 1.0)
+    assert s.trusted_proxies == ()
 
 
 def test_dataclass_defaults_match_loader_defaults() -> None:
@@ -1346,3 +1347,27 @@ def test_problem_lines_are_sorted_and_unique() -> None:
     found = problems(text)
     assert len(found) == len(set(found)) == 3
     assert [int(re.match(r"bff\.yaml:(\d+):", m).group(1)) for m in found] == [7, 7, 8]  # type: ignore[union-attr]
+
+
+# -- trusted_proxies -------------------------------------------------------------------------------
+
+
+def test_trusted_proxies_are_normalised_networks() -> None:
+    s = parse(MINIMAL + "trusted_proxies: [10.0.0.0/8, 192.0.2.7, '2001:DB8::/32', '::1']\n")
+    assert s.trusted_proxies == ("10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32", "::1/128")
+    assert dump_redacted(s)["trusted_proxies"] == list(s.trusted_proxies)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[10.0.0.1/8]", "trusted_proxies[0]: '10.0.0.1/8' has host bits set; did you mean 10.0.0.0/8?"),
+        ("[proxy.internal]", "trusted_proxies[0]: expected an IP network like 10.0.0.0/8"),
+        ("[10.0.0.0/33]", "trusted_proxies[0]: expected an IP network like 10.0.0.0/8"),
+        ("[10.0.0.0/8, 10.0.0.0/8]", "trusted_proxies[1]: duplicate network (same as trusted_proxies[0])"),
+        ("10.0.0.0/8", "trusted_proxies: expected a list, got '10.0.0.0/8'"),
+    ],
+)
+def test_a_bad_trusted_proxy_is_named_with_its_line(value: str, message: str) -> None:
+    found = one_problem(MINIMAL + f"trusted_proxies: {value}\n")
+    assert found.startswith("bff.yaml:7: " + message), found

@@ -1,0 +1,245 @@
+"""``_method`` and its kin in query strings and form bodies: what a route's ``methods:`` cannot see.
+
+Rails (Rack::MethodOverride), Symfony and Laravel, Spring's HiddenHttpMethodFilter, ASP.NET
+Core's method override and Express's method-override turn a ``POST`` carrying a ``_method``
+parameter into the method it names, so ``POST /api/orders/1`` with ``_method=DELETE`` would be a
+``DELETE`` that a route with ``methods: [GET, POST]`` never allowed. The override headers are
+dropped in :mod:`bff.proxy.headers`; here are the parameters. Names are compared as the
+frameworks read them: percent-decoded, ``+`` as space, any case (ASP.NET's form keys are
+case-insensitive), PHP's mangling (leading spaces gone, ``.`` and space as ``_``, ``[...]``
+suffixes), ``-`` as ``_``; ``&`` and ``;`` both separate parameters (Rack 2 splits on both).
+
+The choices, and why:
+
+* **Query string: the parameter is dropped** from what is forwarded, on every route, the rest of
+  the query byte for byte. No legitimate SPA call needs it, and dropping costs nothing.
+* **Form bodies (``application/x-www-form-urlencoded``, ``multipart/*``, and a body without a
+  ``Content-Type``, which Rack parses as a form): a body with an override parameter is refused
+  with 400**, on routes with a ``methods:`` list only. Rewriting would mean buffering whole
+  bodies (and, for multipart, re-serialising them, whose byte-exactness no upstream parser
+  promises); refusing lets the body stream as it came, scanned on the way, and an SPA that uses
+  ``fetch`` never sends ``_method``. Without a ``methods:`` list every method is allowed
+  directly, so an override gains nothing and the body is not scanned (no cost on upload routes).
+  The scan keeps the newest chunk back until the next one has been scanned, so a refused body
+  never reaches the upstream complete, and no framework acts on a body it has not finished.
+  Multipart bodies are read with aiohttp's own multipart parser; a part without a name, a
+  malformed body, nested boundaries after the closing one, or a form body with a
+  ``Content-Encoding`` (it cannot be scanned, and some servers decompress) is refused too.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import AsyncIterator
+from typing import Final, cast
+from urllib.parse import unquote_plus
+
+from aiohttp import MultipartReader, StreamReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from bff.errors import BadRequest, MethodOverrideRefused
+
+__all__ = ["body_scanner", "drop_override_params", "is_override_param"]
+
+#: Parameter names (normalised as above) that some framework reads as the request's method.
+_OVERRIDE_PARAMS: Final = frozenset(
+    {"_method", "x_http_method_override", "x_http_method", "x_method_override"}
+)
+_SEPARATORS: Final = re.compile(r"[&;]")
+_NAME_END: Final = re.compile(rb"[=&;]")
+_VALUE_END: Final = re.compile(rb"[&;]")
+#: A form parameter name longer than this is refused (no form has one; it bounds the scan).
+MAX_NAME: Final = 1024
+#: Bytes allowed after a multipart body's closing boundary (browsers send none).
+MAX_EPILOGUE: Final = 4096
+
+
+def is_override_param(raw_name: str) -> bool:
+    """Whether some framework reads a parameter called ``raw_name`` (as sent) as ``_method``."""
+    name = unquote_plus(raw_name, encoding="latin-1").lower().lstrip(" \t\r\n\x0b\x0c")
+    name = name.split("[", 1)[0].replace(" ", "_").replace(".", "_").replace("-", "_")
+    return name in _OVERRIDE_PARAMS
+
+
+def drop_override_params(query: str) -> str:
+    """``query`` without its override parameters, otherwise exactly as sent."""
+    if not query or ("%" not in query and "method" not in query.lower()):
+        return query  # the hot path: no name here can decode to one of them
+    pieces = _SEPARATORS.split(query)
+    if not any(is_override_param(p.partition("=")[0]) for p in pieces):
+        return query
+    seps = _SEPARATORS.findall(query)
+    out: list[str] = []
+    for i, piece in enumerate(pieces):
+        if is_override_param(piece.partition("=")[0]):
+            continue
+        if out:
+            out.append(seps[i - 1])
+        out.append(piece)
+    return "".join(out)
+
+
+class _FormScanner:
+    """Finds override names in an urlencoded body fed chunk by chunk (names may span chunks)."""
+
+    __slots__ = ("_in_value", "_name")
+
+    def __init__(self) -> None:
+        self._name = bytearray()
+        self._in_value = False
+
+    def feed(self, chunk: bytes) -> None:
+        pos, end = 0, len(chunk)
+        while pos < end:
+            if self._in_value:
+                match = _VALUE_END.search(chunk, pos)
+                if match is None:
+                    return
+                self._in_value = False
+                pos = match.end()
+                continue
+            match = _NAME_END.search(chunk, pos)
+            stop = match.start() if match is not None else end
+            self._name += chunk[pos:stop]
+            if len(self._name) > MAX_NAME:
+                raise BadRequest("a form parameter name is too long")
+            if match is None:
+                return
+            self._end_name()
+            self._in_value = chunk[stop] == ord("=")
+            pos = match.end()
+
+    def close(self) -> None:
+        if not self._in_value:
+            self._end_name()
+
+    def _end_name(self) -> None:
+        name = self._name.decode("latin-1")
+        self._name.clear()
+        if is_override_param(name):
+            raise MethodOverrideRefused()
+
+
+async def _scanned_form(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    scanner = _FormScanner()
+    held = b""
+    async for chunk in chunks:
+        scanner.feed(chunk)
+        if held:
+            yield held
+        held = chunk
+    scanner.close()
+    if held:
+        yield held
+
+
+class _Tap:
+    """The request body as aiohttp's multipart parser reads it, with every byte it pulls from
+    the browser kept (once, in order) to be forwarded as it came."""
+
+    __slots__ = ("_back", "_new", "_source")
+
+    def __init__(self, source: StreamReader) -> None:
+        self._source = source
+        self._back = bytearray()  # what the parser gave back (unread_data); already kept
+        self._new = bytearray()  # pulled from the browser since the last take()
+
+    def take(self) -> bytes:
+        out = bytes(self._new)
+        self._new.clear()
+        return out
+
+    async def readline(self, *, max_line_length: int | None = None) -> bytes:
+        head = b""
+        if self._back:
+            i = self._back.find(b"\n")
+            if i >= 0:
+                line = bytes(self._back[: i + 1])
+                del self._back[: i + 1]
+                return line
+            head = bytes(self._back)
+            self._back.clear()
+        data = await self._source.readline(max_line_length=max_line_length)
+        self._new += data
+        return head + data
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._back:
+            size = len(self._back) if n < 0 else min(n, len(self._back))
+            out = bytes(self._back[:size])
+            del self._back[:size]
+            return out
+        data = await self._source.read(n)
+        self._new += data
+        return data
+
+    def unread_data(self, data: bytes) -> None:
+        self._back[:0] = data
+
+    def at_eof(self) -> bool:
+        return not self._back and self._source.at_eof()
+
+
+async def _scanned_multipart(request: web.Request) -> AsyncIterator[bytes]:
+    tap = _Tap(request.content)
+    try:
+        # The parser reads through the tap: it is duck-typed on StreamReader's read methods.
+        reader = MultipartReader(request.headers, cast(StreamReader, tap))
+    except (ValueError, AssertionError, KeyError):
+        raise BadRequest("the multipart body is malformed") from None
+    boundary = reader._boundary  # b"--" + boundary, as the parser matches it
+    held = b""
+    try:
+        while True:
+            part = await reader.next()
+            if part is None:
+                break
+            if isinstance(part, MultipartReader):
+                raise BadRequest("nested multipart bodies are not accepted on this route")
+            with warnings.catch_warnings():  # their text would quote the request
+                warnings.simplefilter("ignore")
+                name = part.name
+            if name is None:
+                raise BadRequest("a multipart part has no name")
+            if is_override_param(name):
+                raise MethodOverrideRefused()
+            while True:
+                chunk = await part.read_chunk()
+                new = tap.take()
+                if new:
+                    if held:
+                        yield held
+                    held = new
+                if not chunk:
+                    break
+        epilogue = await tap.read(MAX_EPILOGUE + 1)
+        while (more := await tap.read(MAX_EPILOGUE + 1)) and len(epilogue) <= MAX_EPILOGUE:
+            epilogue += more
+    except (ValueError, AssertionError, HttpProcessingError):
+        raise BadRequest("the multipart body is malformed") from None
+    if len(epilogue) > MAX_EPILOGUE or boundary in epilogue:
+        raise BadRequest("the multipart body is malformed")
+    rest = held + tap.take()
+    if rest:
+        yield rest
+
+
+def body_scanner(request: web.Request, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """``chunks`` (the request body), scanned for override parameters when it is a form.
+
+    Raises :class:`BadRequest` at once for a form whose kind is ambiguous (several
+    ``Content-Type`` lines) or that cannot be scanned (a ``Content-Encoding``).
+    """
+    types = request.headers.getall("Content-Type", ())
+    if len(types) > 1:
+        raise BadRequest("a request has one Content-Type")
+    media = request.content_type  # aiohttp's parse, lower-cased; octet-stream when absent
+    form = not types or media == "application/x-www-form-urlencoded"
+    multipart = bool(types) and media.startswith("multipart/")
+    if not form and not multipart:
+        return chunks
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise BadRequest("a form body with a Content-Encoding is not accepted on this route")
+    return _scanned_multipart(request) if multipart else _scanned_form(chunks)
