@@ -44,7 +44,8 @@ Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: A chain with more trusted hops than this is not believed (the peer is the client).
 MAX_HOPS: Final = 32
-_CHAIN: Final = "bff_peer_chain"  # request key: the chain, computed at most once per request
+#: The request's chain, worked out at most once per request.
+_CHAIN: Final = web.RequestKey("bff_peer_chain", tuple[str, ...])
 _TOKEN_CHARS: Final = frozenset(
     "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 )
@@ -118,7 +119,7 @@ class Peers:
         peer = request.remote or ""
         if not self._networks:
             return (peer,)
-        cached: tuple[str, ...] | None = request.get(_CHAIN)
+        cached = request.get(_CHAIN)
         if cached is None:
             cached = self._chain(request, peer)
             request[_CHAIN] = cached

@@ -223,7 +223,8 @@ def private_cache_control(value: str) -> str:
     while pos < end:
         match = _DIRECTIVE.match(value, pos)
         if match is None or match.end() == pos:  # not a directive list: keep nothing of it
-            kept, no_store = [], "no-store" in value.lower()
+            no_store = "no-store" in value.lower()
+            kept = ["no-store"] if no_store else []
             break
         pos = match.end()
         name = match.group(1)

@@ -213,12 +213,16 @@ async def _scanned_multipart(request: web.Request) -> AsyncIterator[bytes]:
                     held = new
                 if not chunk:
                     break
-        epilogue = await tap.read(MAX_EPILOGUE + 1)
-        while (more := await tap.read(MAX_EPILOGUE + 1)) and len(epilogue) <= MAX_EPILOGUE:
-            epilogue += more
+        # After the closing boundary the parser has read up to two lines of epilogue itself.
+        epilogue = list(reader._unread)
+        size = sum(map(len, epilogue))
+        while size <= MAX_EPILOGUE and (more := await tap.read(MAX_EPILOGUE + 1)):
+            epilogue.append(more)
+            size += len(more)
     except (ValueError, AssertionError, HttpProcessingError):
         raise BadRequest("the multipart body is malformed") from None
-    if len(epilogue) > MAX_EPILOGUE or boundary in epilogue:
+    # Another parser might read on past the closing boundary: no second body may hide there.
+    if size > MAX_EPILOGUE or any(boundary in piece for piece in epilogue):
         raise BadRequest("the multipart body is malformed")
     rest = held + tap.take()
     if rest:

@@ -1361,10 +1361,16 @@ def test_trusted_proxies_are_normalised_networks() -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("[10.0.0.1/8]", "trusted_proxies[0]: '10.0.0.1/8' has host bits set; did you mean 10.0.0.0/8?"),
+        (
+            "[10.0.0.1/8]",
+            "trusted_proxies[0]: '10.0.0.1/8' has host bits set; did you mean 10.0.0.0/8?",
+        ),
         ("[proxy.internal]", "trusted_proxies[0]: expected an IP network like 10.0.0.0/8"),
         ("[10.0.0.0/33]", "trusted_proxies[0]: expected an IP network like 10.0.0.0/8"),
-        ("[10.0.0.0/8, 10.0.0.0/8]", "trusted_proxies[1]: duplicate network (same as trusted_proxies[0])"),
+        (
+            "[10.0.0.0/8, 10.0.0.0/8]",
+            "trusted_proxies[1]: duplicate network (same as trusted_proxies[0])",
+        ),
         ("10.0.0.0/8", "trusted_proxies: expected a list, got '10.0.0.0/8'"),
     ],
 )
