@@ -44,6 +44,7 @@ Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: A chain with more trusted hops than this is not believed (the peer is the client).
 MAX_HOPS: Final = 32
+_MEMO_MAX: Final = 4096  # chains whose forwarding headers are kept ready
 #: The request's chain, worked out at most once per request.
 _CHAIN: Final = web.RequestKey("bff_peer_chain", tuple[str, ...])
 _TOKEN_CHARS: Final = frozenset(
@@ -96,7 +97,7 @@ def _for_value(address: str) -> str:
 class Peers:
     """The trusted networks and the public origin, built once at start-up (see ``app.py``)."""
 
-    __slots__ = ("_host", "_networks", "_proto", "_suffix")
+    __slots__ = ("_host", "_memo", "_networks", "_proto", "_suffix")
 
     def __init__(self, trusted_proxies: Iterable[str], public_url: str) -> None:
         self._networks: tuple[Network, ...] = tuple(
@@ -106,6 +107,7 @@ class Peers:
         self._proto = parts.scheme
         self._host = parts.netloc
         self._suffix = f";host={_forwarded_value(self._host)};proto={self._proto}"
+        self._memo: dict[tuple[str, ...], tuple[tuple[str, str], ...]] = {}
 
     @property
     def trusts_any(self) -> bool:
@@ -156,18 +158,25 @@ class Peers:
         """The client's IP address as text (the TCP peer unless it is a trusted proxy)."""
         return self.chain(request)[0]
 
-    def forwarding(self, request: web.Request) -> list[tuple[str, str]]:
+    def forwarding(self, request: web.Request) -> tuple[tuple[str, str], ...]:
         """``X-Forwarded-For``/``-Proto``/``-Host`` and ``Forwarded`` for the upstream."""
         chain = self.chain(request)
+        known = self._memo.get(chain)
+        if known is not None:
+            return known
         elements = [f"for={_for_value(a)}" for a in chain]
         elements[0] += self._suffix
-        out = [
+        out: tuple[tuple[str, str], ...] = (
             ("X-Forwarded-Proto", self._proto),
             ("X-Forwarded-Host", self._host),
             ("Forwarded", ", ".join(elements)),
-        ]
+        )
         if chain[0]:
-            out.append(("X-Forwarded-For", ", ".join(chain)))
+            out += (("X-Forwarded-For", ", ".join(chain)),)
+        # Few distinct chains are busy at once (a client's, or a handful of proxies'): bounded.
+        if len(self._memo) >= _MEMO_MAX:
+            self._memo.pop(next(iter(self._memo)))
+        self._memo[chain] = out
         return out
 
 

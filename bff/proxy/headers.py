@@ -176,7 +176,7 @@ def upstream_headers(
     out = [
         (k, v)
         for k, v in headers.items()
-        if (name := header_key(k)) not in drop and not name.startswith(_DROP_PREFIXES)
+        if (name := k.lower().replace("_", "-")) not in drop and not name.startswith(_DROP_PREFIXES)
     ]
     out.extend(extra)
     if token is not None:
