@@ -98,6 +98,13 @@ CLIENT_ADDRESS: Final = frozenset(
         "wl-proxy-ssl",
         "x-custom-ip-authorization",
         "x-coming-from",
+        "cluster-client-ip",
+        "real-ip",
+        "x-true-ip",
+        "fly-client-ip",  # Fly.io
+        "do-connecting-ip",  # DigitalOcean App Platform
+        "x-nf-client-connection-ip",  # Netlify
+        "x-vercel-forwarded-for",  # Vercel
         "front-end-https",  # Microsoft's scheme
         "x-url-scheme",
         "x-scheme",
@@ -119,6 +126,8 @@ OVERRIDES: Final = frozenset(
         "x-original-uri",
         "x-rewrite-url",
         "x-override-url",
+        "x-http-destinationurl",
+        "x-proxy-url",
     }
 )
 #: Whole families: ``x-forwarded``, ``x-forwarded-*``; Envoy's ``x-envoy-*`` (among them the

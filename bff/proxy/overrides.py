@@ -58,7 +58,8 @@ MAX_EPILOGUE: Final = 4096
 def is_override_param(raw_name: str) -> bool:
     """Whether some framework reads a parameter called ``raw_name`` (as sent) as ``_method``."""
     name = unquote_plus(raw_name, encoding="latin-1").lower().lstrip(" \t\r\n\x0b\x0c")
-    name = name.split("[", 1)[0].replace(" ", "_").replace(".", "_").replace("-", "_")
+    name = name.split("\x00", 1)[0].split("[", 1)[0]  # C strings end at NUL
+    name = name.replace(" ", "_").replace(".", "_").replace("-", "_")
     return name in _OVERRIDE_PARAMS
 
 
@@ -238,9 +239,10 @@ def body_scanner(request: web.Request, chunks: AsyncIterator[bytes]) -> AsyncIte
     types = request.headers.getall("Content-Type", ())
     if len(types) > 1:
         raise BadRequest("a request has one Content-Type")
-    media = request.content_type  # aiohttp's parse, lower-cased; octet-stream when absent
-    form = not types or media == "application/x-www-form-urlencoded"
-    multipart = bool(types) and media.startswith("multipart/")
+    # By prefix, as the loosest readers do (PHP ends the type at ";", "," or a space).
+    media = types[0].strip().lower() if types else ""
+    form = not media or media.startswith("application/x-www-form-urlencoded")
+    multipart = media.startswith("multipart/")
     if not form and not multipart:
         return chunks
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()

@@ -76,6 +76,7 @@ def splits(body: bytes) -> list[list[bytes]]:
         b"a=1&_method",
         b"a=1&.method=PUT",
         b"x-http-method-override=PUT",
+        b"a=1&_method%00x=PUT",
     ],
 )
 async def test_a_form_with_an_override_is_refused_before_it_is_complete(body: bytes) -> None:
@@ -85,8 +86,20 @@ async def test_a_form_with_an_override_is_refused_before_it_is_complete(body: by
         assert len(got) < len(body), chunks
 
 
-async def test_a_body_without_a_content_type_is_scanned_as_a_form() -> None:
-    got, refused = await drain(request([], [b"_method=DELETE"]))
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],
+        [("Content-Type", "")],
+        [("Content-Type", "Application/X-WWW-Form-Urlencoded")],
+        [("Content-Type", "application/x-www-form-urlencoded garbage")],
+        [("Content-Type", "application/x-www-form-urlencoded,text/plain")],
+    ],
+)
+async def test_every_content_type_some_server_reads_as_a_form_is_scanned(
+    headers: list[tuple[str, str]],
+) -> None:
+    got, refused = await drain(request(headers, [b"_method=DELETE"]))
     assert isinstance(refused, MethodOverrideRefused) and got == b""
 
 
