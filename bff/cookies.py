@@ -14,7 +14,7 @@ a script, and neither "first wins" nor "last wins" may let a planted value choos
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Final, Literal
 
 from aiohttp import web
 
@@ -28,6 +28,8 @@ __all__ = ["CookiePolicy"]
 
 _COOKIE_VALUE = re.compile(r"[A-Za-z0-9_.-]+")
 _VERIFIED_MAX = 10_000  # ~6 MB at most: only values that verified get in
+#: Every (name, value) of every Cookie line, in order, once a request needs them all.
+_PAIRS: Final = web.RequestKey("bff_cookie_pairs", tuple[tuple[str, str], ...])
 
 
 class CookiePolicy:
@@ -119,7 +121,11 @@ def _only_value(request: web.Request, name: str) -> str | None:
     if len(lines) == 1 and lines[0].count(name) <= 1:
         # Hot path: the name occurs at most once as text, so at most once as a cookie.
         return request.cookies.get(name)
-    values = [m.value for line in lines for key, m in parse_cookie_header(line) if key == name]
+    pairs = request.get(_PAIRS)
+    if pairs is None:  # parsed at most once per request, whichever cookie is read first
+        pairs = tuple((key, m.value) for line in lines for key, m in parse_cookie_header(line))
+        request[_PAIRS] = pairs
+    values = [value for key, value in pairs if key == name]
     return values[0] if len(values) == 1 else None
 
 

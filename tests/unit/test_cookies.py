@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from http.cookies import Morsel
+from unittest import mock
 
 import pytest
 from aiohttp import web
+from aiohttp._cookie_helpers import parse_cookie_header
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
@@ -264,3 +266,16 @@ def test_a_cookie_whose_name_only_resembles_the_session_cookies_does_not_count()
     value = _issued(policy, secret).value
     header = f"x{policy.name}=1; {policy.name.upper()}=2; {policy.name}={value}"
     assert policy.session_secret(_request(header)) == secret
+
+
+def test_the_cookie_lines_are_parsed_once_per_request_for_both_cookies() -> None:
+    policy = _policy()
+    session, login = new_secret(), new_secret()
+    request = _lines_request(
+        f"{policy.tx_name}={_issued(policy, login, login=True).value}",
+        f"{policy.name}={_issued(policy, session).value}",
+    )
+    with mock.patch("bff.cookies.parse_cookie_header", wraps=parse_cookie_header) as parse:
+        assert policy.session_secret(request) == session
+        assert policy.browser_secret(request) == login
+    assert parse.call_count == 2  # one call per Cookie line, for both reads together
