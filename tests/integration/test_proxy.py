@@ -892,6 +892,28 @@ async def test_overrides_and_client_addresses_in_any_spelling_never_reach_the_up
         assert resp.status == 405
 
 
+async def test_a_websocket_handshake_gets_the_same_hygiene(
+    bff: Bff, browser: aiohttp.ClientSession
+) -> None:
+    await bff.login(browser)
+    async with browser.ws_connect(
+        f"{bff.url}/api/ws/chat?_method=DELETE&room=1",
+        origin=bff.url,
+        headers=CIMultiDict(OVERRIDE_HEADERS),
+    ) as ws:
+        await ws.send_str("hello")
+        assert (await ws.receive(timeout=5)).data == "hello"
+    seen = bff.upstream.seen[-1]
+    assert seen.path == "/ws/chat?room=1"
+    values = [v for vs in seen.headers.values() for v in vs]
+    for planted in ("DELETE", "/admin", "6.6.6.6", "evil.example", "gopher"):
+        assert not any(planted in v for v in values), (planted, seen.headers)
+    assert seen.headers["x-forwarded-for"] == ["127.0.0.1"]
+    assert seen.headers["forwarded"] == [
+        f'for=127.0.0.1;host="{bff.url.removeprefix("http://")}";proto=http'
+    ]
+
+
 def form_body(*fields: tuple[str, str]) -> aiohttp.FormData:
     form = aiohttp.FormData()
     for name, value in fields:
