@@ -164,6 +164,8 @@ _TCHARS: Final = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _DIRECTIVE: Final = re.compile(
     rf'[ \t]*(?:({_TCHARS})(?:[ \t]*=[ \t]*(?:{_TCHARS}|"(?:[^"\\]|\\.)*"))?[ \t]*)?(?:,|$)'
 )
+#: A user's answer: also without the upstream's Cache-Control (ours replaces it).
+_PRIVATE_DROP: Final = _RESPONSE_DROP | _SHARED_CACHE_HEADERS | {"cache-control"}
 _CACHE_CONTROL_MEMO: dict[str, str] = {}  # upstream value -> ours; upstreams send few distinct ones
 _MEMO_MAX: Final = 256
 
@@ -198,20 +200,17 @@ def downstream_headers(response: aiohttp.ClientResponse, *, private: bool) -> CI
     """The upstream's response headers minus hop-by-hop ones and ``Set-Cookie``; with
     ``private`` (a user's answer), also made unstorable by shared caches."""
     headers = response.headers
-    drop = _RESPONSE_DROP
+    drop = _PRIVATE_DROP if private else _RESPONSE_DROP
     connection = headers.get("Connection")
     if connection is not None:
         drop = drop | {t.strip().lower() for t in connection.split(",")}
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in headers.items():
-        if k.lower() not in drop:
+        name = k.lower()
+        if name not in drop and not (private and name.endswith("cdn-cache-control")):
             out.add(k, v)
     if private:
-        for name in list(out.keys()):
-            key = header_key(name)
-            if key in _SHARED_CACHE_HEADERS or key.endswith("cdn-cache-control"):
-                out.popall(name, None)
-        upstream = out.popall("Cache-Control", None)
+        upstream = headers.getall("Cache-Control", ())
         out["Cache-Control"] = private_cache_control(", ".join(upstream) if upstream else "")
     return out
 
