@@ -109,10 +109,6 @@ class Peers:
         self._suffix = f";host={_forwarded_value(self._host)};proto={self._proto}"
         self._memo: dict[tuple[str, ...], tuple[tuple[str, str], ...]] = {}
 
-    @property
-    def trusts_any(self) -> bool:
-        return bool(self._networks)
-
     def trusted(self, address: Address) -> bool:
         return any(address in network for network in self._networks)
 
@@ -129,8 +125,10 @@ class Peers:
 
     def _chain(self, request: web.Request, peer: str) -> tuple[str, ...]:
         peer_address = parse_node(peer)
-        if peer_address is None or not self.trusted(peer_address):
+        if peer_address is None:
             return (peer,)
+        if not self.trusted(peer_address):
+            return (str(peer_address),)
         hops = self._hops(request)
         found = [str(peer_address)]
         for text in reversed(hops):

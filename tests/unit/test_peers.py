@@ -251,3 +251,7 @@ def test_trusted_networks_hold_their_whole_range() -> None:
     peers = Peers(["192.0.2.0/24"], PUBLIC)
     assert peers.trusted(ipaddress.ip_address("192.0.2.255"))
     assert not peers.trusted(ipaddress.ip_address("192.0.3.0"))
+
+
+def test_an_untrusted_dual_stack_peer_is_named_by_its_ipv4_address() -> None:
+    assert TRUSTED.client_address(request("::ffff:203.0.113.9")) == "203.0.113.9"
