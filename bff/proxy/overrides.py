@@ -23,8 +23,9 @@ The choices, and why:
   The scan keeps the newest chunk back until the next one has been scanned, so a refused body
   never reaches the upstream complete, and no framework acts on a body it has not finished.
   Multipart bodies are read with aiohttp's own multipart parser; a part without a name, a
-  malformed body, nested boundaries after the closing one, or a form body with a
-  ``Content-Encoding`` (it cannot be scanned, and some servers decompress) is refused too.
+  malformed body, the boundary anywhere but at the delimiters that parser saw (where a looser
+  parser could find a part it did not), or a form body with a ``Content-Encoding`` (it cannot
+  be scanned, and some servers decompress) is refused too.
 """
 
 from __future__ import annotations
@@ -137,14 +138,29 @@ async def _scanned_form(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 class _Tap:
     """The request body as aiohttp's multipart parser reads it, with every byte it pulls from
-    the browser kept (once, in order) to be forwarded as it came."""
+    the browser kept (once, in order) to be forwarded as it came, and the times the boundary
+    occurs in those bytes counted."""
 
-    __slots__ = ("_back", "_new", "_source")
+    __slots__ = ("_back", "_needle", "_new", "_source", "_tail", "hits")
 
     def __init__(self, source: StreamReader) -> None:
         self._source = source
         self._back = bytearray()  # what the parser gave back (unread_data); already kept
         self._new = bytearray()  # pulled from the browser since the last take()
+        self._needle = b""
+        self._tail = b""  # the last len(needle) - 1 bytes pulled: a boundary split by a chunk
+        self.hits = 0
+
+    def count(self, needle: bytes) -> None:
+        """Count ``needle`` in every byte pulled from now on."""
+        self._needle = needle
+
+    def _pulled(self, data: bytes) -> None:
+        self._new += data
+        if self._needle and data:
+            window = self._tail + data
+            self.hits += window.count(self._needle)
+            self._tail = window[1 - len(self._needle) :]
 
     def take(self) -> bytes:
         out = bytes(self._new)
@@ -162,7 +178,7 @@ class _Tap:
             head = bytes(self._back)
             self._back.clear()
         data = await self._source.readline(max_line_length=max_line_length)
-        self._new += data
+        self._pulled(data)
         return head + data
 
     async def read(self, n: int = -1) -> bytes:
@@ -172,7 +188,7 @@ class _Tap:
             del self._back[:size]
             return out
         data = await self._source.read(n)
-        self._new += data
+        self._pulled(data)
         return data
 
     def unread_data(self, data: bytes) -> None:
@@ -190,12 +206,15 @@ async def _scanned_multipart(request: web.Request) -> AsyncIterator[bytes]:
     except (ValueError, AssertionError, KeyError):
         raise BadRequest("the multipart body is malformed") from None
     boundary = reader._boundary  # b"--" + boundary, as the parser matches it
+    tap.count(boundary)
+    parts = 0
     held = b""
     try:
         while True:
             part = await reader.next()
             if part is None:
                 break
+            parts += 1
             if isinstance(part, MultipartReader):
                 raise BadRequest("nested multipart bodies are not accepted on this route")
             with warnings.catch_warnings():  # their text would quote the request
@@ -222,8 +241,11 @@ async def _scanned_multipart(request: web.Request) -> AsyncIterator[bytes]:
             size += len(more)
     except (ValueError, AssertionError, HttpProcessingError):
         raise BadRequest("the multipart body is malformed") from None
-    # Another parser might read on past the closing boundary: no second body may hide there.
-    if size > MAX_EPILOGUE or any(boundary in piece for piece in epilogue):
+    # The boundary occurs only where this parser saw a delimiter: once per part and once to
+    # close. Anywhere else (after a bare LF, which PHP takes for a line end; inside a part
+    # whose Content-Length this parser believed; in the preamble or epilogue) another parser
+    # could find a part this one never saw.
+    if size > MAX_EPILOGUE or tap.hits != parts + 1:
         raise BadRequest("the multipart body is malformed")
     rest = held + tap.take()
     if rest:

@@ -174,6 +174,28 @@ async def test_a_multipart_body_without_an_override_passes_byte_for_byte() -> No
         assert refused is None and got == body
 
 
+HIDDEN = f'--{BOUNDARY}\nContent-Disposition: form-data; name="_method"\n\nDELETE\n'.encode()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # after bare LFs, which PHP reads as line ends
+        multipart(('form-data; name="a"', b"1\n" + HIDDEN)),
+        # inside a part whose Content-Length aiohttp believes and RFC 7578 says to ignore
+        multipart((f'form-data; name="a"\r\nContent-Length: {len(HIDDEN)}', HIDDEN)),
+        # in the preamble and in the epilogue
+        b"preamble\r\n" + HIDDEN + multipart(('form-data; name="a"', b"1")),
+        multipart(('form-data; name="a"', b"1"), epilogue=HIDDEN),
+    ],
+)
+async def test_a_part_that_only_a_looser_parser_would_see_is_refused(body: bytes) -> None:
+    for chunks in [[body], [body[i : i + 5] for i in range(0, len(body), 5)]]:
+        got, refused = await drain(request([("Content-Type", MULTIPART)], chunks))
+        assert isinstance(refused, BadRequest)
+        assert len(got) < len(body)
+
+
 @pytest.mark.parametrize(
     "body",
     [
