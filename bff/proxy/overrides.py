@@ -14,8 +14,9 @@ The choices, and why:
 * **Query string: the parameter is dropped** from what is forwarded, on every route, the rest of
   the query byte for byte. No legitimate SPA call needs it, and dropping costs nothing.
 * **Form bodies (``application/x-www-form-urlencoded``, ``multipart/*``, and a body without a
-  ``Content-Type``, which Rack parses as a form): a body with an override parameter is refused
-  with 400**, on routes with a ``methods:`` list only. Rewriting would mean buffering whole
+  ``Content-Type``, which Rack parses as a form) and JSON bodies (Laravel reads a JSON body's
+  ``_method`` like a form field): a body with an override parameter or key is refused with
+  400**, on routes with a ``methods:`` list only. Rewriting would mean buffering whole
   bodies (and, for multipart, re-serialising them, whose byte-exactness no upstream parser
   promises); refusing lets the body stream as it came, scanned on the way, and an SPA that uses
   ``fetch`` never sends ``_method``. Without a ``methods:`` list every method is allowed
@@ -30,6 +31,7 @@ The choices, and why:
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from collections.abc import AsyncIterator
@@ -49,9 +51,18 @@ _OVERRIDE_PARAMS: Final = frozenset(
 )
 _SEPARATORS: Final = re.compile(r"[&;]")
 _NAME_END: Final = re.compile(rb"[=&;]")
+_STRING_STOP: Final = re.compile(rb'["\\\\]')
+_NON_SPACE: Final = re.compile(rb"[^ \t\r\n]")
+#: What every override name holds, lower-cased and unescaped (see is_override_param).
+_SUSPICIOUS: Final = re.compile(rb"[_. -]method")
+#: A whole JSON string (group 1: its raw content) and a ":" after it, if one follows.
+_JSON_STRING: Final = re.compile(rb'"((?:[^"\\]|\\.)*)"[ \t\r\n]*(:?)', re.DOTALL)
 _VALUE_END: Final = re.compile(rb"[&;]")
 #: A form parameter name longer than this is refused (no form has one; it bounds the scan).
 MAX_NAME: Final = 1024
+#: JSON keys longer than this (raw) cannot decode to an override name (7 characters, each at
+#: most a 6-byte escape), so their bytes are not kept.
+_MAX_JSON_KEY: Final = 64
 #: Bytes allowed after a multipart body's closing boundary (browsers send none).
 MAX_EPILOGUE: Final = 4096
 
@@ -123,8 +134,106 @@ class _FormScanner:
             raise MethodOverrideRefused()
 
 
-async def _scanned_form(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    scanner = _FormScanner()
+class _JsonScanner:
+    """Finds an override among the object keys of a JSON body fed chunk by chunk.
+
+    Laravel reads a JSON body's ``_method`` like a form field. Only string boundaries are
+    tracked (a quote, and a backslash escaping the next byte); a short string followed by
+    ``:`` is a key, decoded by the json module. Keys at any depth count (Laravel reads the top
+    level only): a little stricter, much simpler.
+    """
+
+    __slots__ = ("_candidate", "_escaped", "_in_string", "_string", "_too_long")
+
+    def __init__(self) -> None:
+        self._in_string = False
+        self._escaped = False
+        self._string = bytearray()  # the current string's raw bytes, while short
+        self._too_long = False
+        self._candidate: bytes | None = None  # a closed string, until the next byte says key
+
+    def feed(self, chunk: bytes) -> None:
+        pos, end = 0, len(chunk)
+        while pos < end:
+            if self._in_string:
+                if self._escaped:  # the byte after a backslash, whatever it is
+                    self._keep(chunk[pos : pos + 1])
+                    self._escaped = False
+                    pos += 1
+                    continue
+                match = _STRING_STOP.search(chunk, pos)
+                stop = match.start() if match is not None else end
+                self._keep(chunk[pos:stop])
+                if match is None:
+                    return
+                pos = stop + 1
+                if chunk[stop] == 0x5C:  # backslash
+                    self._keep(b"\\")
+                    self._escaped = True
+                    continue
+                self._in_string = False
+                self._candidate = None if self._too_long else bytes(self._string)
+            elif self._candidate is not None:  # a string just closed: a key if ":" follows
+                match = _NON_SPACE.search(chunk, pos)
+                if match is None:
+                    return
+                if chunk[match.start()] == 0x3A:
+                    self._check(self._candidate)
+                self._candidate = None
+                pos = match.start()
+            elif b"\\" not in chunk and not _SUSPICIOUS.search(chunk.lower(), pos):
+                # The fastest path: no string here can be an override, and without escapes
+                # the quotes alone say whether the chunk ends inside a string.
+                if chunk.count(b'"', pos) % 2:
+                    self._in_string = True
+                    self._string.clear()
+                    self._too_long = False
+                    self._keep(chunk[chunk.rfind(b'"') + 1 :])
+                return
+            else:
+                # The fast path: every whole string, and the ":" after it if one follows, by
+                # the regex engine. Outside strings every quote opens one, and one that has no
+                # match here is not closed in this chunk, so no later match can start inside it.
+                for match in _JSON_STRING.finditer(chunk, pos):
+                    if match.group(2):
+                        self._check(match.group(1))
+                    pos = match.end()
+                    if pos == end and not match.group(2):  # a ":" may come in the next chunk
+                        raw = match.group(1)
+                        self._candidate = raw if len(raw) <= _MAX_JSON_KEY else None
+                quote = chunk.find(b'"', pos)
+                if quote < 0:
+                    return
+                self._in_string = True  # the string goes on in the next chunk
+                self._string.clear()
+                self._too_long = False
+                pos = quote + 1
+
+    def _keep(self, data: bytes) -> None:
+        if not self._too_long:
+            self._string += data
+            self._too_long = len(self._string) > _MAX_JSON_KEY
+
+    def close(self) -> None:
+        pass
+
+    @staticmethod
+    def _check(raw: bytes) -> None:
+        # Only a key with an escape or "_method" (or ".method", "-method", " method") in it
+        # can decode to an override.
+        if len(raw) > _MAX_JSON_KEY or (b"\\" not in raw and not _SUSPICIOUS.search(raw.lower())):
+            return
+        try:
+            key = json.loads(b'"' + raw + b'"')
+        except ValueError:
+            return  # not a JSON string: the upstream refuses the body as well
+        if is_override_param(key):
+            raise MethodOverrideRefused()
+
+
+async def _scanned(
+    chunks: AsyncIterator[bytes], scanner: _FormScanner | _JsonScanner
+) -> AsyncIterator[bytes]:
     held = b""
     async for chunk in chunks:
         scanner.feed(chunk)
@@ -265,9 +374,12 @@ def body_scanner(request: web.Request, chunks: AsyncIterator[bytes]) -> AsyncIte
     media = types[0].strip().lower() if types else ""
     form = not media or media.startswith("application/x-www-form-urlencoded")
     multipart = media.startswith("multipart/")
-    if not form and not multipart:
+    as_json = "/json" in media or "+json" in media  # as Laravel's isJson() reads it
+    if not form and not multipart and not as_json:
         return chunks
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding != "identity":
-        raise BadRequest("a form body with a Content-Encoding is not accepted on this route")
-    return _scanned_multipart(request) if multipart else _scanned_form(chunks)
+        raise BadRequest("a body with a Content-Encoding cannot be checked on this route")
+    if multipart:
+        return _scanned_multipart(request)
+    return _scanned(chunks, _FormScanner() if form else _JsonScanner())

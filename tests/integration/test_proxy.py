@@ -933,7 +933,8 @@ async def test_a_form_body_with_an_override_is_refused_and_never_reaches_the_ups
         form_body(("a", "1"), ("_METHOD", "DELETE")),
         multipart,
     ]
-    for body in bodies:
+    json_body = {"data": {"id": 1}, "_method": "DELETE"}  # Laravel reads this one too
+    for body in [*bodies, aiohttp.JsonPayload(json_body)]:
         async with browser.post(f"{bff.url}/api/no-delete/1", headers=CSRF, data=body) as resp:
             assert resp.status == 400
             assert await resp.json() == {
@@ -952,7 +953,8 @@ async def test_form_bodies_without_an_override_pass_intact(
     multipart = aiohttp.FormData()
     multipart.add_field("title", "_method=DELETE is a value")
     multipart.add_field("file", payload, filename="_method")
-    for body in (form_body(("a", "1"), ("q", "_method")), multipart):
+    json_body = aiohttp.JsonPayload({"paymentMethod": "card", "note": "_method"})
+    for body in (form_body(("a", "1"), ("q", "_method")), multipart, json_body):
         async with browser.post(f"{bff.url}/api/no-delete/1", headers=CSRF, data=body) as resp:
             assert resp.status == 200, await resp.text()
         seen = bff.upstream.seen[-1]

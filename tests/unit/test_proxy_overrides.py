@@ -55,8 +55,10 @@ async def drain(req: Any) -> tuple[bytes, BaseException | None]:
 
 
 def splits(body: bytes) -> list[list[bytes]]:
-    """``body`` in two chunks at every position, in 7-byte chunks, and whole."""
-    out = [[body[:i], body[i:]] for i in range(1, len(body))]
+    """``body`` in two chunks at every position (about 100 of them for a long body), in
+    7-byte chunks, and whole."""
+    step = max(1, len(body) // 100)
+    out = [[body[:i], body[i:]] for i in range(1, len(body), step)]
     out.append([body[i : i + 7] for i in range(0, len(body), 7)])
     out.append([body])
     return out
@@ -126,10 +128,11 @@ async def test_an_overlong_parameter_name_is_refused() -> None:
     assert isinstance(refused, BadRequest)
 
 
-async def test_a_json_body_is_not_scanned() -> None:
-    req = request([("Content-Type", "application/json")], [b'{"_method": "DELETE"}'])
-    chunks = req.content.iter_chunked(100)
-    assert body_scanner(req, chunks) is chunks
+async def test_a_body_no_framework_reads_overrides_from_is_not_scanned() -> None:
+    for content_type in ("application/octet-stream", "text/plain", "image/png"):
+        req = request([("Content-Type", content_type)], [b"_method=DELETE"])
+        chunks = req.content.iter_chunked(100)
+        assert body_scanner(req, chunks) is chunks
 
 
 async def test_a_form_that_cannot_be_scanned_or_is_ambiguous_is_refused_at_once() -> None:
@@ -217,3 +220,49 @@ async def test_a_multipart_type_without_a_boundary_is_refused() -> None:
     with pytest.raises(BadRequest):
         async for _ in body_scanner(req, req.content.iter_chunked(10)):
             pass
+
+
+# -- JSON (Laravel reads a JSON body's _method like a form field) -------------------------------
+
+JSON = "application/json"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"_method": "DELETE"}',
+        b'{"a": 1, "_method" : "DELETE"}',
+        b'{"a": {"b": [{"_METHOD":"PUT"}]}}',
+        b'{"\\u005fmethod": "DELETE"}',
+        b'{"_\\u006Dethod": "DELETE"}',
+        b'{"a": "x\\"y", "_method": "DELETE"}',
+        b'{"x-http-method-override": "PUT"}',
+        b'\n\t{\n"_method"\n\t:\n"DELETE"}',
+    ],
+)
+async def test_a_json_body_with_an_override_key_is_refused_before_it_is_complete(
+    body: bytes,
+) -> None:
+    for content_type in (JSON, "application/vnd.api+json; charset=utf-8", "text/json"):
+        for chunks in splits(body):
+            got, refused = await drain(request([("Content-Type", content_type)], chunks))
+            assert isinstance(refused, MethodOverrideRefused), (content_type, chunks)
+            assert len(got) < len(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"method": "_method", "paymentMethod": "card", "_methods": 1}',
+        b'["_method", "DELETE"]',
+        b'{"a": "_method:", "b": "\\"_method\\": 1"}',
+        b'{"' + b"x" * 5000 + b'": "_method"}',
+        b'{"_method',  # cut short: the upstream refuses it anyway
+        b"not json at all: _method",
+        b"",
+    ],
+)
+async def test_a_json_body_without_an_override_key_passes_byte_for_byte(body: bytes) -> None:
+    for chunks in splits(body) if body else [[b""]]:
+        got, refused = await drain(request([("Content-Type", JSON)], chunks))
+        assert refused is None and got == body, chunks
