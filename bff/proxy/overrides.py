@@ -1,4 +1,4 @@
-"""``_method`` and its kin in query strings and form bodies: what a route's ``methods:`` cannot see.
+"""``_method`` and its kin in queries, forms and JSON: what a route's ``methods:`` cannot see.
 
 Rails (Rack::MethodOverride), Symfony and Laravel, Spring's HiddenHttpMethodFilter, ASP.NET
 Core's method override and Express's method-override turn a ``POST`` carrying a ``_method``
@@ -51,7 +51,7 @@ _OVERRIDE_PARAMS: Final = frozenset(
 )
 _SEPARATORS: Final = re.compile(r"[&;]")
 _NAME_END: Final = re.compile(rb"[=&;]")
-_STRING_STOP: Final = re.compile(rb'["\\\\]')
+_STRING_STOP: Final = re.compile(rb'["\\]')  # what ends a run of plain string bytes
 _NON_SPACE: Final = re.compile(rb"[^ \t\r\n]")
 #: What every override name holds, lower-cased and unescaped (see is_override_param).
 _SUSPICIOUS: Final = re.compile(rb"[_. -]method")
