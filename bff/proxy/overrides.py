@@ -286,7 +286,10 @@ class _Tap:
                 return line
             head = bytes(self._back)
             self._back.clear()
-        data = await self._source.readline(max_line_length=max_line_length)
+        if max_line_length is None:
+            data = await self._source.readline()
+        else:
+            data = await self._source.readline(max_line_length=max_line_length)
         self._pulled(data)
         return head + data
 
