@@ -21,6 +21,7 @@ from bff.keys import Keyring
 from bff.metrics import Metrics
 from bff.middlewares import error_middleware, security_headers
 from bff.oidc import OidcClient
+from bff.peers import PEERS, Peers
 from bff.ratelimit import RateLimiter
 from bff.refresh import TokenRefresher
 from bff.services import SERVICES, Services
@@ -41,7 +42,9 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
         handler_args={"auto_decompress": False},
     )
     keyring = Keyring([k.get() for k in settings.keys])
-    upstreams = proxy.UpstreamTable(settings.upstreams, public_url=settings.public_url)
+    peers = Peers(settings.trusted_proxies, settings.public_url)
+    app[PEERS] = peers  # bff.peers.client_address(request) for rate limits and logs
+    upstreams = proxy.UpstreamTable(settings.upstreams, public_url=settings.public_url, peers=peers)
 
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         session_store = store if store is not None else open_store(settings.session.store)

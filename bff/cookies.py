@@ -5,14 +5,22 @@
 * The login cookie (``<name>-tx``): binds a login transaction to the browser that started it. It
   must be SameSite=Lax, because the OP's redirect back to ``/bff/callback`` is a cross-site
   navigation on which a Strict cookie is never sent.
+
+A request that carries either cookie's name more than once (in one ``Cookie`` line or across
+several) has no such cookie: one of them was planted, by a sibling subdomain, an older path or
+a script, and neither "first wins" nor "last wins" may let a planted value choose the session.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Final, Literal
 
 from aiohttp import web
+
+# aiohttp's own Cookie parser (the one behind request.cookies), which keeps every pair in order;
+# request.cookies keeps only the last of a name and reads only the first Cookie line.
+from aiohttp._cookie_helpers import parse_cookie_header
 
 from bff.keys import Keyring, SessionSecret
 
@@ -20,6 +28,8 @@ __all__ = ["CookiePolicy"]
 
 _COOKIE_VALUE = re.compile(r"[A-Za-z0-9_.-]+")
 _VERIFIED_MAX = 10_000  # ~6 MB at most: only values that verified get in
+#: Every (name, value) of every Cookie line, in order, once a request needs them all.
+_PAIRS: Final = web.RequestKey("bff_cookie_pairs", tuple[tuple[str, str], ...])
 
 
 class CookiePolicy:
@@ -62,7 +72,7 @@ class CookiePolicy:
         self._set(response, self.tx_name, "", 0, "Lax", "login")
 
     def _read(self, request: web.Request, name: str, purpose: str) -> SessionSecret | None:
-        raw = request.cookies.get(name)
+        raw = _only_value(request, name)
         if not raw:
             return None
         # Hot path: a value that verified before verifies again (keys change only at restart),
@@ -101,6 +111,22 @@ class CookiePolicy:
             httponly=True,
             samesite=same_site,
         )
+
+
+def _only_value(request: web.Request, name: str) -> str | None:
+    """The value of the one cookie called ``name``; None when absent or sent more than once."""
+    lines = request.headers.getall("Cookie", ())
+    if not lines:
+        return None
+    if len(lines) == 1 and lines[0].count(name) <= 1:
+        # Hot path: the name occurs at most once as text, so at most once as a cookie.
+        return request.cookies.get(name)
+    pairs = request.get(_PAIRS)
+    if pairs is None:  # parsed at most once per request, whichever cookie is read first
+        pairs = tuple((key, m.value) for line in lines for key, m in parse_cookie_header(line))
+        request[_PAIRS] = pairs
+    values = [value for key, value in pairs if key == name]
+    return values[0] if len(values) == 1 else None
 
 
 def _remember(

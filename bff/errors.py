@@ -7,6 +7,7 @@
         InvalidReturnTo         400     invalid_return_to
         LoginFailed             400     login_failed (state, code, iss, ID token problems)
         PathRejected            400     invalid_path
+        MethodOverrideRefused   400     method_override
       NoSession                 401     login_required
         SessionExpired          401     session_expired
       Forbidden                 403     csrf_failed
@@ -65,6 +66,11 @@ class LoginFailed(BadRequest):
 class PathRejected(BadRequest):
     error = "invalid_path"
     description = "the path is not allowed"
+
+
+class MethodOverrideRefused(BadRequest):
+    error = "method_override"
+    description = "a method override parameter is not accepted on this route"
 
 
 class NoSession(BffError):

@@ -1,16 +1,190 @@
 """Who is on the other end of a request: the client address, after ``trusted_proxies``.
 
 Rate limits and logs key on :func:`client_address`; nothing else may read ``X-Forwarded-For`` or
-``Forwarded`` from a request.
+``Forwarded`` from a request, and the proxy sends upstream only what :meth:`Peers.forwarding`
+builds.
+
+The rules:
+
+* The TCP peer is the client unless its address is in ``trusted_proxies`` (default: empty, so by
+  default no header from the browser can say who it is).
+* From a trusted peer, its chain of addresses is read from ``X-Forwarded-For`` (all lines, in
+  order) or, only when no ``X-Forwarded-For`` came, from ``Forwarded`` (RFC 7239 ``for=``).
+  ``X-Forwarded-For`` wins because it is what nearly every proxy and load balancer writes
+  (nginx, HAProxy, Envoy, Traefik, AWS, GCP, Azure, Cloudflare, Fastly), and those pass a
+  browser's own ``Forwarded`` through untouched; a proxy that writes only ``Forwarded`` must drop
+  the browser's ``X-Forwarded-For``.
+* Rightmost-untrusted: walking the chain from the peer leftwards, the first address that is not
+  a trusted proxy is the client; everything left of it was written by the client and is ignored.
+  When every address is trusted, the leftmost is the client.
+* Anything but an IP address where the walk needs one (garbage, ``for=unknown``, an obfuscated
+  ``_identifier``, a Forwarded element without ``for``, more than :data:`MAX_HOPS` trusted hops)
+  makes the peer the client: a trusted proxy that says "I don't know" is believed, not guessed
+  around, and never costs a 500.
+* Upstream, bff sends ``X-Forwarded-For`` and ``Forwarded`` with the chain from the client to the
+  peer (what a client wrote left of itself is not passed on), and ``X-Forwarded-Proto`` /
+  ``X-Forwarded-Host`` (also ``proto``/``host`` in ``Forwarded``) from ``public_url`` always, even
+  behind a trusted proxy: bff knows its public origin for certain, and many proxies pass a
+  browser's ``X-Forwarded-Host`` through, which upstream frameworks use to build links.
 """
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Iterable
+from typing import Final, TypeAlias
+from urllib.parse import urlsplit
+
 from aiohttp import web
 
-__all__ = ["client_address"]
+__all__ = ["MAX_HOPS", "PEERS", "Peers", "client_address", "parse_node"]
+
+Address: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: A chain with more trusted hops than this is not believed (the peer is the client).
+MAX_HOPS: Final = 32
+_MEMO_MAX: Final = 4096  # chains whose forwarding headers are kept ready
+#: The request's chain, worked out at most once per request.
+_CHAIN: Final = web.RequestKey("bff_peer_chain", tuple[str, ...])
+_TOKEN_CHARS: Final = frozenset(
+    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+
+
+def parse_node(text: str) -> Address | None:
+    """An address from one ``X-Forwarded-For`` entry or ``for=`` value; None if it is none.
+
+    Takes ``192.0.2.1``, ``192.0.2.1:8080``, ``2001:db8::1``, ``[2001:db8::1]`` and
+    ``[2001:db8::1]:443``; an IPv4-mapped IPv6 address is its IPv4 address. ``unknown``,
+    ``_obfuscated`` names and anything else give None.
+    """
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
+            return None
+        if ":" not in host:
+            return None  # brackets are for IPv6 only
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+        if not port.isdigit():
+            return None
+    else:
+        host = text
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _forwarded_value(value: str) -> str:
+    """A Forwarded parameter value: a token as it is, anything else quoted (RFC 7239 4)."""
+    if value and all(c in _TOKEN_CHARS for c in value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _for_value(address: str) -> str:
+    if not address:
+        return "unknown"
+    return f'"[{address}]"' if ":" in address else address
+
+
+class Peers:
+    """The trusted networks and the public origin, built once at start-up (see ``app.py``)."""
+
+    __slots__ = ("_host", "_memo", "_networks", "_proto", "_suffix")
+
+    def __init__(self, trusted_proxies: Iterable[str], public_url: str) -> None:
+        self._networks: tuple[Network, ...] = tuple(
+            ipaddress.ip_network(n) for n in trusted_proxies
+        )
+        parts = urlsplit(public_url)
+        self._proto = parts.scheme
+        self._host = parts.netloc
+        self._suffix = f";host={_forwarded_value(self._host)};proto={self._proto}"
+        self._memo: dict[tuple[str, ...], tuple[tuple[str, str], ...]] = {}
+
+    def trusted(self, address: Address) -> bool:
+        return any(address in network for network in self._networks)
+
+    def chain(self, request: web.Request) -> tuple[str, ...]:
+        """The addresses from the client (first) to the TCP peer (last)."""
+        peer = request.remote or ""
+        if not self._networks:
+            return (peer,)
+        cached = request.get(_CHAIN)
+        if cached is None:
+            cached = self._chain(request, peer)
+            request[_CHAIN] = cached
+        return cached
+
+    def _chain(self, request: web.Request, peer: str) -> tuple[str, ...]:
+        peer_address = parse_node(peer)
+        if peer_address is None:
+            return (peer,)
+        if not self.trusted(peer_address):
+            return (str(peer_address),)
+        hops = self._hops(request)
+        found = [str(peer_address)]
+        for text in reversed(hops):
+            address = parse_node(text)
+            if address is None or len(found) > MAX_HOPS:
+                return (found[0],)
+            found.append(str(address))
+            if not self.trusted(address):
+                break
+        found.reverse()
+        return tuple(found)
+
+    @staticmethod
+    def _hops(request: web.Request) -> list[str]:
+        """The chain the trusted peer sent: X-Forwarded-For, else Forwarded's ``for=``."""
+        lines = request.headers.getall("X-Forwarded-For", ())
+        if lines:
+            return [hop for line in lines for hop in line.split(",")]
+        if "Forwarded" not in request.headers:
+            return []
+        # aiohttp's RFC 7239 parser; an element without `for` reads as garbage (None above).
+        return [element.get("for", "") for element in request.forwarded]
+
+    def client_address(self, request: web.Request) -> str:
+        """The client's IP address as text (the TCP peer unless it is a trusted proxy)."""
+        return self.chain(request)[0]
+
+    def forwarding(self, request: web.Request) -> tuple[tuple[str, str], ...]:
+        """``X-Forwarded-For``/``-Proto``/``-Host`` and ``Forwarded`` for the upstream."""
+        chain = self.chain(request)
+        known = self._memo.get(chain)
+        if known is not None:
+            return known
+        elements = [f"for={_for_value(a)}" for a in chain]
+        elements[0] += self._suffix
+        out: tuple[tuple[str, str], ...] = (
+            ("X-Forwarded-Proto", self._proto),
+            ("X-Forwarded-Host", self._host),
+            ("Forwarded", ", ".join(elements)),
+        )
+        if chain[0]:
+            out += (("X-Forwarded-For", ", ".join(chain)),)
+        # Few distinct chains are busy at once (a client's, or a handful of proxies'): bounded.
+        if len(self._memo) >= _MEMO_MAX:
+            self._memo.pop(next(iter(self._memo)))
+        self._memo[chain] = out
+        return out
+
+
+#: The app's :class:`Peers`, set by ``create_app``.
+PEERS: Final = web.AppKey("bff_peers", Peers)
 
 
 def client_address(request: web.Request) -> str:
     """The client's IP address as text (the TCP peer until ``trusted_proxies`` says otherwise)."""
-    return request.remote or ""
+    peers = request.app.get(PEERS)
+    if peers is None:
+        return request.remote or ""
+    return peers.client_address(request)

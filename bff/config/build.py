@@ -7,6 +7,7 @@ the config (private_key_file) are checked for readability now rather than at the
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
@@ -78,6 +79,7 @@ class _Builder(Reader):
             hsts=self.get(sec, sp, "hsts", True),
         )
         rate_limits = self.rate_limits(self.section(data, "rate_limits"))
+        trusted_proxies = self.trusted_proxies(data)
         log_data = self.section(data, "log")
         log = LogSettings(
             level=self.get(log_data, ("log",), "level", "info"),
@@ -98,6 +100,7 @@ class _Builder(Reader):
             upstreams=upstreams,
             security=security,
             rate_limits=rate_limits,
+            trusted_proxies=trusted_proxies,
             log=log,
             metrics=metrics,
             workers=workers,
@@ -309,6 +312,33 @@ class _Builder(Reader):
                     "or set metrics.listen",
                 )
         return MetricsSettings(listen=listen, public=self.get(d, p, "public", default.public))
+
+    def trusted_proxies(self, data: dict[str, Any]) -> tuple[str, ...]:
+        """CIDRs (or single addresses), normalised; host bits set is a mistake worth saying."""
+        p: Key = ("trusted_proxies",)
+        raw = self.get(data, (), "trusted_proxies", [])
+        found: list[tuple[int, str]] = []
+        for i, item in enumerate(raw):
+            if not isinstance(item, str) or not self.ctx.ok((*p, i)):
+                continue
+            shown = self.ctx.show((*p, i), item)
+            try:
+                network = ipaddress.ip_network(item.strip())
+            except ValueError:
+                try:
+                    loose = ipaddress.ip_network(item.strip(), strict=False)
+                except ValueError:
+                    message = (
+                        "expected an IP network like 10.0.0.0/8 or 2001:db8::/32 (or one "
+                        f"address), got {shown}"
+                    )
+                else:
+                    message = f"{shown} has host bits set; did you mean {loose}?"
+                self.ctx.report((*p, i), message)
+                continue
+            found.append((i, str(network)))
+        self.unique(p, found, "network")
+        return tuple(dict.fromkeys(n for _, n in found))
 
     def keys(self, data: dict[str, Any]) -> tuple[Secret, ...]:
         raw = self.get(data, (), "keys", [])

@@ -136,6 +136,7 @@ SCHEMA: Final[dict[str, Any]] = {
                     "backchannel_logout": _BUCKET,
                 }
             ),
+            "trusted_proxies": _STR_LIST,
             "log": _obj(
                 {
                     "level": {"enum": ["debug", "info", "warning", "error", "critical"]},

@@ -214,6 +214,9 @@ class Settings:
     upstreams: tuple[Upstream, ...] = ()
     security: SecuritySettings = SecuritySettings()  # security response headers
     rate_limits: RateLimitSettings = RateLimitSettings()  # per-address limits, anonymous routes
+    # Networks (CIDR, normalised) of the proxies in front of bff whose X-Forwarded-For /
+    # Forwarded name the client; empty: every peer is the client itself (see bff/peers.py).
+    trusted_proxies: tuple[str, ...] = ()
     log: LogSettings = LogSettings()  # logging
     metrics: MetricsSettings = MetricsSettings()  # where /metrics is served
     workers: int | None = None  # worker processes; None = one per core; `bff run --workers` wins

@@ -14,7 +14,9 @@ The modules:
 
 * :mod:`~bff.proxy.routing` -- what reaches which upstream: :class:`Route`,
   :class:`UpstreamTable` (matching and the pools), :func:`normalise_path`.
-* :mod:`~bff.proxy.headers` -- the header policy both ways.
+* :mod:`~bff.proxy.headers` -- the header policy both ways, names compared by meaning.
+* :mod:`~bff.proxy.overrides` -- ``_method`` in query strings (dropped) and form bodies (refused
+  on routes with a ``methods:`` list).
 * :mod:`~bff.proxy.forward` -- the HTTP handler: credentials, the exchange under its deadline,
   the 401 retry, streaming.
 * :mod:`~bff.proxy.websocket` -- the WebSocket proxy.
@@ -26,6 +28,10 @@ Decisions worth knowing:
   slash (``%2f``), backslash (raw or ``%5c``), NUL or control character in the path is refused with
   400 rather than resolved: no legitimate SPA call needs one, and refusing cannot be bypassed by a
   spelling an upstream decodes differently.
+* What the upstream hears about the client (``X-Forwarded-*``, ``Forwarded``) comes from
+  :mod:`bff.peers` only; the browser's own forwarding, client-address and override headers are
+  dropped in every spelling. Answers on ``user`` and ``user_or_none`` routes are
+  ``Cache-Control: private`` (or the upstream's ``no-store``), without shared-cache directives.
 * An upstream's ``Set-Cookie`` never reaches the browser: bff owns the origin's cookies, and the
   browser's cookies are never sent upstream anyway, so such a cookie could only collide with ours.
 * ``timeout`` bounds the wait for the upstream's response headers, counted from the last request

@@ -18,6 +18,7 @@ from aiohttp import web
 from yarl import URL
 
 from bff.errors import (
+    BffError,
     InsufficientScope,
     MethodNotAllowed,
     NoSession,
@@ -28,6 +29,7 @@ from bff.errors import (
 )
 from bff.middlewares import check_anti_forgery
 from bff.proxy.headers import downstream_headers, upstream_headers
+from bff.proxy.overrides import body_scanner
 from bff.proxy.routing import Route, UpstreamTable
 from bff.proxy.session_watch import SessionWatch
 from bff.proxy.websocket import forward_websocket
@@ -98,23 +100,31 @@ async def _credentials(
 
 
 class _Deadline:
-    """``route.timeout`` until response headers, pushed back by each request body chunk."""
+    """``route.timeout`` until response headers, pushed back by each request body chunk; and
+    the refusal, if the body scan raised one (aiohttp reports it as a connection error)."""
 
-    __slots__ = ("active", "timeout")
+    __slots__ = ("active", "refused", "timeout")
 
     def __init__(self, timeout: asyncio.Timeout) -> None:
         self.timeout = timeout
         self.active = True
+        self.refused: BffError | None = None
 
     def push(self, seconds: float) -> None:
         if self.active:
             self.timeout.reschedule(asyncio.get_running_loop().time() + seconds)
 
 
-async def _body(request: web.Request, deadline: _Deadline, idle: float) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_any():
-        deadline.push(idle)
-        yield chunk
+async def _body(
+    chunks: AsyncIterator[bytes], deadline: _Deadline, idle: float
+) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in chunks:
+            deadline.push(idle)
+            yield chunk
+    except BffError as exc:
+        deadline.refused = exc
+        raise
 
 
 async def _exchange(
@@ -123,7 +133,7 @@ async def _exchange(
     route: Route,
     url: URL,
     headers: list[tuple[str, str]],
-    has_body: bool,
+    body: AsyncIterator[bytes] | None,
 ) -> tuple[aiohttp.ClientResponse, bytes | None]:
     """Send the request; the response, and its body when it is small enough to buffer."""
     http = route.http
@@ -137,7 +147,7 @@ async def _exchange(
                     request.method,
                     url,
                     headers=headers,
-                    data=_body(request, deadline, route.timeout) if has_body else None,
+                    data=_body(body, deadline, route.timeout) if body is not None else None,
                     allow_redirects=False,
                 )
                 length = resp.content_length
@@ -162,6 +172,8 @@ async def _exchange(
         )
         raise UpstreamTimeout() from None
     except aiohttp.ClientError as exc:
+        if deadline.refused is not None:  # the body scan refused the request mid-stream
+            raise deadline.refused from None
         services.metrics.inc("bff_upstream_errors_total", kind="failed")
         log.warning(
             "proxy.upstream_failed",
@@ -186,8 +198,14 @@ async def _http(
 ) -> web.StreamResponse:
     url = URL(route.origin + target, encoded=True)
     has_body = request.body_exists
-    headers = upstream_headers(request, route.drop, route.set_headers, table.forwarded(), token)
-    resp, body = await _exchange(request, services, route, url, headers, has_body)
+    chunks: AsyncIterator[bytes] | None = None
+    if has_body:
+        chunks = request.content.iter_any()
+        if route.scan_forms:
+            chunks = body_scanner(request, chunks)
+    forwarded = table.peers.forwarding(request)
+    headers = upstream_headers(request, route.drop, route.set_headers, forwarded, token)
+    resp, body = await _exchange(request, services, route, url, headers, chunks)
     if (
         resp.status == 401
         and token is not None
@@ -198,15 +216,13 @@ async def _http(
         new_token = await _renew_token(services, route, session, token)
         if new_token is not None:
             resp.close()
-            headers = upstream_headers(
-                request, route.drop, route.set_headers, table.forwarded(), new_token
-            )
-            resp, body = await _exchange(request, services, route, url, headers, False)
+            headers = upstream_headers(request, route.drop, route.set_headers, forwarded, new_token)
+            resp, body = await _exchange(request, services, route, url, headers, None)
     if body is not None:
-        out_headers = downstream_headers(resp)
+        out_headers = downstream_headers(resp, private=route.private)
         out_headers.popall("Content-Length", None)
         return web.Response(status=resp.status, reason=resp.reason, headers=out_headers, body=body)
-    return await _stream(request, services, table, resp, session)
+    return await _stream(request, services, table, route, resp, session)
 
 
 async def _renew_token(
@@ -227,12 +243,15 @@ async def _stream(
     request: web.Request,
     services: Services,
     table: UpstreamTable,
+    route: Route,
     resp: aiohttp.ClientResponse,
     session: Session | None,
 ) -> web.StreamResponse:
     """Copy the upstream's response to the browser chunk by chunk, as the chunks arrive."""
     out = web.StreamResponse(
-        status=resp.status, reason=resp.reason, headers=downstream_headers(resp)
+        status=resp.status,
+        reason=resp.reason,
+        headers=downstream_headers(resp, private=route.private),
     )
     ended = False
 

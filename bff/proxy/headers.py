@@ -3,10 +3,25 @@
 The browser's ``Cookie`` and ``Authorization`` never reach an upstream, an upstream's
 ``Set-Cookie`` never reaches the browser (bff owns the origin's cookies), and hop-by-hop headers,
 including any named in ``Connection``, stop at each hop.
+
+Header names are compared by meaning, not by spelling: lower-cased and with ``_`` read as ``-``
+(:func:`header_key`), because nginx, CGI, WSGI and PHP all turn ``X_Forwarded_For`` and
+``x-forwarded-for`` into the same ``HTTP_X_FORWARDED_FOR``. Every header that names the client's
+address or overrides the method or URL (:data:`CLIENT_ADDRESS`, :data:`OVERRIDES`, and the
+``x-forwarded*`` / ``x-envoy-`` families) is dropped from the browser's request in every such
+spelling, even behind a trusted proxy: bff sends its own ``X-Forwarded-*`` and ``Forwarded``
+(:mod:`bff.peers`), and nothing else may tell an upstream who the client is or which method or
+path it "really" asked for.
+
+On routes that attach a user's token, the answer gets ``Cache-Control: private`` unless the
+upstream said ``no-store``, and loses every shared-cache directive and CDN-targeted header
+(:func:`private_cache_control`): a cache in front of bff must never give one user's answer to
+another.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Final
 
@@ -15,12 +30,23 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 __all__ = [
+    "CLIENT_ADDRESS",
     "HOP_BY_HOP",
+    "OVERRIDES",
     "REQUEST_DROP",
     "WS_HANDSHAKE",
     "downstream_headers",
+    "header_key",
+    "private_cache_control",
     "upstream_headers",
 ]
+
+
+def header_key(name: str) -> str:
+    """A header name as servers that map it to ``HTTP_NAME`` see it: lower case, ``-`` for ``_``."""
+    name = name.lower()
+    return name.replace("_", "-") if "_" in name else name
+
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus the non-standard ones still seen in the wild.
 HOP_BY_HOP: Final = frozenset(
@@ -37,33 +63,84 @@ HOP_BY_HOP: Final = frozenset(
         "upgrade",
     }
 )
+#: Headers some server, proxy, CDN or framework reads as the client's address, scheme or host
+#: (besides the ``x-forwarded*`` family, dropped by prefix).
+CLIENT_ADDRESS: Final = frozenset(
+    {
+        "forwarded",
+        "forwarded-for",
+        "x-real-ip",
+        "x-client-ip",
+        "client-ip",
+        "true-client-ip",  # Akamai, Cloudflare Enterprise
+        "x-true-client-ip",
+        "cf-connecting-ip",  # Cloudflare
+        "cf-connecting-ipv6",
+        "cf-pseudo-ipv4",
+        "cf-visitor",  # Cloudflare's scheme
+        "fastly-client-ip",  # Fastly
+        "fastly-ssl",
+        "x-cluster-client-ip",  # Rackspace, Riverbed
+        "x-originating-ip",
+        "x-remote-ip",
+        "x-remote-addr",
+        "x-original-remote-addr",
+        "x-original-forwarded-for",  # ingress-nginx
+        "x-proxyuser-ip",
+        "x-arr-clientip",  # IIS ARR
+        "x-arr-ssl",
+        "x-azure-clientip",  # Azure Front Door
+        "x-azure-socketip",
+        "x-azure-fdid",  # Front Door's id, which App Service access rules trust
+        "x-appengine-user-ip",
+        "wl-proxy-client-ip",  # WebLogic
+        "proxy-client-ip",
+        "wl-proxy-ssl",
+        "x-custom-ip-authorization",
+        "x-coming-from",
+        "cluster-client-ip",
+        "real-ip",
+        "x-true-ip",
+        "fly-client-ip",  # Fly.io
+        "do-connecting-ip",  # DigitalOcean App Platform
+        "x-nf-client-connection-ip",  # Netlify
+        "x-vercel-forwarded-for",  # Vercel
+        "front-end-https",  # Microsoft's scheme
+        "x-url-scheme",
+        "x-scheme",
+        "x-host",  # host overrides that frameworks build links from
+        "x-original-host",
+        "x-http-host-override",
+    }
+)
+#: Method and URL overrides that frameworks honour (Express, ASP.NET, Symfony/Laravel, Rails,
+#: IIS, nginx auth_request, ingress-nginx): they would get around a route's ``methods:`` list or
+#: its path prefix.
+OVERRIDES: Final = frozenset(
+    {
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-method",
+        "x-original-url",
+        "x-original-uri",
+        "x-rewrite-url",
+        "x-override-url",
+        "x-http-destinationurl",
+        "x-proxy-url",
+    }
+)
+#: Whole families: ``x-forwarded``, ``x-forwarded-*``; Envoy's ``x-envoy-*`` (among them the
+#: client address and the original path) are for Envoy to set, never for a browser.
+_DROP_PREFIXES: Final = ("x-forwarded", "x-envoy-")
 #: To the upstream: also the browser's credentials, its Host (the upstream's comes from the URL),
-#: Expect (aiohttp answered it already) and any forwarding headers it made up (we set our own).
-REQUEST_DROP: Final = HOP_BY_HOP | {
-    "cookie",
-    "authorization",
-    "host",
-    "expect",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-forwarded-server",
-    "x-forwarded-ssl",
-    "x-real-ip",
-    "true-client-ip",
-    # Overrides that frameworks honour (Express, ASP.NET, Symfony, IIS): they would get around
-    # a route's `methods:` allow-list or its path prefix.
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-    "x-original-url",
-    "x-rewrite-url",
-    # bff's own anti-forgery header is for bff, not the upstream.
-    "x-csrf",
-}
+#: Expect (aiohttp answered it already) and bff's own anti-forgery header.
+REQUEST_DROP: Final = (
+    HOP_BY_HOP
+    | CLIENT_ADDRESS
+    | OVERRIDES
+    | {"cookie", "authorization", "host", "expect", "x-csrf"}
+)
 #: The browser's handshake headers; aiohttp makes the upstream handshake's own.
 WS_HANDSHAKE: Final = frozenset(
     {
@@ -75,6 +152,22 @@ WS_HANDSHAKE: Final = frozenset(
     }
 )
 _RESPONSE_DROP: Final = HOP_BY_HOP | {"set-cookie"}
+#: Response headers that tell a CDN or reverse proxy how long to store, over Cache-Control:
+#: dropped from answers that carry a user's data (RFC 9213 ``*-CDN-Cache-Control`` by suffix).
+_SHARED_CACHE_HEADERS: Final = frozenset(
+    {"surrogate-control", "edge-control", "akamai-cache-control", "x-accel-expires"}
+)
+#: Cache-Control directives that only shared caches obey (RFC 9111 5.2.2); ``private`` is
+#: re-added bare, since ``private="field"`` lets a shared cache store the rest.
+_SHARED_DIRECTIVES: Final = frozenset({"public", "s-maxage", "proxy-revalidate", "private"})
+_TCHARS: Final = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_DIRECTIVE: Final = re.compile(
+    rf'[ \t]*(?:({_TCHARS})(?:[ \t]*=[ \t]*(?:{_TCHARS}|"(?:[^"\\]|\\.)*"))?[ \t]*)?(?:,|$)'
+)
+#: A user's answer: also without the upstream's Cache-Control (ours replaces it).
+_PRIVATE_DROP: Final = _RESPONSE_DROP | _SHARED_CACHE_HEADERS | {"cache-control"}
+_CACHE_CONTROL_MEMO: dict[str, str] = {}  # upstream value -> ours; upstreams send few distinct ones
+_MEMO_MAX: Final = 256
 
 
 def upstream_headers(
@@ -84,36 +177,73 @@ def upstream_headers(
     forwarded: Iterable[tuple[str, str]],
     token: str | None,
 ) -> list[tuple[str, str]]:
-    """The headers sent upstream: the browser's minus ``drop`` and those named in
-    ``Connection``, then the route's own, the bearer and ``X-Forwarded-*``."""
+    """The headers sent upstream: the browser's minus ``drop`` (names as :func:`header_key`
+    spells them), the forwarding families and those named in ``Connection``; then the route's
+    own, the bearer and bff's forwarding headers (``forwarded``, from :mod:`bff.peers`)."""
     headers = request.headers
     connection = headers.get("Connection")
     if connection is not None:
-        drop = drop | {t.strip().lower() for t in connection.split(",")}
+        drop = drop | {header_key(t.strip()) for t in connection.split(",")}
     out = [
         (k, v)
         for k, v in headers.items()
-        if (name := k.lower()) not in drop and not name.startswith("x-forwarded-")
+        if (name := k.lower().replace("_", "-")) not in drop and not name.startswith(_DROP_PREFIXES)
     ]
     out.extend(extra)
     if token is not None:
         out.append(("Authorization", "Bearer " + token))
-    remote = request.remote
-    if remote:
-        out.append(("X-Forwarded-For", remote))
     out.extend(forwarded)
     return out
 
 
-def downstream_headers(response: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    """The upstream's response headers minus hop-by-hop ones and ``Set-Cookie``."""
+def downstream_headers(response: aiohttp.ClientResponse, *, private: bool) -> CIMultiDict[str]:
+    """The upstream's response headers minus hop-by-hop ones and ``Set-Cookie``; with
+    ``private`` (a user's answer), also made unstorable by shared caches."""
     headers = response.headers
-    drop = _RESPONSE_DROP
+    drop = _PRIVATE_DROP if private else _RESPONSE_DROP
     connection = headers.get("Connection")
     if connection is not None:
         drop = drop | {t.strip().lower() for t in connection.split(",")}
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in headers.items():
-        if k.lower() not in drop:
+        name = k.lower()
+        if name not in drop and not (private and name.endswith("cdn-cache-control")):
             out.add(k, v)
+    if private:
+        upstream = headers.getall("Cache-Control", ())
+        out["Cache-Control"] = private_cache_control(", ".join(upstream) if upstream else "")
     return out
+
+
+def private_cache_control(value: str) -> str:
+    """The upstream's ``Cache-Control`` for a user's answer: ``private`` first unless it says
+    ``no-store``, with every shared-cache directive gone and the rest (``max-age``,
+    ``no-cache``, ``must-revalidate``, ``stale-*``, ...) kept. A value that does not parse as a
+    directive list becomes plain ``private`` (or ``no-store`` when it mentions that)."""
+    if not value:
+        return "private"
+    memo = _CACHE_CONTROL_MEMO.get(value)
+    if memo is not None:
+        return memo
+    kept: list[str] = []
+    no_store = False
+    pos, end = 0, len(value)
+    while pos < end:
+        match = _DIRECTIVE.match(value, pos)
+        if match is None or match.end() == pos:  # not a directive list: keep nothing of it
+            no_store = "no-store" in value.lower()
+            kept = ["no-store"] if no_store else []
+            break
+        pos = match.end()
+        name = match.group(1)
+        if name is None:
+            continue
+        lowered = name.lower()
+        no_store = no_store or lowered == "no-store"
+        if lowered not in _SHARED_DIRECTIVES:
+            kept.append(match.group(0).strip(" \t,"))
+    result = ", ".join(kept if no_store else ["private", *kept])
+    if len(_CACHE_CONTROL_MEMO) >= _MEMO_MAX:
+        _CACHE_CONTROL_MEMO.pop(next(iter(_CACHE_CONTROL_MEMO)))
+    _CACHE_CONTROL_MEMO[value] = result
+    return result

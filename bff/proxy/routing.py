@@ -16,7 +16,9 @@ from aiohttp import web
 
 from bff.config import Upstream
 from bff.errors import NotFound, PathRejected
-from bff.proxy.headers import REQUEST_DROP, WS_HANDSHAKE
+from bff.peers import Peers
+from bff.proxy.headers import REQUEST_DROP, WS_HANDSHAKE, header_key
+from bff.proxy.overrides import drop_override_params
 from bff.proxy.session_watch import SESSION_CHECK_INTERVAL
 
 __all__ = ["Route", "UpstreamTable", "normalise_path"]
@@ -40,6 +42,8 @@ class Route:
         "origin",
         "prefix",
         "prefix_slash",
+        "private",
+        "scan_forms",
         "scopes",
         "set_headers",
         "timeout",
@@ -65,9 +69,14 @@ class Route:
         self.set_headers = tuple(upstream.set_headers.items())
         self.drop = (
             REQUEST_DROP
-            | {h.lower() for h in upstream.remove_headers}
-            | {h.lower() for h in upstream.set_headers}
+            | {header_key(h) for h in upstream.remove_headers}
+            | {header_key(h) for h in upstream.set_headers}
         )
+        # A user_or_none route answers the same URL differently with and without a session, and
+        # CDNs key on the URL alone (many ignore Vary: Cookie): its answers are private too.
+        self.private = upstream.token in ("user", "user_or_none")
+        # Only a `methods:` list can be got around by an override in a form body.
+        self.scan_forms = upstream.methods is not None
         self.ws_drop = self.drop | WS_HANDSHAKE
         self.timeout = upstream.timeout
         self.connect_timeout = upstream.connect_timeout
@@ -138,6 +147,7 @@ class UpstreamTable:
         upstreams: Iterable[Upstream],
         *,
         public_url: str,
+        peers: Peers | None = None,
         pool_size: int = 1000,
         session_check_interval: float = SESSION_CHECK_INTERVAL,
     ) -> None:
@@ -145,8 +155,8 @@ class UpstreamTable:
         ordered = sorted(upstreams, key=lambda u: (-len(u.path), u.path))
         self.routes = tuple(Route(u) for u in ordered)
         self.public_url = public_url.rstrip("/")
-        parts = urlsplit(self.public_url)
-        self._forwarded = (("X-Forwarded-Proto", parts.scheme), ("X-Forwarded-Host", parts.netloc))
+        # Who the client is and what the upstream is told about it (bff.peers).
+        self.peers = peers if peers is not None else Peers((), self.public_url)
         self.pool_size = pool_size
         self.session_check_interval = session_check_interval
 
@@ -160,8 +170,9 @@ class UpstreamTable:
     def resolve(self, target: str) -> tuple[Route, str]:
         """The route and the upstream path (query kept as sent) of a raw request target.
 
-        Raises :class:`PathRejected` (400) for a traversal and :class:`NotFound` when no route
-        takes the path once normalised.
+        Method override parameters (``_method``) are dropped from the query. Raises
+        :class:`PathRejected` (400) for a traversal and :class:`NotFound` when no route takes
+        the path once normalised.
         """
         path, sep, query = target.partition("?")
         path = normalise_path(path)
@@ -169,7 +180,7 @@ class UpstreamTable:
         if route is None:
             raise NotFound()
         upstream_path = (route.base_path + path[len(route.prefix) :]) or "/"
-        return route, upstream_path + sep + query
+        return route, upstream_path + sep + drop_override_params(query)
 
     async def open(self) -> None:
         """One keep-alive pool per upstream; call once the event loop runs."""
@@ -203,7 +214,3 @@ class UpstreamTable:
         await self.open()
         yield
         await self.close()
-
-    def forwarded(self) -> tuple[tuple[str, str], ...]:
-        """``X-Forwarded-Proto`` and ``-Host``: what the browser sees (``public_url``)."""
-        return self._forwarded

@@ -46,7 +46,9 @@ async def forward_websocket(
         raise UpstreamFailed("the upstream pool is not open")
     offered = request.headers.get("Sec-WebSocket-Protocol", "")
     protocols = tuple(p.strip() for p in offered.split(",") if p.strip())
-    headers = upstream_headers(request, route.ws_drop, route.set_headers, table.forwarded(), token)
+    headers = upstream_headers(
+        request, route.ws_drop, route.set_headers, table.peers.forwarding(request), token
+    )
     try:
         async with asyncio.timeout(route.timeout):
             upstream = await http.ws_connect(

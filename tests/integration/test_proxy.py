@@ -19,10 +19,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
 from yarl import URL
 
 from bff.app import create_app
 from bff.config import Settings, parse_settings
+from bff.proxy import SMALL_BODY
 from bff.services import SERVICES, Services
 from bff.sessions import Session
 from tests.support.procs import OidcProvider, RedisServer, browser_session, free_port, op_login
@@ -84,6 +86,9 @@ class Upstream:
         )
         response.headers["Set-Cookie"] = "upstream=1; Path=/"
         response.headers["X-Upstream"] = "yes"
+        if "cc" in request.query:  # caching as the test asks for it
+            response.headers["Cache-Control"] = request.query["cc"]
+            response.headers["Surrogate-Control"] = "max-age=600"
         return response
 
     async def slow(self, request: web.Request) -> web.Response:
@@ -222,6 +227,7 @@ def config(port: int, op: OidcProvider, client: dict[str, Any], redis: str, up: 
         {"path": "/api/write", "url": f"{up}/up/write", "scopes": ["api:write"]},
         {"path": "/api/read", "url": f"{up}/up/read", "scopes": ["api:read"]},
         {"path": "/api/get-only", "url": f"{up}/up/get-only", "methods": ["GET", "HEAD"]},
+        {"path": "/api/no-delete", "url": f"{up}/up/no-delete", "methods": ["GET", "POST"]},
         {"path": "/api/service", "url": f"{up}/up/svc", "token": "client"},
         {"path": "/api/public", "url": f"{up}/up/public", "token": "none"},
         {"path": "/api/maybe", "url": f"{up}/up/maybe", "token": "user_or_none"},
@@ -836,3 +842,201 @@ async def test_an_event_stream_is_closed_after_its_session_ends(
         with pytest.raises(aiohttp.ClientPayloadError):
             await asyncio.wait_for(resp.content.read(), 5)
         assert time.monotonic() - ended_at < 5
+
+
+# -------------------------------------------------------------------------------------------------
+# Issue 9, point 4: header hygiene by meaning; no way around a route's `methods:`
+
+
+OVERRIDE_HEADERS = [
+    ("X-HTTP-Method-Override", "DELETE"),
+    ("x_http_method_override", "DELETE"),
+    ("X_HTTP_METHOD", "DELETE"),
+    ("X-Method-Override", "DELETE"),
+    ("x-original-method", "DELETE"),
+    ("X_Original_URL", "/admin"),
+    ("X-Rewrite-Url", "/admin"),
+    ("X_Forwarded_For", "6.6.6.6"),
+    ("X-FORWARDED-HOST", "evil.example"),
+    ("x_forwarded_proto", "gopher"),
+    ("Forwarded", "for=6.6.6.6"),
+    ("X-Real-IP", "6.6.6.6"),
+    ("X_Real_Ip", "6.6.6.6"),
+    ("True-Client-IP", "6.6.6.6"),
+    ("CF_Connecting_IP", "6.6.6.6"),
+    ("Fastly-Client-IP", "6.6.6.6"),
+    ("X-Client-IP", "6.6.6.6"),
+]
+
+
+async def test_overrides_and_client_addresses_in_any_spelling_never_reach_the_upstream(
+    bff: Bff, browser: aiohttp.ClientSession
+) -> None:
+    await bff.login(browser)
+    headers = CIMultiDict([*CSRF.items(), *OVERRIDE_HEADERS])
+    async with browser.post(
+        f"{bff.url}/api/no-delete/1?_method=DELETE&keep=1&%5FMETHOD=PUT",
+        headers=headers,
+        data=b"{}",
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+    seen = bff.upstream.seen[-1]
+    assert (seen.method, seen.path) == ("POST", "/up/no-delete/1?keep=1")
+    values = [v for vs in seen.headers.values() for v in vs]
+    for planted in ("DELETE", "/admin", "6.6.6.6", "evil.example", "gopher"):
+        assert not any(planted in v for v in values), (planted, seen.headers)
+    assert seen.headers["x-forwarded-for"] == ["127.0.0.1"]
+    assert seen.header("x-forwarded-proto") == "http"
+    # DELETE itself is still refused, so nothing above was a way around it.
+    async with browser.delete(f"{bff.url}/api/no-delete/1", headers=CSRF) as resp:
+        assert resp.status == 405
+
+
+async def test_a_websocket_handshake_gets_the_same_hygiene(
+    bff: Bff, browser: aiohttp.ClientSession
+) -> None:
+    await bff.login(browser)
+    async with browser.ws_connect(
+        f"{bff.url}/api/ws/chat?_method=DELETE&room=1",
+        origin=bff.url,
+        headers=CIMultiDict(OVERRIDE_HEADERS),
+    ) as ws:
+        await ws.send_str("hello")
+        assert (await ws.receive(timeout=5)).data == "hello"
+    seen = bff.upstream.seen[-1]
+    assert seen.path == "/ws/chat?room=1"
+    values = [v for vs in seen.headers.values() for v in vs]
+    for planted in ("DELETE", "/admin", "6.6.6.6", "evil.example", "gopher"):
+        assert not any(planted in v for v in values), (planted, seen.headers)
+    assert seen.headers["x-forwarded-for"] == ["127.0.0.1"]
+    assert seen.headers["forwarded"] == [
+        f'for=127.0.0.1;host="{bff.url.removeprefix("http://")}";proto=http'
+    ]
+
+
+def form_body(*fields: tuple[str, str]) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    for name, value in fields:
+        form.add_field(name, value)
+    return form
+
+
+async def test_a_form_body_with_an_override_is_refused_and_never_reaches_the_upstream_whole(
+    bff: Bff, browser: aiohttp.ClientSession
+) -> None:
+    await bff.login(browser)
+    multipart = aiohttp.FormData()
+    multipart.add_field("file", b"x" * 200_000, filename="a.bin")
+    multipart.add_field("_method", "DELETE")
+    bodies: list[Any] = [
+        form_body(("a", "1"), ("_method", "DELETE")),
+        form_body(("a", "1"), ("_METHOD", "DELETE")),
+        multipart,
+    ]
+    json_body = {"data": {"id": 1}, "_method": "DELETE"}  # Laravel reads this one too
+    for body in [*bodies, aiohttp.JsonPayload(json_body)]:
+        async with browser.post(f"{bff.url}/api/no-delete/1", headers=CSRF, data=body) as resp:
+            assert resp.status == 400
+            assert await resp.json() == {
+                "error": "method_override",
+                "error_description": "a method override parameter is not accepted on this route",
+            }
+    # The upstream may have seen a start, never a whole body.
+    assert all(s.body_sha256 == "" for s in bff.upstream.seen), bff.upstream.seen
+
+
+async def test_form_bodies_without_an_override_pass_intact(
+    bff: Bff, browser: aiohttp.ClientSession
+) -> None:
+    await bff.login(browser)
+    payload = os.urandom(300_000)
+    multipart = aiohttp.FormData()
+    multipart.add_field("title", "_method=DELETE is a value")
+    multipart.add_field("file", payload, filename="_method")
+    json_body = aiohttp.JsonPayload({"paymentMethod": "card", "note": "_method"})
+    for body in (form_body(("a", "1"), ("q", "_method")), multipart, json_body):
+        async with browser.post(f"{bff.url}/api/no-delete/1", headers=CSRF, data=body) as resp:
+            assert resp.status == 200, await resp.text()
+        seen = bff.upstream.seen[-1]
+        assert seen.body_len > 0 and seen.body_sha256 != ""
+    # Without a `methods:` list an override gains nothing, and bodies are not scanned.
+    async with browser.post(
+        f"{bff.url}/api/x", headers=CSRF, data=form_body(("_method", "DELETE"))
+    ) as resp:
+        assert resp.status == 200
+    assert bff.upstream.seen[-1].body_sha256 == hashlib.sha256(b"_method=DELETE").hexdigest()
+
+
+# -------------------------------------------------------------------------------------------------
+# Issue 9, point 6: a user's answer is never stored by a shared cache
+
+
+async def test_answers_on_user_routes_are_private_and_others_keep_the_upstreams_caching(
+    bff: Bff, browser: aiohttp.ClientSession
+) -> None:
+    async def cache_headers(http: aiohttp.ClientSession, path: str) -> tuple[str, str | None]:
+        url = URL(f"{bff.url}{path}").with_query(cc="public, max-age=60, s-maxage=600")
+        async with http.get(url, headers=CSRF) as resp:
+            assert resp.status == 200, await resp.text()
+            return resp.headers["Cache-Control"], resp.headers.get("Surrogate-Control")
+
+    async with aiohttp.ClientSession() as anonymous:
+        # user_or_none without a session: the same URL answers differently once logged in.
+        assert await cache_headers(anonymous, "/api/maybe/x") == ("private, max-age=60", None)
+        public = ("public, max-age=60, s-maxage=600", "max-age=600")
+        assert await cache_headers(anonymous, "/api/public/x") == public
+        assert await cache_headers(anonymous, "/api/service/x") == public
+    await bff.login(browser)
+    assert await cache_headers(browser, "/api/x") == ("private, max-age=60", None)
+    assert await cache_headers(browser, "/api/maybe/x") == ("private, max-age=60", None)
+    async with browser.get(f"{bff.url}/api/x", params={"cc": "no-store"}, headers=CSRF) as resp:
+        assert resp.headers["Cache-Control"] == "no-store"
+    # A streamed answer (bigger than SMALL_BODY) too.
+    async with browser.get(
+        f"{bff.url}/api/download", params={"size": str(SMALL_BODY * 2)}, headers=CSRF
+    ) as resp:
+        assert resp.status == 200
+        assert resp.headers["Cache-Control"] == "private"
+        await resp.read()
+
+
+# -------------------------------------------------------------------------------------------------
+# Issue 9, point 6: two cookies of one name are no cookie
+
+
+async def raw_lines(url: str, lines: list[str]) -> tuple[int, bytes]:
+    """One request: its request line and header lines as given (several Cookie lines too)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = [lines[0], f"Host: {host}:{port}", "Connection: close", *lines[1:]]
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return int(data.split(b" ", 2)[1]), data.partition(b"\r\n\r\n")[2]
+
+
+async def test_two_session_cookies_make_an_anonymous_request(
+    bff: Bff, browser: aiohttp.ClientSession
+) -> None:
+    await bff.login(browser)
+    good = cookie_header(bff, browser)["Cookie"]
+    planted = f"{COOKIE}=planted-by-a-sibling"
+    start = "GET /bff/user HTTP/1.1"
+    assert (await raw_lines(bff.url, [start, "X-CSRF: 1", f"Cookie: {good}"]))[0] == 200
+    for cookies in (
+        [f"Cookie: {good}; {planted}"],
+        [f"Cookie: {planted}; {good}"],
+        [f"Cookie: {good}; {good}"],
+        [f"Cookie: {good}", f"Cookie: {planted}"],
+        [f"Cookie: {planted}", f"Cookie: {good}"],
+    ):
+        for target in ("/bff/user", "/api/x", "/api/maybe/x"):
+            status, body = await raw_lines(
+                bff.url, [f"GET {target} HTTP/1.1", "X-CSRF: 1", *cookies]
+            )
+            expected = 200 if target == "/api/maybe/x" else 401
+            assert status == expected, (target, cookies, body)
+    # On the user_or_none route the two-cookie calls went out anonymous.
+    maybe = [s for s in bff.upstream.seen if s.path.startswith("/up/maybe")]
+    assert len(maybe) == 5 and all("authorization" not in s.headers for s in maybe)

@@ -16,7 +16,8 @@ refresh future and the session cache with its siblings, which hides exactly the 
   returns the session cookie.
 - ``read_session``: the decrypted session record as the store holds it, for assertions.
 - ``EchoUpstream``: an HTTP upstream in a thread of the test process that answers 200 with a
-  digest of the bearer token it received (never the token), and 401 to tokens a test rejects.
+  digest of the bearer token it received (never the token), and 401 to tokens a test rejects;
+  it records each request's method, path, bearer and headers (``seen()``).
 - ``op_delay_refresh`` / ``op_fail_refresh``: the test OP's fault injection for refresh grants.
 """
 
@@ -311,6 +312,11 @@ class Seen:
     path: str
     token: str | None  # the bearer token the upstream received (stays in the test process)
     status: int
+    headers: tuple[tuple[str, str], ...] = ()  # every request header as received, in order
+
+    def header(self, name: str) -> list[str]:
+        """The values of header ``name`` (any case), in order."""
+        return [v for k, v in self.headers if k.lower() == name.lower()]
 
 
 @dataclass(slots=True)
@@ -357,7 +363,9 @@ class EchoUpstream:
         await request.read()
         with self._state.lock:
             status = 401 if token is not None and token in self._state.reject else 200
-            self._state.seen.append(Seen(request.method, request.path_qs, token, status))
+            self._state.seen.append(
+                Seen(request.method, request.path_qs, token, status, tuple(request.headers.items()))
+            )
         if status == 401:
             return web.json_response(
                 {"error": "invalid_token"},

@@ -179,6 +179,7 @@ def test_defaults() -> None:
     )
     assert s.metrics == MetricsSettings(listen=Listen(host="127.0.0.1", port=9464), public=False)
     assert s.workers is None  # one per core, decided by `bff run`
+    assert s.trusted_proxies == ()
 
 
 def test_dataclass_defaults_match_loader_defaults() -> None:
@@ -1467,3 +1468,31 @@ def test_metrics_and_workers_problems(text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse(MINIMAL + text)
     assert needle in str(err.value), str(err.value)
+# -- trusted_proxies -------------------------------------------------------------------------------
+
+
+def test_trusted_proxies_are_normalised_networks() -> None:
+    s = parse(MINIMAL + "trusted_proxies: [10.0.0.0/8, 192.0.2.7, '2001:DB8::/32', '::1']\n")
+    assert s.trusted_proxies == ("10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32", "::1/128")
+    assert dump_redacted(s)["trusted_proxies"] == list(s.trusted_proxies)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            "[10.0.0.1/8]",
+            "trusted_proxies[0]: '10.0.0.1/8' has host bits set; did you mean 10.0.0.0/8?",
+        ),
+        ("[proxy.internal]", "trusted_proxies[0]: expected an IP network like 10.0.0.0/8"),
+        ("[10.0.0.0/33]", "trusted_proxies[0]: expected an IP network like 10.0.0.0/8"),
+        (
+            "[10.0.0.0/8, 10.0.0.0/8]",
+            "trusted_proxies[1]: duplicate network (same as trusted_proxies[0])",
+        ),
+        ("10.0.0.0/8", "trusted_proxies: expected a list, got '10.0.0.0/8'"),
+    ],
+)
+def test_a_bad_trusted_proxy_is_named_with_its_line(value: str, message: str) -> None:
+    found = one_problem(MINIMAL + f"trusted_proxies: {value}\n")
+    assert found.startswith("bff.yaml:7: " + message), found

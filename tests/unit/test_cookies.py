@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from http.cookies import Morsel
+from unittest import mock
 
 import pytest
 from aiohttp import web
+from aiohttp._cookie_helpers import parse_cookie_header
 from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
 
 from bff.cookies import CookiePolicy
 from bff.keys import Keyring, SessionSecret, new_secret
@@ -110,7 +113,9 @@ def test_the_session_and_login_cookies_are_not_interchangeable_by_name() -> None
 
 
 def _tampered(value: str) -> list[str]:
-    last = "A" if value[-1] != "A" else "B"
+    # "B" for a final "A" would differ only in base64 padding bits, which decode to the same
+    # signature; "E" changes a data bit.
+    last = "A" if value[-1] != "A" else "E"
     first = "A" if value[0] != "A" else "B"
     return [value[:-1] + last, first + value[1:], value[:-1], value + "x", value.split(".")[0]]
 
@@ -194,3 +199,83 @@ def test_a_login_cookie_is_no_session_cookie_and_back() -> None:
     assert policy.browser_secret(_request(f"{policy.tx_name}={session_value}")) is None
     assert policy.session_secret(_request(f"{policy.name}={session_value}")) == secret
     assert policy.browser_secret(_request(f"{policy.tx_name}={login_value}")) == secret
+
+
+# -- one cookie of each name, or none (issue 9, point 6) ------------------------------------------
+
+
+def _lines_request(*lines: str) -> web.Request:
+    return make_mocked_request(
+        "GET", "/bff/user", headers=CIMultiDict(("Cookie", line) for line in lines)
+    )
+
+
+def test_two_session_cookies_in_one_line_are_no_session_whichever_is_valid() -> None:
+    policy = _policy()
+    good = _issued(policy, new_secret()).value
+    other = _issued(policy, new_secret()).value
+    for header in (
+        f"{policy.name}={good}; {policy.name}={other}",
+        f"{policy.name}={good}; {policy.name}=planted",
+        f"{policy.name}=planted; theme=dark; {policy.name}={good}",
+        f"{policy.name}=; {policy.name}={good}",
+        f'{policy.name}={good}; {policy.name}="{good}"',
+    ):
+        assert policy.session_secret(_request(header)) is None, header
+    assert policy.session_secret(_request(f"{policy.name}={good}")) is not None
+
+
+def test_the_same_name_across_two_cookie_lines_is_no_session() -> None:
+    policy = _policy()
+    good = _issued(policy, new_secret()).value
+    assert policy.session_secret(_lines_request(f"{policy.name}={good}", "a=1")) is not None
+    assert policy.session_secret(_lines_request("a=1", f"{policy.name}={good}")) is not None
+    for lines in (
+        (f"{policy.name}={good}", f"{policy.name}=planted"),
+        (f"{policy.name}=planted", f"{policy.name}={good}"),
+        (f"{policy.name}={good}", f"{policy.name}={good}"),
+    ):
+        assert policy.session_secret(_lines_request(*lines)) is None, lines
+
+
+def test_two_login_cookies_are_no_login_cookie() -> None:
+    policy = _policy()
+    secret = new_secret()
+    login = _issued(policy, secret, login=True).value
+    planted = _issued(policy, new_secret(), login=True).value
+    assert policy.browser_secret(_request(f"{policy.tx_name}={login}")) == secret
+    header = f"{policy.tx_name}={planted}; {policy.tx_name}={login}"
+    assert policy.browser_secret(_request(header)) is None
+
+
+def test_the_session_and_login_cookies_together_are_one_of_each() -> None:
+    # The login cookie's name contains the session cookie's: the text holds the name twice.
+    policy = _policy()
+    session, login = new_secret(), new_secret()
+    header = (
+        f"{policy.tx_name}={_issued(policy, login, login=True).value}; "
+        f"{policy.name}={_issued(policy, session).value}"
+    )
+    assert policy.session_secret(_request(header)) == session
+    assert policy.browser_secret(_request(header)) == login
+
+
+def test_a_cookie_whose_name_only_resembles_the_session_cookies_does_not_count() -> None:
+    policy = _policy()
+    secret = new_secret()
+    value = _issued(policy, secret).value
+    header = f"x{policy.name}=1; {policy.name.upper()}=2; {policy.name}={value}"
+    assert policy.session_secret(_request(header)) == secret
+
+
+def test_the_cookie_lines_are_parsed_once_per_request_for_both_cookies() -> None:
+    policy = _policy()
+    session, login = new_secret(), new_secret()
+    request = _lines_request(
+        f"{policy.tx_name}={_issued(policy, login, login=True).value}",
+        f"{policy.name}={_issued(policy, session).value}",
+    )
+    with mock.patch("bff.cookies.parse_cookie_header", wraps=parse_cookie_header) as parse:
+        assert policy.session_secret(request) == session
+        assert policy.browser_secret(request) == login
+    assert parse.call_count == 2  # one call per Cookie line, for both reads together

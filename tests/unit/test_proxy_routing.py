@@ -13,6 +13,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from bff.config import Upstream
 from bff.errors import NotFound, PathRejected
 from bff.proxy import UpstreamTable, downstream_headers, normalise_path, upstream_headers
+from bff.proxy.headers import (
+    CLIENT_ADDRESS,
+    OVERRIDES,
+    REQUEST_DROP,
+    header_key,
+    private_cache_control,
+)
+from bff.proxy.overrides import drop_override_params
 
 
 def table(*upstreams: Upstream) -> UpstreamTable:
@@ -158,7 +166,9 @@ def test_the_browsers_credentials_and_hop_by_hop_headers_stay_behind() -> None:
             ("X-Request-Id", "def"),
         ]
     )
-    sent = upstream_headers(request, route.drop, route.set_headers, ROUTES.forwarded(), "tok")
+    sent = upstream_headers(
+        request, route.drop, route.set_headers, ROUTES.peers.forwarding(request), "tok"
+    )
     names = [k.lower() for k, _ in sent]
     for gone in (
         "cookie",
@@ -169,7 +179,6 @@ def test_the_browsers_credentials_and_hop_by_hop_headers_stay_behind() -> None:
         "upgrade",
         "proxy-authorization",
         "host",
-        "forwarded",
     ):
         assert gone not in names
     assert ("Authorization", "Bearer tok") in sent
@@ -179,12 +188,17 @@ def test_the_browsers_credentials_and_hop_by_hop_headers_stay_behind() -> None:
     assert ("X-Forwarded-Proto", "https") in sent
     assert ("X-Forwarded-Host", "app.example.com") in sent
     assert [v for k, v in sent if k.lower() == "x-forwarded-for"] == ["192.0.2.7"]
+    assert [v for k, v in sent if k.lower() == "forwarded"] == [
+        "for=192.0.2.7;host=app.example.com;proto=https"
+    ]
 
 
 def test_without_a_token_no_authorization_header_is_sent() -> None:
     route = ROUTES.resolve("/api/orders/1")[0]
     request = browser_request({"Authorization": "Basic Zm9vOmJhcg=="})
-    sent = upstream_headers(request, route.drop, route.set_headers, ROUTES.forwarded(), None)
+    sent = upstream_headers(
+        request, route.drop, route.set_headers, ROUTES.peers.forwarding(request), None
+    )
     assert all(k.lower() != "authorization" for k, _ in sent)
 
 
@@ -199,7 +213,9 @@ def test_route_headers_are_set_and_removed() -> None:
     )
     route = routes.routes[0]
     request = browser_request({"X-Debug": "1", "X-Api-Key": "forged", "Accept-Language": "fr"})
-    sent = upstream_headers(request, route.drop, route.set_headers, routes.forwarded(), None)
+    sent = upstream_headers(
+        request, route.drop, route.set_headers, routes.peers.forwarding(request), None
+    )
     assert ("X-Api-Key", "k1") in sent
     assert ("Accept-Language", "en") in sent
     names = [k.lower() for k, _ in sent]
@@ -224,7 +240,7 @@ def test_an_upstreams_cookies_and_hop_by_hop_headers_never_reach_the_browser() -
             ]
         )
     )
-    out = downstream_headers(SimpleNamespace(headers=upstream))  # type: ignore[arg-type]
+    out = downstream_headers(SimpleNamespace(headers=upstream), private=False)  # type: ignore[arg-type]
     assert dict(out) == {
         "Content-Type": "application/json",
         "Cache-Control": "private",
@@ -235,3 +251,179 @@ def test_an_upstreams_cookies_and_hop_by_hop_headers_never_reach_the_browser() -
 
 def test_a_route_hides_its_upstream_address_in_its_repr() -> None:
     assert "internal" not in repr(ROUTES.routes[0])
+
+
+# -- header hygiene by meaning (issue 9, point 4) ------------------------------------------------
+
+
+def spellings(name: str) -> list[str]:
+    """``name`` as a browser may spell it so that some server reads it as ``name``."""
+    upper = name.upper()
+    return [
+        name,
+        upper,
+        name.title(),
+        name.replace("-", "_"),
+        upper.replace("-", "_"),
+        name.title().replace("-", "_", 1),
+    ]
+
+
+@pytest.mark.parametrize(
+    "name", sorted(CLIENT_ADDRESS | OVERRIDES | {"x-forwarded", "x-forwarded-anything"})
+)
+def test_client_address_and_override_headers_are_dropped_in_every_spelling(name: str) -> None:
+    route = ROUTES.resolve("/api/orders/1")[0]
+    request = browser_request([(s, "6.6.6.6") for s in spellings(name)] + [("Accept", "x/y")])
+    sent = upstream_headers(
+        request, route.drop, route.set_headers, ROUTES.peers.forwarding(request), None
+    )
+    assert all(v != "6.6.6.6" for _, v in sent), sent
+    assert ("Accept", "x/y") in sent
+
+
+def test_the_research_list_is_all_there() -> None:
+    for name in (
+        "forwarded", "x-real-ip", "x-client-ip", "true-client-ip", "cf-connecting-ip",
+        "fastly-client-ip", "x-cluster-client-ip", "x-originating-ip", "x-remote-ip",
+        "x-remote-addr", "client-ip", "x-proxyuser-ip",
+    ):  # fmt: skip
+        assert name in CLIENT_ADDRESS
+    for name in (
+        "x-http-method-override", "x-http-method", "x-method-override", "x-original-url",
+        "x-rewrite-url", "x-original-method",
+    ):  # fmt: skip
+        assert name in OVERRIDES
+    assert "x-envoy-external-address" not in REQUEST_DROP  # dropped by prefix instead:
+    request = browser_request({"X_Envoy_External_Address": "6.6.6.6", "X-Forwarded-Uri": "/a"})
+    sent = upstream_headers(request, REQUEST_DROP, (), [], None)
+    assert sent == []
+
+
+def test_header_key_reads_a_name_as_cgi_would() -> None:
+    assert header_key("X_Forwarded_For") == header_key("x-forwarded-for") == "x-forwarded-for"
+    assert header_key("Accept") == "accept"
+
+
+def test_route_headers_match_by_meaning_too() -> None:
+    routes = table(
+        Upstream(
+            path="/api",
+            url="http://api.internal",
+            set_headers=MappingProxyType({"X-Api-Key": "k1"}),
+            remove_headers=("x-debug",),
+        )
+    )
+    route = routes.routes[0]
+    request = browser_request(
+        [("X_DEBUG", "1"), ("x_api_key", "forged"), ("Connection", "X_Hop"), ("x-hop", "h")]
+    )
+    sent = upstream_headers(request, route.drop, route.set_headers, [], None)
+    assert sent == [("X-Api-Key", "k1")]
+
+
+# -- method override parameters in the query ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "forwarded"),
+    [
+        ("a=1&b=2", "a=1&b=2"),
+        ("_method=DELETE", ""),
+        ("a=1&_method=DELETE&b=2", "a=1&b=2"),
+        ("_method=DELETE&a=1", "a=1"),
+        ("a=1&_method=DELETE", "a=1"),
+        ("a=1;_method=DELETE;b=2", "a=1;b=2"),  # Rack 2 splits on ";" too
+        ("a=1&_METHOD=PUT", "a=1"),
+        ("a=1&%5Fmethod=PUT", "a=1"),
+        ("a=1&%5f%6D%65thod=PUT", "a=1"),
+        ("a=1&.method=PUT", "a=1"),  # PHP reads "." in a name as "_"
+        ("a=1&+_method=PUT", "a=1"),  # PHP drops leading spaces
+        ("a=1&_method[]=PUT", "a=1"),
+        ("a=1&_method", "a=1"),
+        ("a=1&x-http-method-override=PUT&X_HTTP_METHOD=PUT&x_method_override=1", "a=1"),
+        (
+            "method=1&my_method=2&_methods=3&a_method=4",
+            "method=1&my_method=2&_methods=3&a_method=4",
+        ),
+        ("q=_method%3DDELETE", "q=_method%3DDELETE"),  # a value, not a name
+        ("a=%ZZ&b=%C3%28", "a=%ZZ&b=%C3%28"),
+        ("", ""),
+    ],
+)
+def test_method_override_parameters_are_dropped_from_the_query(query: str, forwarded: str) -> None:
+    _, target = ROUTES.resolve("/api/orders/1?" + query)
+    assert target == "/v1/1?" + forwarded
+
+
+def test_a_query_without_an_override_is_passed_as_it_is() -> None:
+    query = "b=2&&a=%2F..%2F;c&method=x&%41=1"
+    assert drop_override_params(query) is query
+
+
+# -- answers that carry a user's data (issue 9, point 6) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("upstream", "browser"),
+    [
+        (None, "private"),
+        ("public, max-age=60", "private, max-age=60"),
+        ("max-age=60, s-maxage=600, proxy-revalidate", "private, max-age=60"),
+        ('private="Set-Cookie", max-age=5', "private, max-age=5"),
+        ("PUBLIC, Max-Age=1, must-revalidate", "private, Max-Age=1, must-revalidate"),
+        ("no-cache, stale-while-revalidate=30", "private, no-cache, stale-while-revalidate=30"),
+        ('no-cache="a, public", max-age=3', 'private, no-cache="a, public", max-age=3'),
+        ("no-store", "no-store"),
+        ("no-store, public, s-maxage=60", "no-store"),
+        ("max-age=3,,public", "private, max-age=3"),
+        ("garbage(", "private"),
+        ('max-age=1, x="unterminated', "private"),
+        ("no-store, garbage(", "no-store"),
+    ],
+)
+def test_a_users_answer_is_private_and_loses_shared_cache_directives(
+    upstream: str | None, browser: str
+) -> None:
+    headers = [("Content-Type", "application/json")]
+    if upstream is not None:
+        headers.append(("Cache-Control", upstream))
+    response = SimpleNamespace(headers=CIMultiDictProxy(CIMultiDict(headers)))
+    out = downstream_headers(response, private=True)  # type: ignore[arg-type]
+    assert out.getall("Cache-Control") == [browser]
+    assert private_cache_control(upstream or "") == browser
+
+
+def test_several_cache_control_lines_are_read_as_one() -> None:
+    headers = [("Cache-Control", "public"), ("Cache-Control", "max-age=9")]
+    response = SimpleNamespace(headers=CIMultiDictProxy(CIMultiDict(headers)))
+    out = downstream_headers(response, private=True)  # type: ignore[arg-type]
+    assert out.getall("Cache-Control") == ["private, max-age=9"]
+
+
+def test_a_users_answer_loses_the_headers_cdns_obey_over_cache_control() -> None:
+    cdn = [
+        ("Surrogate-Control", "max-age=3600"),
+        ("CDN-Cache-Control", "max-age=3600"),
+        ("Cloudflare-CDN-Cache-Control", "max-age=3600"),
+        ("Akamai-Cache-Control", "max-age=3600"),
+        ("Edge-Control", "cache-maxage=1h"),
+        ("X-Accel-Expires", "3600"),
+    ]
+    response = SimpleNamespace(
+        headers=CIMultiDictProxy(CIMultiDict([*cdn, ("ETag", '"1"'), ("Expires", "0")]))
+    )
+    private = downstream_headers(response, private=True)  # type: ignore[arg-type]
+    assert dict(private) == {"ETag": '"1"', "Expires": "0", "Cache-Control": "private"}
+    # A route that carries no user's token passes the upstream's caching on as it was.
+    public = downstream_headers(response, private=False)  # type: ignore[arg-type]
+    assert len(public) == len(cdn) + 2 and "Cache-Control" not in public
+
+
+@pytest.mark.parametrize(
+    ("token", "private"),
+    [("user", True), ("user_or_none", True), ("client", False), ("none", False)],
+)
+def test_which_routes_answers_are_private(token: str, private: bool) -> None:
+    routes = table(Upstream(path="/api", url="http://api.internal", token=token))  # type: ignore[arg-type]
+    assert routes.routes[0].private is private

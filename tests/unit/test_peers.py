@@ -1,0 +1,257 @@
+"""bff.peers: the client address after ``trusted_proxies``, and what the upstream is told."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+from unittest import mock
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
+
+from bff.peers import MAX_HOPS, PEERS, Peers, client_address, parse_node
+
+PUBLIC = "https://app.example.com"
+
+
+def request(peer: str | None, headers: list[tuple[str, str]] | None = None, app: Any = None) -> Any:
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda name, default=None: (
+        (peer, 50000) if name == "peername" and peer is not None else default
+    )
+    return make_mocked_request(
+        "GET", "/api/x", headers=CIMultiDict(headers or []), transport=transport, app=app
+    )
+
+
+# -- one address -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("192.0.2.1", "192.0.2.1"),
+        (" 192.0.2.1 ", "192.0.2.1"),
+        ("192.0.2.1:8080", "192.0.2.1"),
+        ("2001:db8::1", "2001:db8::1"),
+        ("2001:DB8:0:0:0:0:0:1", "2001:db8::1"),
+        ("[2001:db8::1]", "2001:db8::1"),
+        ("[2001:db8::1]:443", "2001:db8::1"),
+        ("::ffff:192.0.2.1", "192.0.2.1"),  # what a dual-stack socket reports for IPv4
+        ("[::ffff:192.0.2.1]:1", "192.0.2.1"),
+    ],
+)
+def test_an_address_is_read_in_every_spelling_proxies_use(text: str, address: str) -> None:
+    assert str(parse_node(text)) == address
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "unknown",  # RFC 7239 6.2
+        "_hidden",  # RFC 7239 6.3 obfuscated identifier
+        "_SEVKISEK",
+        "garbage",
+        "192.0.2",
+        "192.0.2.1.5",
+        "256.0.0.1",
+        "192.0.2.1:",
+        "192.0.2.1:port",
+        "[192.0.2.1]",  # brackets are for IPv6 only
+        "[2001:db8::1",
+        "[2001:db8::1]x",
+        "[2001:db8::1]:",
+        "2001:db8::1]",
+        "1.2.3.4, 5.6.7.8",
+        "\x00",
+        "é",
+    ],
+)
+def test_anything_but_an_address_is_none(text: str) -> None:
+    assert parse_node(text) is None
+
+
+# -- the chain -------------------------------------------------------------------------------------
+
+TRUSTED = Peers(["10.0.0.0/8", "2001:db8:ffff::/48"], PUBLIC)
+
+
+def test_without_trusted_proxies_the_peer_is_the_client_whatever_the_headers_say() -> None:
+    peers = Peers((), PUBLIC)
+    req = request("203.0.113.9", [("X-Forwarded-For", "1.1.1.1"), ("Forwarded", "for=2.2.2.2")])
+    assert peers.client_address(req) == "203.0.113.9"
+    assert peers.chain(req) == ("203.0.113.9",)
+
+
+def test_an_untrusted_peer_is_the_client_even_when_others_are_trusted() -> None:
+    req = request("203.0.113.9", [("X-Forwarded-For", "10.0.0.1"), ("X-Real-IP", "10.0.0.2")])
+    assert TRUSTED.client_address(req) == "203.0.113.9"
+
+
+def test_the_rightmost_untrusted_address_is_the_client() -> None:
+    # The client wrote "6.6.6.6, 10.9.9.9" itself; the trusted proxies appended the rest.
+    req = request("10.0.0.1", [("X-Forwarded-For", "6.6.6.6, 10.9.9.9, 198.51.100.7, 10.0.0.2")])
+    assert TRUSTED.client_address(req) == "198.51.100.7"
+    assert TRUSTED.chain(req) == ("198.51.100.7", "10.0.0.2", "10.0.0.1")
+
+
+def test_several_x_forwarded_for_lines_are_one_list_in_order() -> None:
+    headers = [("X-Forwarded-For", "6.6.6.6, 198.51.100.7"), ("X-Forwarded-For", "10.0.0.2")]
+    req = request("10.0.0.1", headers)
+    assert TRUSTED.chain(req) == ("198.51.100.7", "10.0.0.2", "10.0.0.1")
+
+
+def test_when_every_hop_is_trusted_the_leftmost_is_the_client() -> None:
+    req = request("10.0.0.1", [("X-Forwarded-For", "10.1.1.1, 10.2.2.2")])
+    assert TRUSTED.client_address(req) == "10.1.1.1"
+
+
+def test_a_trusted_peer_without_forwarding_headers_is_the_client() -> None:
+    assert TRUSTED.client_address(request("10.0.0.1")) == "10.0.0.1"
+
+
+def test_ipv6_hops_with_brackets_and_ports() -> None:
+    req = request(
+        "2001:db8:ffff::1",
+        [("X-Forwarded-For", "[2001:db8:1::7]:51000, [2001:db8:ffff::2]:443")],
+    )
+    assert TRUSTED.chain(req) == ("2001:db8:1::7", "2001:db8:ffff::2", "2001:db8:ffff::1")
+
+
+def test_an_ipv4_peer_seen_through_a_dual_stack_socket_is_still_trusted() -> None:
+    req = request("::ffff:10.0.0.1", [("X-Forwarded-For", "198.51.100.7")])
+    assert TRUSTED.chain(req) == ("198.51.100.7", "10.0.0.1")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "unknown",
+        "_hidden",
+        "garbage",
+        "198.51.100.7, , 10.0.0.2",
+        "198.51.100.7, unknown",
+        "198.51.100.7,10.0.0.2:x",
+        "",
+        ",",
+        "\t",
+    ],
+)
+def test_a_trusted_proxy_that_sends_no_address_where_one_is_needed_leaves_the_peer(
+    value: str,
+) -> None:
+    req = request("10.0.0.1", [("X-Forwarded-For", value)])
+    assert TRUSTED.chain(req) == ("10.0.0.1",)
+
+
+def test_garbage_left_of_the_client_is_the_clients_own_and_ignored() -> None:
+    req = request("10.0.0.1", [("X-Forwarded-For", "unknown, _x, <script>, 198.51.100.7")])
+    assert TRUSTED.client_address(req) == "198.51.100.7"
+
+
+def test_too_many_trusted_hops_leave_the_peer() -> None:
+    hops = ", ".join(f"10.0.{i // 250}.{i % 250 + 1}" for i in range(MAX_HOPS + 5))
+    req = request("10.0.0.1", [("X-Forwarded-For", "198.51.100.7, " + hops)])
+    assert TRUSTED.chain(req) == ("10.0.0.1",)
+    ok = ", ".join(f"10.0.0.{i + 1}" for i in range(MAX_HOPS - 1))
+    assert TRUSTED.client_address(request("10.0.0.1", [("X-Forwarded-For", ok)])) == "10.0.0.1"
+    req = request("10.0.0.1", [("X-Forwarded-For", "198.51.100.7, " + ok)])
+    assert TRUSTED.client_address(req) == "198.51.100.7"
+
+
+def test_forwarded_is_read_when_no_x_forwarded_for_came() -> None:
+    value = 'for=6.6.6.6, for=198.51.100.7;proto=https, for="[2001:db8:ffff::2]:80";by=_lb'
+    req = request("10.0.0.1", [("Forwarded", value)])
+    assert TRUSTED.chain(req) == ("198.51.100.7", "2001:db8:ffff::2", "10.0.0.1")
+
+
+def test_x_forwarded_for_wins_over_forwarded() -> None:
+    headers = [("Forwarded", "for=6.6.6.6"), ("X-Forwarded-For", "198.51.100.7")]
+    assert TRUSTED.client_address(request("10.0.0.1", headers)) == "198.51.100.7"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "for=unknown",
+        "for=_hidden",
+        "proto=https",  # an element without `for`
+        "for=198.51.100.7, by=10.0.0.2",
+        "for=",
+        'for="198.51.100.7',
+        ";;;,,,",
+        "for=[2001:db8::1]",  # unquoted brackets are not RFC 7239 syntax
+    ],
+)
+def test_a_forwarded_header_without_a_usable_for_leaves_the_peer(value: str) -> None:
+    assert TRUSTED.chain(request("10.0.0.1", [("Forwarded", value)])) == ("10.0.0.1",)
+
+
+def test_the_chain_is_worked_out_once_per_request() -> None:
+    req = request("10.0.0.1", [("X-Forwarded-For", "198.51.100.7")])
+    first = TRUSTED.chain(req)
+    with mock.patch("bff.peers.parse_node", side_effect=AssertionError("parsed again")):
+        assert TRUSTED.chain(req) is first
+
+
+def test_a_request_without_a_peer_address_has_an_empty_client() -> None:
+    assert TRUSTED.client_address(request(None, [("X-Forwarded-For", "1.2.3.4")])) == ""
+    assert Peers((), PUBLIC).client_address(request(None)) == ""
+
+
+def test_client_address_uses_the_apps_peers() -> None:
+    app = web.Application()
+    app[PEERS] = Peers(["127.0.0.1/32"], PUBLIC)
+    req = request("127.0.0.1", [("X-Forwarded-For", "198.51.100.7")], app=app)
+    assert client_address(req) == "198.51.100.7"
+
+
+# -- what the upstream is told ---------------------------------------------------------------------
+
+
+def test_from_an_untrusted_peer_the_upstream_hears_bffs_own_view() -> None:
+    peers = Peers((), "https://app.example.com:8443")
+    req = request("203.0.113.9", [("X-Forwarded-For", "1.1.1.1"), ("X-Forwarded-Host", "evil")])
+    assert dict(peers.forwarding(req)) == {
+        "X-Forwarded-For": "203.0.113.9",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "app.example.com:8443",
+        "Forwarded": 'for=203.0.113.9;host="app.example.com:8443";proto=https',
+    }
+
+
+def test_from_a_trusted_peer_the_upstream_hears_the_chain_from_the_client() -> None:
+    headers = [
+        ("X-Forwarded-For", "6.6.6.6, 2001:db8:1::7, 10.0.0.2"),
+        ("X-Forwarded-Proto", "http"),
+        ("X-Forwarded-Host", "evil.example"),
+    ]
+    sent = dict(TRUSTED.forwarding(request("10.0.0.1", headers)))
+    assert sent == {
+        "X-Forwarded-For": "2001:db8:1::7, 10.0.0.2, 10.0.0.1",
+        # From public_url, whatever a proxy passed on: bff knows its own origin.
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "app.example.com",
+        "Forwarded": (
+            'for="[2001:db8:1::7]";host=app.example.com;proto=https, for=10.0.0.2, for=10.0.0.1'
+        ),
+    }
+
+
+def test_without_a_peer_address_forwarded_says_unknown() -> None:
+    sent = dict(Peers((), PUBLIC).forwarding(request(None)))
+    assert "X-Forwarded-For" not in sent
+    assert sent["Forwarded"] == "for=unknown;host=app.example.com;proto=https"
+
+
+def test_trusted_networks_hold_their_whole_range() -> None:
+    peers = Peers(["192.0.2.0/24"], PUBLIC)
+    assert peers.trusted(ipaddress.ip_address("192.0.2.255"))
+    assert not peers.trusted(ipaddress.ip_address("192.0.3.0"))
+
+
+def test_an_untrusted_dual_stack_peer_is_named_by_its_ipv4_address() -> None:
+    assert TRUSTED.client_address(request("::ffff:203.0.113.9")) == "203.0.113.9"
