@@ -28,7 +28,6 @@ import yaml
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from bff.config.schema import SCHEMA
 from bff.healthcheck import healthz_url
 from bff.healthcheck import main as healthcheck
 from tests.support.bff_procs import BffProcess
@@ -122,12 +121,8 @@ async def wait_status(http: aiohttp.ClientSession, url: str, want: int) -> dict[
 
 
 def as_this_checkout_reads_it(source: Path, path: Path) -> dict[str, Any]:
-    """The config at ``source``, without the keys of branches not merged here yet (see
-    PENDING_KEYS in tests/unit/test_deploy_files.py), also written to ``path``."""
+    """The config at ``source``, also written to ``path``."""
     config: dict[str, Any] = yaml.safe_load(source.read_text())
-    for key in ("metrics", "trusted_proxies"):
-        if key not in SCHEMA["properties"]:
-            config.pop(key, None)
     path.write_text(yaml.safe_dump(config))
     return config
 

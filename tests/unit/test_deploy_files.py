@@ -28,7 +28,6 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from bff.config import ConfigError, load_settings
-from bff.config.schema import SCHEMA
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEPLOY = ROOT / "deploy"
@@ -120,34 +119,9 @@ def test_the_list_of_bff_configs_is_complete() -> None:
     assert found == set(BFF_CONFIGS)
 
 
-# Keys that other branches of issue 9/10 add (the metrics listener, trusted proxies). The deploy
-# configs use them as they will be; until this checkout's schema knows a key, check-config is run
-# on a copy without it. Once merged, nothing is cut and the whole file is checked.
-PENDING_KEYS = ("metrics", "trusted_proxies")
-
-
-def checkable_config(path: Path, tmp_path: Path) -> Path:
-    """``path`` itself, or a copy without the top-level PENDING_KEYS the schema lacks."""
-    cut = [k for k in PENDING_KEYS if k in load_one(path) and k not in SCHEMA["properties"]]
-    if not cut:
-        return path
-    kept: list[str] = []
-    skipping = False
-    for line in path.read_text().splitlines(keepends=True):
-        if line[:1] not in (" ", "#", "\n", ""):
-            skipping = line.split(":", 1)[0] in cut
-        if not skipping:
-            kept.append(line)
-    text = "".join(kept)
-    assert not set(cut) & set(yaml.safe_load(text)), "could not cut the pending keys"
-    out = tmp_path / path.name
-    out.write_text(text)
-    return out
-
-
 @pytest.mark.parametrize("path", BFF_CONFIGS, ids=rel)
 def test_every_bff_config_passes_check_config_offline(path: Path, tmp_path: Path) -> None:
-    target = checkable_config(path, tmp_path)
+    target = path
     result = subprocess.run(
         [sys.executable, "-m", "bff", "check-config", "--offline", str(target)],
         cwd=ROOT,
@@ -165,7 +139,7 @@ def test_check_config_would_refuse_a_broken_deploy_config(tmp_path: Path) -> Non
     broken = tmp_path / "bff.yaml"
     broken.write_text(K8S.joinpath("bff.yaml").read_text().replace("token: user", "token: usr"))
     with pytest.raises(ConfigError):
-        load_settings(checkable_config(broken, tmp_path), env=DUMMY_ENV)
+        load_settings(broken, env=DUMMY_ENV)
 
 
 # --- deploy/compose.yaml --------------------------------------------------------------------------
@@ -489,7 +463,7 @@ def test_the_secret_holds_placeholders_that_bff_refuses(tmp_path: Path) -> None:
         "BFF_KEY_PREVIOUS": secret["bff-key-previous"],
     }
     with pytest.raises(ConfigError) as exc:
-        load_settings(checkable_config(K8S / "bff.yaml", tmp_path), env=placeholder_env)
+        load_settings(K8S / "bff.yaml", env=placeholder_env)
     assert "keys[0]" in str(exc.value) and "keys[1]" in str(exc.value)
 
 
