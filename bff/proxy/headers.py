@@ -7,8 +7,9 @@ including any named in ``Connection``, stop at each hop.
 Header names are compared by meaning, not by spelling: lower-cased and with ``_`` read as ``-``
 (:func:`header_key`), because nginx, CGI, WSGI and PHP all turn ``X_Forwarded_For`` and
 ``x-forwarded-for`` into the same ``HTTP_X_FORWARDED_FOR``. Every header that names the client's
-address or overrides the method or URL (:data:`CLIENT_ADDRESS`, :data:`OVERRIDES`, and the
-``x-forwarded*`` / ``x-envoy-`` families) is dropped from the browser's request in every such
+address, overrides the method or URL, or names the user the way auth proxies do
+(:data:`CLIENT_ADDRESS`, :data:`OVERRIDES`, :data:`IDENTITY` and the ``x-forwarded*`` /
+``x-envoy-`` / ``x-auth-request-``... families) is dropped from the browser's request in every such
 spelling, even behind a trusted proxy: bff sends its own ``X-Forwarded-*`` and ``Forwarded``
 (:mod:`bff.peers`), and nothing else may tell an upstream who the client is or which method or
 path it "really" asked for.
@@ -32,6 +33,7 @@ from multidict import CIMultiDict
 __all__ = [
     "CLIENT_ADDRESS",
     "HOP_BY_HOP",
+    "IDENTITY",
     "OVERRIDES",
     "REQUEST_DROP",
     "WS_HANDSHAKE",
@@ -130,15 +132,53 @@ OVERRIDES: Final = frozenset(
         "x-proxy-url",
     }
 )
+#: Who the user is, as auth proxies tell their upstreams (Apache/CGI, Grafana, oauth2-proxy,
+#: Azure Easy Auth, Google IAP, AWS ALB, Cloudflare Access, Pomerium, Vouch): an upstream that
+#: trusts one of these would take a browser's word for the identity. bff's word is the token.
+IDENTITY: Final = frozenset(
+    {
+        "remote-user",
+        "x-remote-user",
+        "x-remote-email",
+        "x-remote-group",
+        "x-remote-groups",
+        "x-user",
+        "x-user-id",
+        "x-email",
+        "x-authenticated-user",
+        "x-authenticated-userid",
+        "x-webauth-user",
+        "x-webauth-email",
+        "x-webauth-name",
+        "x-vouch-user",
+        "x-id-token",
+        "x-access-token",
+        "x-goog-authenticated-user-email",
+        "x-goog-authenticated-user-id",
+        "x-goog-iap-jwt-assertion",
+        "cf-access-jwt-assertion",
+        "cf-access-authenticated-user-email",
+    }
+)
 #: Whole families: ``x-forwarded``, ``x-forwarded-*``; Envoy's ``x-envoy-*`` (among them the
-#: client address and the original path) are for Envoy to set, never for a browser.
-_DROP_PREFIXES: Final = ("x-forwarded", "x-envoy-")
+#: client address and the original path) are for Envoy to set, never for a browser; and the
+#: identity families of auth proxies (see :data:`IDENTITY`).
+_DROP_PREFIXES: Final = (
+    "x-forwarded",
+    "x-envoy-",
+    "x-auth-request-",
+    "x-ms-client-principal",
+    "x-ms-token-",
+    "x-amzn-oidc-",
+    "x-pomerium-",
+)
 #: To the upstream: also the browser's credentials, its Host (the upstream's comes from the URL),
 #: Expect (aiohttp answered it already) and bff's own anti-forgery header.
 REQUEST_DROP: Final = (
     HOP_BY_HOP
     | CLIENT_ADDRESS
     | OVERRIDES
+    | IDENTITY
     | {"cookie", "authorization", "host", "expect", "x-csrf"}
 )
 #: The browser's handshake headers; aiohttp makes the upstream handshake's own.

@@ -15,6 +15,7 @@ from bff.errors import NotFound, PathRejected
 from bff.proxy import UpstreamTable, downstream_headers, normalise_path, upstream_headers
 from bff.proxy.headers import (
     CLIENT_ADDRESS,
+    IDENTITY,
     OVERRIDES,
     REQUEST_DROP,
     header_key,
@@ -270,7 +271,20 @@ def spellings(name: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "name", sorted(CLIENT_ADDRESS | OVERRIDES | {"x-forwarded", "x-forwarded-anything"})
+    "name",
+    sorted(
+        CLIENT_ADDRESS
+        | OVERRIDES
+        | IDENTITY
+        | {
+            "x-forwarded",
+            "x-forwarded-anything",
+            "x-auth-request-user",
+            "x-ms-client-principal-name",
+            "x-amzn-oidc-identity",
+            "x-pomerium-claim-email",
+        }
+    ),
 )
 def test_client_address_and_override_headers_are_dropped_in_every_spelling(name: str) -> None:
     route = ROUTES.resolve("/api/orders/1")[0]
