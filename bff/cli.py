@@ -1,6 +1,9 @@
 """The ``bff`` command: ``run``, ``check-config`` and ``sessions`` (operators' session control).
 
-A bad config prints one line per problem and exits 2; no traceback ever reaches an operator.
+One shape for all: each takes ``--config FILE``, else ``$BFF_CONFIG``. A bad config prints one line
+per problem and exits 2; no traceback ever reaches an operator, not even when the output is piped
+into ``head`` (exit 141, as for a process that SIGPIPE ended). What ``check-config`` checks beyond
+the file is in ``bff.preflight``.
 """
 
 from __future__ import annotations
