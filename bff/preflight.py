@@ -5,7 +5,7 @@ same way for ``bff run``. Here are the checks that need this machine or the netw
 lines of three levels:
 
 * **error**: bff would start but fail at run time (the store does not answer or is older than
-  Redis 7; the OP is unreachable, its discovery document is refused, it does not offer PKCE S256
+  Redis 7 (INFO refused to an ACL user: a warning); the OP is unreachable, its discovery document is refused, it does not offer PKCE S256
   or the configured ``token_endpoint_auth_method``). ``check-config`` exits 1.
 * **warning**: bff works, with less than one may expect (no ``end_session_endpoint``: logout
   leaves the OP session alive; no back-channel logout; no revocation endpoint; PKCE not
@@ -24,13 +24,16 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 
 from bff.config import Settings, dump_redacted
 from bff.errors import ProviderUnavailable, StoreUnavailable
 from bff.oidc import OidcClient, OidcError, TokenRequestRefused
+
+if TYPE_CHECKING:
+    from bff.store.redis import RedisStore
 
 __all__ = ["MIN_REDIS", "Report", "redis_version_problem", "run_checks", "static_problem"]
 
@@ -81,20 +84,25 @@ async def _check_store(settings: Settings, report: Report) -> None:
     if url.startswith("memory://"):
         report.infos.append(f"{shown}: sessions live in the one bff process (workers: 1)")
         return
-    from bff.store.redis import RedisStore
+    from bff.store.redis import RedisStore  # only when there is a Redis to ask
 
     with warnings.catch_warnings():  # redis' own "Retry was converted" UserWarning
         warnings.simplefilter("ignore")
         store = RedisStore.from_url(url)
         try:
-            info: dict[str, Any] = await asyncio.wait_for(_redis_info(store), _STORE_CHECK_TIMEOUT)
+            version = await asyncio.wait_for(_redis_version(store), _STORE_CHECK_TIMEOUT)
         except (StoreUnavailable, TimeoutError) as exc:
             cause = exc.__cause__ or exc
             report.errors.append(f"{shown} does not answer: {cause or type(cause).__name__}")
             return
         finally:
             await store.close()
-    version = str(info.get("redis_version", "?"))
+    if isinstance(version, Exception):  # PING works, INFO is refused (an ACL user without it)
+        report.warnings.append(
+            f"{shown} answers but refuses INFO ({version}): bff needs Redis 7 or newer, and "
+            "cannot tell whether this one is"
+        )
+        return
     problem = redis_version_problem(version)
     if problem:
         report.errors.append(f"{shown} {problem}")
@@ -102,15 +110,19 @@ async def _check_store(settings: Settings, report: Report) -> None:
         report.infos.append(f"{shown}: Redis {version} answers")
 
 
-async def _redis_info(store: Any) -> dict[str, Any]:
-    from redis.exceptions import RedisError
+async def _redis_version(store: RedisStore) -> str | Exception:
+    """``redis_version`` from INFO server, or why INFO was refused; StoreUnavailable when the
+    store does not answer at all."""
+    from redis.exceptions import RedisError, ResponseError
 
     await store.ping()  # raises StoreUnavailable
     try:
         info: dict[str, Any] = await store.client.info("server")
+    except ResponseError as exc:  # NOPERM and the like: the server is there
+        return exc
     except (RedisError, OSError) as exc:
         raise StoreUnavailable() from exc
-    return info
+    return str(info.get("redis_version", "?"))
 
 
 # -- static --------------------------------------------------------------------------------------

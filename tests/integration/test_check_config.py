@@ -8,6 +8,7 @@ S256; a missing SPA folder. Exit 0: bff will run (warnings may be printed); 1: a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from tests.support.procs import OidcProvider, RedisServer, free_port
 
@@ -118,6 +120,27 @@ def test_the_store_password_is_never_printed(
     assert result.returncode == 1
     assert "hunter2" not in result.stdout + result.stderr
     assert "error: session.store redis://nobody:**********@127.0.0.1" in result.stderr
+
+
+async def test_a_redis_user_without_info_is_a_warning(
+    tmp_path: Path, redis_server: RedisServer, oidc_op: OidcProvider
+) -> None:
+    """An ACL user may lack INFO: the store answers, but its version cannot be told."""
+    async with aioredis.from_url(redis_server.url) as admin:
+        await admin.execute_command(
+            "ACL", "SETUSER", "noinfo", "on", ">pw-1", "~*", "+@all", "-info"
+        )
+    try:
+        store = f"redis://noinfo:pw-1@127.0.0.1:{redis_server.port}/0"
+        result = await asyncio.to_thread(
+            check_config, write(tmp_path, issuer=oidc_op.issuer, store=store)
+        )
+    finally:
+        async with aioredis.from_url(redis_server.url) as admin:
+            await admin.execute_command("ACL", "DELUSER", "noinfo")
+    assert_no_traceback(result)
+    assert result.returncode == 0, result.stderr
+    assert "answers but refuses INFO" in result.stderr and "pw-1" not in result.stderr
 
 
 def test_an_op_down_is_an_error(tmp_path: Path, redis_server: RedisServer) -> None:
