@@ -263,3 +263,33 @@ def pipe_into_head(argv: list[str], env: dict[str, str] | None = None) -> tuple[
         err = producer.stderr.read().decode()
         code = producer.wait(timeout=60)
     return head.stdout, code, err
+
+
+@pytest.mark.parametrize(
+    ("extra", "public_url", "needle"),
+    [
+        (
+            "upstreams: [{path: /api, url: 'http://api.internal', scopes: [orders:read]}]\n",
+            None,
+            "upstreams[0].scopes: orders:read not in oidc.scopes",
+        ),
+        ("", "http://app.example.com", "public_url: must be https://"),
+    ],
+)
+def test_run_refuses_a_config_that_cannot_work(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    served: list[tuple[object, ...]],
+    extra: str,
+    public_url: str | None,
+    needle: str,
+) -> None:
+    """What would fail on every request is refused at start, as check-config refuses it."""
+    path = Path(config(tmp_path, "workers: 1\n" + extra, "memory://"))
+    if public_url:
+        path.write_text(path.read_text().replace("http://127.0.0.1:8080", public_url))
+    for argv in (["run", "--config", str(path)], ["check-config", "--offline", str(path)]):
+        assert cli.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert needle in err and "Traceback" not in out + err
+    assert served == []
