@@ -5,9 +5,10 @@ same way for ``bff run``. Here are the checks that need this machine or the netw
 lines of three levels:
 
 * **error**: bff would start but fail at run time (the store does not answer or is older than
-  Redis 7 (INFO refused to an ACL user: a warning); the OP is unreachable, its discovery document is refused, it does not offer PKCE S256
-  or the configured ``token_endpoint_auth_method``). ``check-config`` exits 1.
-* **warning**: bff works, with less than one may expect (no ``end_session_endpoint``: logout
+  Redis 7; the OP is unreachable, its discovery document is refused, it does not offer PKCE
+  S256 or the configured ``token_endpoint_auth_method``). ``check-config`` exits 1.
+* **warning**: bff works, with less than one may expect (the store's ACL user may not run INFO,
+  so its version is unknown; no ``end_session_endpoint``: logout
   leaves the OP session alive; no back-channel logout; no revocation endpoint; PKCE not
   advertised; access tokens shorter than ``refresh_skew``; no ``static`` folder or no
   ``index.html`` in it). Exit 0.
