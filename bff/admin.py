@@ -1,10 +1,12 @@
 """``bff sessions list|revoke``: operators end a user's sessions, e.g. when an account is stolen.
 
-Both commands load the config (``--config`` or ``BFF_CONFIG``), open the configured store and
-work on the ``sub``/``sid`` indexes, which hold session ids only. A session's tokens are
-encrypted under a key that lives only in the user's cookie (design invariant 3), so from here we
-can end a session, but neither read its tokens nor revoke them at the OP: for a compromised
-account, also revoke the user's grants at the OP.
+``list`` prints each session's store id in full; ``revoke --session ID`` takes those ids (a store
+id is a one-way hash of the cookie's secret: it lets nobody into the session, and whoever can run
+this command can read the store anyway). Both commands load the config (``--config`` or
+``BFF_CONFIG``), open the configured store and work on the ``sub``/``sid`` indexes, which hold
+session ids only. A session's tokens are encrypted under a key that lives only in the user's
+cookie (design invariant 3), so from here we can end a session, but neither read its tokens nor
+revoke them at the OP: for a compromised account, also revoke the user's grants at the OP.
 
 A revoked session is gone from the shared store at once; instances that cached it stop serving
 it within ``session.cache_ttl``.
@@ -16,16 +18,21 @@ import argparse
 import asyncio
 import math
 import os
+import re
 import sys
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Final
 
 from bff.config import ConfigError, Settings, load_settings
 from bff.errors import StoreUnavailable
+from bff.keys import StoreKey
 from bff.sessions import SessionManager, session_key
 from bff.store import open_store
 
 __all__ = ["add_commands"]
+
+# A store id: 20 bytes of SHA-256, base64url without padding (bff.keys.store_id).
+_STORE_ID: Final = re.compile(r"[A-Za-z0-9_-]{27}")
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,11 +44,19 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     listing.add_argument("--sub", required=True, help="the user's subject (sub claim)")
     listing.set_defaults(func=cmd_list)
 
-    revoke = actions.add_parser("revoke", help="end every session of a subject or OP session")
+    revoke = actions.add_parser(
+        "revoke", help="end every session of a subject or OP session, or the sessions named"
+    )
     revoke.add_argument("--config", help="YAML config file (default: $BFF_CONFIG)")
     target = revoke.add_mutually_exclusive_group(required=True)
     target.add_argument("--sub", help="end all sessions of this subject")
     target.add_argument("--sid", help="end all sessions of this OP session id")
+    target.add_argument(
+        "--session",
+        nargs="+",
+        metavar="ID",
+        help="end these sessions (the ids `bff sessions list` prints)",
+    )
     revoke.set_defaults(func=cmd_revoke)
 
 
@@ -50,7 +65,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    return _run(_revoke(_settings(args.config), sub=args.sub, sid=args.sid))
+    settings = _settings(args.config)
+    if args.session is not None:
+        bad = [i for i in args.session if not _STORE_ID.fullmatch(i)]
+        if bad:
+            raise ConfigError(
+                [f"--session: not a session id as `bff sessions list` prints them: {bad[0][:40]!r}"]
+            )
+        return _run(_revoke_ids(settings, [StoreKey(i) for i in args.session]))
+    return _run(_revoke(settings, sub=args.sub, sid=args.sid))
 
 
 def _settings(path: str | None) -> Settings:
@@ -88,7 +111,7 @@ async def _list(settings: Settings, sub: str) -> int:
         print(f"{len(ids)} live session(s) of sub {sub!r}")
         for sid in ids:
             left = await manager.store.ttl(session_key(sid))
-            print(f"  session {sid[:16]}  ends in {_seconds(left)} unless used again")
+            print(f"  session {sid}  ends in {_seconds(left)} unless used again")
     finally:
         await manager.store.close()
     return 0
@@ -100,11 +123,25 @@ async def _revoke(settings: Settings, *, sub: str | None, sid: str | None) -> in
     try:
         ids = await manager.ids_for(sub=sub, sid=sid)
         for found in ids:
-            print(f"  ending session {found[:16]}")
+            print(f"  ending session {found}")
         ended = await manager.end_matching(sub=sub, sid=sid)
     finally:
         await manager.store.close()
     print(f"ended {ended} session(s) of {what}")
+    if ended:
+        print("note: their tokens are still valid at the OP until it revokes or expires them")
+    return 0
+
+
+async def _revoke_ids(settings: Settings, ids: list[StoreKey]) -> int:
+    manager = _manager(settings)
+    try:
+        for found in ids:
+            print(f"  ending session {found}")
+        ended = await manager.end_ids(*ids)
+    finally:
+        await manager.store.close()
+    print(f"ended {ended} of {len(ids)} session(s) named")
     if ended:
         print("note: their tokens are still valid at the OP until it revokes or expires them")
     return 0

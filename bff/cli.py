@@ -1,6 +1,9 @@
 """The ``bff`` command: ``run``, ``check-config`` and ``sessions`` (operators' session control).
 
-A bad config prints one line per problem and exits 2; no traceback ever reaches an operator.
+One shape for all: each takes ``--config FILE``, else ``$BFF_CONFIG``. A bad config prints one line
+per problem and exits 2; no traceback ever reaches an operator, not even when the output is piped
+into ``head`` (exit 141, as for a process that SIGPIPE ended). What ``check-config`` checks beyond
+the file is in ``bff.preflight``.
 """
 
 from __future__ import annotations
@@ -8,23 +11,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.metadata
 import json
-import logging
 import multiprocessing
 import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-import aiohttp
 
 from bff.config import ConfigError, Settings, dump_redacted, load_settings
-from bff.errors import ProviderUnavailable
-from bff.oidc import OidcError, TokenRequestRefused
-
-if TYPE_CHECKING:
-    from bff.oidc import OidcClient
 
 __all__ = ["main"]
 
@@ -155,85 +150,41 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    settings = _load(args.file)
-    _check_workers(settings, args.file, *_worker_count(settings, None))
-    print(f"{args.file}: configuration is valid")
+    """Exit 0: bff will run (warnings may be printed); 1: a check failed (see bff.preflight);
+    2: the file is not a config bff runs (or the command line is wrong)."""
+    path = _check_config_path(args)
+    settings = _load(path)
+    _check_workers(settings, path, *_worker_count(settings, None))
+    print(f"{path}: configuration is valid")
     if args.show:
         print(json.dumps(dump_redacted(settings), indent=2, default=str))
     if args.offline:
         return 0
-    try:
-        infos, warnings = asyncio.run(_check_issuer(settings))
-    except ProviderUnavailable as exc:
-        print(
-            f"{args.file}: oidc.issuer {settings.oidc.issuer} is unreachable: {exc}",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"oidc.issuer {settings.oidc.issuer}: discovery OK")
-    for line in infos:
-        print(f"oidc.issuer {settings.oidc.issuer}: {line}")
-    for line in warnings:  # worth knowing, but the config works: still exit 0
-        print(f"warning: oidc.issuer {settings.oidc.issuer}: {line}", file=sys.stderr)
-    return 0
+    from bff.preflight import run_checks
+
+    report = asyncio.run(run_checks(settings))
+    for line in report.infos:
+        print(line)
+    for line in report.warnings:  # worth knowing, but the config works: still exit 0
+        print(f"warning: {line}", file=sys.stderr)
+    for line in report.errors:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if report.errors else 0
 
 
-async def _check_issuer(settings: Settings) -> tuple[list[str], list[str]]:
-    """Discovery, then what the OP's answers mean for this config: (infos, warnings)."""
-    from bff.oidc import OidcClient
-
-    infos: list[str] = []
-    warnings: list[str] = []
-    logging.disable(logging.WARNING)  # the client's own log lines would repeat what we print
-    try:
-        async with aiohttp.ClientSession() as http:
-            client = OidcClient(settings.oidc, http, redirect_uri=settings.redirect_uri)
-            meta = await client.metadata()
-            if meta.revocation_endpoint:
-                infos.append(f"revocation endpoint {meta.revocation_endpoint}")
-            else:
-                warnings.append(
-                    "no revocation_endpoint in its discovery document nor in its RFC 8414 "
-                    "metadata, and oidc.revocation_endpoint is not set: logout cannot revoke "
-                    "the user's tokens at the OP"
-                )
-            await _check_token_lifetime(client, settings, infos, warnings)
-    finally:
-        logging.disable(logging.NOTSET)
-    return infos, warnings
-
-
-async def _check_token_lifetime(
-    client: OidcClient, settings: Settings, infos: list[str], warnings: list[str]
-) -> None:
-    """Only a token tells its lifetime: we ask for a client_credentials token (and revoke it).
-    An OP may give user tokens another lifetime; bff also logs it at the first login."""
-    skew = settings.oidc.refresh_skew
-    try:
-        tokens = await client.client_credentials()
-    except (OidcError, ProviderUnavailable) as exc:
-        reason = exc.error if isinstance(exc, TokenRequestRefused) else type(exc).__name__
-        infos.append(
-            f"access token lifetime unknown: the OP gave this client no client_credentials "
-            f"token ({reason}); bff logs oidc.short_lived_access_tokens at the first login "
-            f"if user tokens live shorter than oidc.refresh_skew ({skew:g} s)"
-        )
-        return
-    await client.revoke(tokens.access_token, "access_token")
-    if tokens.lifetime is None:
-        infos.append("access tokens: the OP sends no expires_in")
-    elif tokens.lifetime < skew:
-        warnings.append(
-            f"access tokens live {tokens.lifetime:g} s (a client_credentials token), shorter "
-            f"than oidc.refresh_skew ({skew:g} s): bff refreshes them when half of their "
-            f"lifetime is left ({tokens.lifetime / 2:g} s)"
-        )
-    else:
-        infos.append(f"access tokens live {tokens.lifetime:g} s (a client_credentials token)")
+def _check_config_path(args: argparse.Namespace) -> str:
+    """FILE (the original form), else --config, else $BFF_CONFIG, like every other command."""
+    if args.file and args.config and args.file != args.config:
+        raise ConfigError([f"two config files given: {args.file} and --config {args.config}"])
+    path: str | None = args.file or args.config or os.environ.get("BFF_CONFIG")
+    if not path:
+        raise ConfigError(["no config file: pass --config FILE or set BFF_CONFIG"])
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bff", description="Backend-for-frontend session proxy")
+    parser.add_argument("--version", action="version", version=f"bff {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="serve")
@@ -246,10 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, help="override metrics.listen.port")
     run.set_defaults(func=cmd_run)
 
-    check = sub.add_parser("check-config", help="validate a config file without serving")
-    check.add_argument("file")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config, then check the store, the OP and the SPA folder",
+        description="Exit 0: bff will run (warnings may be printed); 1: a store, OP or static "
+        "check failed; 2: the config is invalid.",
+    )
+    check.add_argument("file", nargs="?", help="YAML config file (same as --config)")
+    check.add_argument("--config", help="YAML config file (default: $BFF_CONFIG)")
     check.add_argument("--show", action="store_true", help="print the settings, secrets masked")
-    check.add_argument("--offline", action="store_true", help="skip the OP discovery check")
+    check.add_argument(
+        "--offline",
+        action="store_true",
+        help="check the file only: not the store, the OP nor the static folder (for CI)",
+    )
     check.set_defaults(func=cmd_check_config)
 
     try:
@@ -261,15 +222,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _version() -> str:
+    """The installed distribution's version: one number, in pyproject.toml."""
     try:
-        return int(args.func(args))
+        return importlib.metadata.version("bff")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_went_away()
+
+
+def _reader_went_away() -> int:
+    """``bff ... | head``: the reader closed the pipe. End quietly with the status of a process
+    that SIGPIPE ended (128 + 13), as other Unix tools do; stdout goes to /dev/null so that the
+    interpreter's last flush cannot fail again with a traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

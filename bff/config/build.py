@@ -72,6 +72,8 @@ class _Builder(Reader):
         session = self.session(self.section(data, "session"), dev, public_url is not None)
         keys = self.keys(data)
         upstreams = build_upstreams(self, data, prefix)
+        if oidc is not None:
+            self.route_scopes(data, oidc.scopes)
         sec, sp = self.section(data, "security"), ("security",)
         csp = self.get(sec, sp, "content_security_policy", DEFAULT_CSP)
         security = SecuritySettings(
@@ -115,11 +117,34 @@ class _Builder(Reader):
         if parts is None:
             return None
         host = parts.hostname or ""
+        if parts.scheme == "http" and not is_loopback_host(host):
+            # The session cookie is Secure here (only a loopback http origin may drop it), and a
+            # browser never stores a Secure cookie from http: every login would loop.
+            self.ctx.report(
+                path, "must be https:// (http:// only on a loopback host, for development)"
+            )
+            return None
         netloc = f"[{host}]" if ":" in host else host
         port = parts.port
         if port is not None and (parts.scheme, port) not in (("http", 80), ("https", 443)):
             netloc += f":{port}"
         return f"{parts.scheme}://{netloc}"
+
+    def route_scopes(self, data: dict[str, Any], asked: tuple[str, ...]) -> None:
+        """A route's scopes must be among oidc.scopes: bff asks the OP for those alone, so a
+        session holds no other and every call to such a route would answer 403."""
+        raw = self.get(data, (), "upstreams", [])
+        for i, item in enumerate(raw if isinstance(raw, list) else []):
+            p: Key = ("upstreams", i, "scopes")
+            scopes = self.str_tuple(item, p[:2], "scopes", ())
+            missing = [s for s in scopes if s not in asked]
+            if missing and self.ctx.ok(p) and self.ctx.ok(("oidc", "scopes")):
+                self.ctx.report(
+                    p,
+                    f"{', '.join(missing)} not in oidc.scopes: bff asks the OP only for "
+                    "oidc.scopes, so every call to this route would answer 403; add "
+                    f"{'them' if len(missing) > 1 else 'it'} to oidc.scopes",
+                )
 
     def prefix(self, data: dict[str, Any]) -> str | None:
         raw = self.get(data, (), "prefix", "/bff")

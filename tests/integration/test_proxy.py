@@ -224,7 +224,8 @@ def config(port: int, op: OidcProvider, client: dict[str, Any], redis: str, up: 
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     upstreams = [
         {"path": "/api", "url": f"{up}/up"},
-        {"path": "/api/write", "url": f"{up}/up/write", "scopes": ["api:write"]},
+        # api:admin is asked for but the OP does not know it, so never grants it.
+        {"path": "/api/write", "url": f"{up}/up/write", "scopes": ["api:admin"]},
         {"path": "/api/read", "url": f"{up}/up/read", "scopes": ["api:read"]},
         {"path": "/api/get-only", "url": f"{up}/up/get-only", "methods": ["GET", "HEAD"]},
         {"path": "/api/no-delete", "url": f"{up}/up/no-delete", "methods": ["GET", "POST"]},
@@ -250,7 +251,7 @@ def config(port: int, op: OidcProvider, client: dict[str, Any], redis: str, up: 
                 "issuer": op.issuer,
                 "client_id": client["client_id"],
                 "client_secret": client["client_secret"],
-                "scopes": ["openid", "profile", "api:read"],
+                "scopes": ["openid", "profile", "api:read", "api:admin"],
                 "refresh_skew": "1s",
             },
             "session": {
@@ -434,7 +435,7 @@ async def test_a_route_needing_a_scope_the_token_lacks_gives_403(
     bff: Bff, browser: aiohttp.ClientSession
 ) -> None:
     session = await bff.login(browser)
-    assert "api:read" in session.data.scopes and "api:write" not in session.data.scopes
+    assert "api:read" in session.data.scopes and "api:admin" not in session.data.scopes
     async with browser.get(f"{bff.url}/api/read/x", headers=CSRF) as resp:
         assert resp.status == 200
     async with browser.get(f"{bff.url}/api/write/x", headers=CSRF) as resp:

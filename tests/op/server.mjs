@@ -17,6 +17,9 @@
 //                    (only in /.well-known/oauth-authorization-server, RFC 8414) or "none"
 //   OP_REVOKE_GRANT  "0": revoking a token revokes only that token, as some OPs do (RFC 7009
 //                    leaves it open); default "1": oidc-provider revokes the whole grant
+//   OP_DISCOVERY_PATCH JSON object merged into the discovery document, a null value removing
+//                    the key: an OP that advertises less (e.g. {"end_session_endpoint": null}).
+//                    Only the document changes, not what the OP does. Default: none
 //
 // Besides the OP endpoints (see /.well-known/openid-configuration) it serves:
 //   GET  /interaction/:uid           login form (any login + any non-empty password) or consent
@@ -60,6 +63,7 @@ const STATE_FILE = process.env.OP_STATE_FILE || '';
 const FIXED_KIDS = process.env.OP_FIXED_KIDS === '1';
 const REVOCATION_IN = process.env.OP_REVOCATION_IN || 'discovery';
 const REVOKE_GRANT = process.env.OP_REVOKE_GRANT !== '0';
+const DISCOVERY_PATCH = JSON.parse(process.env.OP_DISCOVERY_PATCH || '{}');
 if (!['discovery', 'rfc8414', 'none'].includes(REVOCATION_IN)) {
   console.error(`OP_REVOCATION_IN must be discovery, rfc8414 or none, got ${REVOCATION_IN}`);
   process.exit(2);
@@ -356,6 +360,17 @@ provider.use(async (ctx, next) => {
   if (ctx.path === '/.well-known/openid-configuration' && REVOCATION_IN !== 'discovery'
       && ctx.body && typeof ctx.body === 'object') {
     delete ctx.body.revocation_endpoint;
+  }
+});
+
+// OP_DISCOVERY_PATCH: advertise less (or other values) than the OP offers.
+provider.use(async (ctx, next) => {
+  await next();
+  if (ctx.path === '/.well-known/openid-configuration' && ctx.body && typeof ctx.body === 'object') {
+    for (const [key, value] of Object.entries(DISCOVERY_PATCH)) {
+      if (value === null) delete ctx.body[key];
+      else ctx.body[key] = value;
+    }
   }
 });
 

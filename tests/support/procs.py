@@ -336,7 +336,8 @@ class OidcProvider(ChildProcess):
     key rotation. ``fixed_kids=True`` keeps the kids, so the new key material comes under known
     kids. ``revocation_in`` is where the revocation endpoint is published (``"discovery"``,
     ``"rfc8414"`` or ``"none"``); ``revoke_grant=False`` makes revoking a token revoke only that
-    token (oidc-provider itself revokes the whole grant).
+    token (oidc-provider itself revokes the whole grant). ``discovery_patch`` is merged into the
+    discovery document (``None`` removes a key): an OP that advertises less than it offers.
     """
 
     name = "oidc-provider"
@@ -354,12 +355,14 @@ class OidcProvider(ChildProcess):
         fixed_kids: bool = False,
         revocation_in: str = "discovery",
         revoke_grant: bool = True,
+        discovery_patch: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(port, startup_timeout=startup_timeout)
         self.persistent = persistent
         self.fixed_kids = fixed_kids
         self.revocation_in = revocation_in
         self.revoke_grant = revoke_grant
+        self.discovery_patch = dict(discovery_patch or {})
         self.access_ttl = access_ttl
         self.refresh_ttl = refresh_ttl
         self.clients = list(clients)
@@ -384,6 +387,7 @@ class OidcProvider(ChildProcess):
             "OP_FIXED_KIDS": "1" if self.fixed_kids else "0",
             "OP_REVOCATION_IN": self.revocation_in,
             "OP_REVOKE_GRANT": "1" if self.revoke_grant else "0",
+            "OP_DISCOVERY_PATCH": json.dumps(self.discovery_patch),
             "NODE_ENV": "test",
         }
         return [self.node, str(OP_DIR / "server.mjs")], OP_DIR, env

@@ -47,7 +47,7 @@ oidc:
   issuer: https://idp.example.com/realms/main   # discovery at /.well-known/openid-configuration
   client_id: shop-bff
   client_secret: ${OIDC_CLIENT_SECRET}     # or private_key_jwt with a key file
-  scopes: [openid, profile, email, offline_access]
+  scopes: [openid, profile, email, offline_access, orders:read]
 session:
   store: redis://127.0.0.1:6379/0          # or memory:// (one process only)
   cookie: {name: __Host-bff, same_site: strict, secure: true}   # false only for a loopback public_url (dev)
@@ -113,7 +113,7 @@ def test_design_doc_example_parses() -> None:
     assert s.oidc.client_secret is not None
     assert s.oidc.client_secret.get() == "the-client-secret"
     assert s.oidc.token_endpoint_auth_method == "client_secret_basic"
-    assert s.oidc.scopes == ("openid", "profile", "email", "offline_access")
+    assert s.oidc.scopes == ("openid", "profile", "email", "offline_access", "orders:read")
     assert s.session.store == "redis://127.0.0.1:6379/0"
     assert s.session.cookie == CookieSettings(name="__Host-bff", same_site="strict", secure=True)
     assert s.session.idle_timeout == 8 * 3600
@@ -276,13 +276,48 @@ def test_public_url_is_stored_as_an_origin(given: str, stored: str) -> None:
         ("http://127.1.2.3", True),
         ("http://[::1]:8080", True),
         ("https://localhost:8443", False),
-        ("http://app.example.com", False),
         ("https://app.example.com", False),
-        ("http://10.0.0.1", False),
+        ("https://10.0.0.1", False),
     ],
 )
 def test_dev_is_derived_from_public_url(url: str, dev: bool) -> None:
     assert parse(MINIMAL.replace("https://app.example.com", url)).dev is dev
+
+
+@pytest.mark.parametrize("url", ["http://app.example.com", "http://10.0.0.1:8080", "http://[::2]"])
+def test_public_url_off_loopback_must_be_https(url: str) -> None:
+    # The cookie is Secure off loopback, and a browser never keeps a Secure cookie from http.
+    msg = one_problem(MINIMAL.replace("https://app.example.com", url))
+    assert msg == (
+        "bff.yaml:1: public_url: must be https:// (http:// only on a loopback host, "
+        "for development)"
+    )
+
+
+def test_a_route_scope_must_be_among_the_scopes_asked_for() -> None:
+    text = MINIMAL + (
+        "upstreams:\n"
+        "  - {path: /api/a, url: http://a, scopes: [openid]}\n"
+        "  - {path: /api/b, url: http://b, scopes: [orders:read, openid, orders:write]}\n"
+    )
+    msg = one_problem(text)
+    assert msg == (
+        "bff.yaml:9: upstreams[1].scopes: orders:read, orders:write not in oidc.scopes: bff "
+        "asks the OP only for oidc.scopes, so every call to this route would answer 403; "
+        "add them to oidc.scopes"
+    )
+    fixed = text.replace("keys:", "  scopes: [openid, orders:read, orders:write]\nkeys:")
+    routes = {u.path: u.scopes for u in parse(fixed).upstreams}
+    assert routes["/api/b"] == ("orders:read", "openid", "orders:write")
+
+
+def test_the_readme_config_example_parses() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("2. Write `bff.yaml`")
+    block = readme[readme.index("```yaml\n", start) + 8 : readme.index("```\n", start + 30)]
+    s = parse_settings(block, "bff.yaml", DESIGN_ENV, base_dir="/srv/app")
+    route = s.upstreams[0]
+    assert route.scopes and set(route.scopes) <= set(s.oidc.scopes)  # not 403 on every call
 
 
 @pytest.mark.parametrize(
@@ -1433,6 +1468,8 @@ def test_bad_rate_limits(value: str, expect: str) -> None:
     msg = one_problem(MINIMAL + f"rate_limits: {value}\n")
     assert msg.startswith("bff.yaml:7: "), msg
     assert expect in msg, msg
+
+
 def test_metrics_listener_and_workers() -> None:
     s = parse(
         MINIMAL + "metrics: {listen: {host: 0.0.0.0, port: 9100}, public: true}\nworkers: 3\n"
