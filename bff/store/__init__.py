@@ -14,7 +14,10 @@ Failures of the backend surface as :class:`bff.errors.StoreUnavailable`, never a
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from bff.config.settings import RedisSettings
 
 __all__ = ["SessionStore", "open_store"]
 
@@ -76,12 +79,18 @@ class SessionStore(Protocol):
     async def close(self) -> None: ...
 
 
-def open_store(url: str) -> SessionStore:
-    """The store a ``session.store`` URL names: ``memory://`` or a redis URL."""
+def open_store(
+    url: str, *, timeout: float = 0.5, redis: RedisSettings | None = None
+) -> SessionStore:
+    """The store a ``session.store`` URL names (``bff.store.url``): memory or Redis.
+
+    ``timeout`` bounds each operation (``session.store_timeout``); ``redis`` holds the
+    credentials and TLS files of ``session.redis``.
+    """
     if url.startswith("memory://"):
         from bff.store.memory import MemoryStore
 
         return MemoryStore()
     from bff.store.redis import RedisStore
 
-    return RedisStore.from_url(url)
+    return RedisStore.from_url(url, timeout=timeout, redis=redis)
