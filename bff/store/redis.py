@@ -20,12 +20,12 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.asyncio.retry import Retry
 
 from bff.config.settings import RedisSettings
 from bff.errors import StoreUnavailable
@@ -120,7 +120,9 @@ def _translated(
         try:
             async with asyncio.timeout(store.timeout):
                 return await fn(store, *args, **kwargs)
-        except (RedisError, OSError) as exc:  # TimeoutError is an OSError
+        # TimeoutError is an OSError; RedisClusterException (no slot map: no node reachable,
+        # refused auth, a slot not covered) is not a RedisError.
+        except (RedisError, RedisClusterException, OSError) as exc:
             err = str(exc) or type(exc).__name__
             log.warning("store.unavailable", extra={"event": "store.unavailable", "err": err})
             raise StoreUnavailable() from exc

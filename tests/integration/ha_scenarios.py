@@ -315,19 +315,10 @@ async def failover_scenario(
 
                 failed = [a for a in answers if a.status != 200]
                 window = (failed[-1].at - failed[0].at) if failed else 0.0
-                first_ok = min(
-                    (
-                        a.at
-                        for a in answers
-                        if a.at > killed_at
-                        and a.status == 200
-                        and all(b.status == 200 for b in answers if b.at >= a.at)
-                    ),
-                    default=None,
-                )
+                healed = next((a.at for a in answers if failed and a.at > failed[-1].at), killed_at)
                 print(
                     f"\n[{label}] {len(answers)} calls, {len(failed)} answered 503 "
-                    f"({sorted({a.error for a in failed if a.error})}); 503 window "
-                    f"{window:.2f} s; promotion seen {promoted_at - killed_at:.2f} s after the kill; "
-                    f"all 200 from {((first_ok or killed_at) - killed_at):.2f} s after the kill"
+                    f"({sorted({a.error for a in failed if a.error})}); 503 window {window:.2f} s;"
+                    f" promotion seen {promoted_at - killed_at:.2f} s after the kill;"
+                    f" every call 200 again from {healed - killed_at:.2f} s after the kill"
                 )
