@@ -5,7 +5,8 @@
 
 - ``functional_scenario``: login, proxied calls on two instances, one refresh for twenty calls
   at expiry (single flight through the topology's lock), ``bff sessions list/revoke --sub``,
-  and a back-channel logout by ``sid`` sent by the OP.
+  a back-channel logout by ``sid`` sent by the OP, and one by ``sub`` alone (another OP client
+  whose logout tokens carry no ``sid``) that ends the user's sessions in two user agents.
 - ``failover_scenario``: bounded steady load while the test kills a master; every answer is
   200 or 503 with ``Retry-After``, service comes back by itself, and every session written
   (and replicated) before the kill still works afterwards. The 503 window is printed.
@@ -33,6 +34,7 @@ from bff.store import open_store
 from tests.support.bff_procs import (
     COOKIE_NAME,
     BffCluster,
+    BffProcess,
     EchoUpstream,
     base_config,
     login,
@@ -80,7 +82,7 @@ class Topology:
 def write_bff_config(
     workdir: Path,
     topology: Topology,
-    cluster: BffCluster,
+    public_url: str,
     op: OidcProvider,
     client: Mapping[str, Any],
     upstream: EchoUpstream,
@@ -89,7 +91,7 @@ def write_bff_config(
     cache_ttl: str = "1s",
 ) -> Path:
     config = base_config(
-        public_url=cluster[0].url,
+        public_url=public_url,
         issuer=op.issuer,
         client=client,
         store=topology.url,
@@ -148,7 +150,7 @@ async def functional_scenario(topology: Topology, op: OidcProvider, workdir: Pat
             [f"{url}/bff/callback" for url in cluster.urls],
             backchannel_logout_uri=f"{cluster[0].url}/bff/backchannel-logout",
         )
-        config = write_bff_config(workdir, topology, cluster, op, client, upstream, keys)
+        config = write_bff_config(workdir, topology, cluster[0].url, op, client, upstream, keys)
         with cluster:
             a, b = cluster.urls
             async with (
@@ -156,15 +158,7 @@ async def functional_scenario(topology: Topology, op: OidcProvider, workdir: Pat
                 aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
             ):
                 # Login through the real OP; the browser keeps its OP session for the logout.
-                async with browser.get(f"{a}/bff/login", allow_redirects=False) as resp:
-                    assert resp.status == 302
-                    authorize = resp.headers["Location"]
-                callback = await op_login(browser, authorize, "ha-alice")
-                async with browser.get(callback, allow_redirects=False) as resp:
-                    assert resp.status == 200, await resp.text()
-                morsel = browser.cookie_jar.filter_cookies(URL(a)).get(COOKIE_NAME)
-                assert morsel is not None
-                alice = morsel.value
+                alice = await browser_login(browser, a, "ha-alice")
                 bob = await login(b, "ha-bob")
 
                 # Proxied calls on both instances carry the user's token.
@@ -209,6 +203,52 @@ async def functional_scenario(topology: Topology, op: OidcProvider, workdir: Pat
                 await wait_status(http, a, alice, 401)
                 await wait_status(http, b, alice, 401)
                 assert await topology.read_session(keys, alice) is None
+
+        # Back-channel logout by sub: a client whose logout tokens name only the user.
+        await subject_logout_scenario(topology, op, workdir / "by-sub", upstream)
+
+
+async def subject_logout_scenario(
+    topology: Topology, op: OidcProvider, workdir: Path, upstream: EchoUpstream
+) -> None:
+    keys = [os.urandom(32).hex()]
+    proc = BffProcess(workdir / "bff.yaml")
+    client = await op.register_client(
+        [f"{proc.url}/bff/callback"],
+        backchannel_logout_uri=f"{proc.url}/bff/backchannel-logout",
+        backchannel_logout_session_required=False,
+    )
+    write_bff_config(workdir, topology, proc.url, op, client, upstream, keys)
+    with proc:
+        async with (
+            browser_session(proc.url) as browser,
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
+        ):
+            laptop = await browser_login(browser, proc.url, "ha-carol")
+            phone = await login(proc.url, "ha-carol")  # another user agent, another OP session
+            for cookie in (laptop, phone):
+                assert (await call(http, proc.url, cookie))[0] == 200
+            await op.reset_stats()
+            end = f"{op.issuer}/session/end?" + urlencode({"client_id": client["client_id"]})
+            await op_logout(browser, end)
+            assert (await op.stats())["backchannel_logouts_sent"] == 1
+            # The token names the user only: every session of the user ends, on any OP session.
+            await wait_status(http, proc.url, laptop, 401)
+            await wait_status(http, proc.url, phone, 401)
+            assert await topology.read_session(keys, phone) is None
+
+
+async def browser_login(browser: aiohttp.ClientSession, bff_url: str, username: str) -> str:
+    """Log in through ``bff_url`` with ``browser``, which keeps its OP session; the cookie."""
+    async with browser.get(f"{bff_url}/bff/login", allow_redirects=False) as resp:
+        assert resp.status == 302
+        authorize = resp.headers["Location"]
+    callback = await op_login(browser, authorize, username)
+    async with browser.get(callback, allow_redirects=False) as resp:
+        assert resp.status == 200, await resp.text()
+    morsel = browser.cookie_jar.filter_cookies(URL(bff_url)).get(COOKIE_NAME)
+    assert morsel is not None and morsel.value
+    return morsel.value
 
 
 # -------------------------------------------------------------------------------------------------
@@ -262,7 +302,9 @@ async def failover_scenario(
         cluster = BffCluster(workdir / "bff.yaml", 2)
         client = await op.register_client([f"{url}/bff/callback" for url in cluster.urls])
         # No session cache: every call reads the store, so every call sees the failover.
-        write_bff_config(workdir, topology, cluster, op, client, upstream, keys, cache_ttl="0s")
+        write_bff_config(
+            workdir, topology, cluster[0].url, op, client, upstream, keys, cache_ttl="0s"
+        )
         with cluster:
             urls = cluster.urls
             cookies = list(await asyncio.gather(*(login(urls[0], f"ha-{i}") for i in range(users))))
