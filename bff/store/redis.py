@@ -21,7 +21,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
@@ -158,15 +158,15 @@ class RedisStore:
     ) -> RedisStore:
         """A store on any URL ``bff.store.url`` accepts but ``memory://``.
 
-        ``options`` go to the connection pool of a single-node URL (tests tune the pool).
+        ``options`` go to the client or its connection pool (tests tune ``max_connections``).
         """
         target = parse_store_url(url)
         settings = redis if redis is not None else RedisSettings()
         if target.kind == "sentinel":
-            sentinel, master = _sentinel_client(target, settings, timeout)
+            sentinel, master = _sentinel_client(target, settings, timeout, options)
             return cls(master, timeout=timeout, sentinel=sentinel)
         if target.kind == "cluster":
-            return cls(_cluster_client(target, settings, timeout), timeout=timeout)
+            return cls(_cluster_client(target, settings, timeout, options), timeout=timeout)
         if target.kind != "redis":
             raise ValueError("not a Redis URL")
         kwargs = {**_connection_kwargs(timeout), **_auth(settings)}
@@ -320,8 +320,13 @@ def _tls_kwargs(settings: RedisSettings) -> dict[str, Any]:
     return out
 
 
+class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """Sentinel's master discovery with the blocking pool's wait for a free connection: a burst
+    queues (within the store timeout) instead of failing with "Too many connections"."""
+
+
 def _sentinel_client(
-    target: StoreUrl, settings: RedisSettings, timeout: float
+    target: StoreUrl, settings: RedisSettings, timeout: float, options: dict[str, Any]
 ) -> tuple[Sentinel, aioredis.Redis]:
     """The master of ``target.master``, found through the sentinels on every new connection.
 
@@ -350,11 +355,16 @@ def _sentinel_client(
     if target.tls:
         kwargs["ssl"] = True
     sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs)
-    client: aioredis.Redis = sentinel.master_for(target.master, max_connections=64, **kwargs)
+    kwargs.update({"max_connections": 64, "timeout": timeout, **options})
+    client: aioredis.Redis = sentinel.master_for(
+        target.master, connection_pool_class=_BlockingSentinelPool, **kwargs
+    )
     return sentinel, client
 
 
-def _cluster_client(target: StoreUrl, settings: RedisSettings, timeout: float) -> RedisCluster:
+def _cluster_client(
+    target: StoreUrl, settings: RedisSettings, timeout: float, options: dict[str, Any]
+) -> RedisCluster:
     """A Cluster client from seed nodes: it learns the slot map and follows MOVED/ASK.
 
     ``require_full_coverage`` is off so that sessions on healthy shards keep working while one
@@ -370,5 +380,7 @@ def _cluster_client(target: StoreUrl, settings: RedisSettings, timeout: float) -
     kwargs.pop("health_check_interval")
     nodes = [ClusterNode(host, port) for host, port in target.nodes]
     return RedisCluster(
-        startup_nodes=nodes, require_full_coverage=False, max_connections=64, **kwargs
+        startup_nodes=nodes,
+        require_full_coverage=False,
+        **{"max_connections": 64, **kwargs, **options},
     )

@@ -57,6 +57,19 @@ async def test_without_the_sentinels_password_the_store_is_unavailable(
         await store.close()
 
 
+async def test_a_burst_beyond_the_connection_pool_waits_instead_of_failing(
+    group: SentinelGroup,
+) -> None:
+    settings = topology(group).settings()
+    store = RedisStore.from_url(group.url, timeout=10.0, redis=settings, max_connections=4)
+    try:
+        await store.set("bff:{burst}:s", b"v", 10)
+        values = await asyncio.gather(*(store.get("bff:{burst}:s") for _ in range(200)))
+        assert values == [b"v"] * 200
+    finally:
+        await store.close()
+
+
 async def test_login_proxy_refresh_cli_and_backchannel_logout_through_sentinel(
     group: SentinelGroup, oidc_op: OidcProvider, tmp_path: Path
 ) -> None:
