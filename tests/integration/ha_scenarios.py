@@ -137,6 +137,16 @@ async def wait_status(
         await asyncio.sleep(0.1)
 
 
+async def wait_ready(http: aiohttp.ClientSession, base: str, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        async with http.get(f"{base}/readyz") as resp:
+            if resp.status == 200:
+                return
+            assert time.monotonic() < deadline, f"/readyz still {resp.status} after {within} s"
+        await asyncio.sleep(0.2)
+
+
 async def refresh_grants(op: OidcProvider) -> tuple[int, int]:
     stats = await op.stats()
     return stats["token"]["refresh_token"], stats["token_errors"]["refresh_token"]
@@ -348,6 +358,9 @@ async def failover_scenario(
                 assert not no_retry, f"503 without Retry-After: {no_retry[:5]}"
                 served = {a.user for a in answers if a.at > promoted_at + 0.5 and a.status == 200}
                 assert served == set(range(users)), "service did not resume for every user"
+                # Every instance is ready again (a load balancer would send it traffic).
+                for url in urls:
+                    await wait_ready(http, url)
                 # No session written (and replicated) before the kill is lost.
                 for cookie in cookies:
                     status, _, body = await call(http, urls[0], cookie)

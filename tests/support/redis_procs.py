@@ -360,7 +360,7 @@ class RedisClusterGroup:
                 replication = node.info("replication")
                 if replication["role"] == "slave" and replication["master_link_status"] != "up":
                     return False
-        return len(self.masters()) == 3
+        return len(self.masters()) == 3 and len(self.pairs()) == 3
 
     def _shards(self) -> list[tuple[int, int, RedisNode, list[RedisNode]]]:
         live = next(n for n in self.nodes if n.is_running())
@@ -387,10 +387,25 @@ class RedisClusterGroup:
         slot = key_slot(key.encode())
         return next(m for start, end, m, _ in self._shards() if start <= slot <= end)
 
+    def pairs(self) -> list[tuple[RedisNode, RedisNode]]:
+        """(master, replica) of every live replica, from the replicas' own INFO.
+
+        Not from CLUSTER SLOTS: Redis 7 leaves out replicas whose offset is still 0.
+        """
+        by_port = {n.port: n for n in self.nodes}
+        out = []
+        for node in self.nodes:
+            if node.is_running():
+                info = node.info("replication")
+                if info["role"] == "slave":
+                    out.append((by_port[int(info["master_port"])], node))
+        return out
+
     def wait_replicated(self) -> None:
-        for _, _, master, replicas in self._shards():
-            for replica in replicas:
-                wait_until("a replica caught up", replicated(master, replica))
+        pairs = self.pairs()
+        assert len(pairs) >= 2, f"only {len(pairs)} replicas"
+        for master, replica in pairs:
+            wait_until("a replica caught up", replicated(master, replica))
 
     def wait_failover(self, old: RedisNode, timeout: float = 60.0) -> RedisNode:
         """Wait until a live node serves ``old``'s slots as master and the cluster is ok."""
