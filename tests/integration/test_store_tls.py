@@ -7,18 +7,11 @@ redis-server requires a client certificate (``tls-auth-clients yes``) and the AC
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from bff.config import RedisSettings, RedisTls, Secret
 from bff.errors import StoreUnavailable
@@ -27,83 +20,13 @@ from bff.store.redis import RedisStore
 from tests.support.bff_procs import BffProcess, EchoUpstream, base_config, login, write_config
 from tests.support.procs import HOST, OidcProvider, free_port
 from tests.support.redis_procs import PASSWORD, USER, RedisNode
+from tests.support.tls import Pki, make_pki
 from tests.unit.store_contract import Advance, StoreContract
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _cert(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
-    *,
-    ca: bool = False,
-    san: list[x509.GeneralName] | None = None,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    issuer_name, issuer_key = issuer if issuer is not None else (_name(subject), key)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if san:
-        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    other_ca: Path  # a CA that signed nothing here
-
-
-def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None) -> None:
-    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    if key is not None:
-        path.with_suffix(".key").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("bff test CA", ca_key, None, ca=True)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    san: list[x509.GeneralName] = [
-        x509.IPAddress(ipaddress.ip_address(HOST)),
-        x509.DNSName("localhost"),
-    ]
-    server = _cert("redis", server_key, (ca.subject, ca_key), san=san)
-    client_key = ec.generate_private_key(ec.SECP256R1())
-    client = _cert("bff", client_key, (ca.subject, ca_key))
-    other_key = ec.generate_private_key(ec.SECP256R1())
-    other = _cert("another CA", other_key, None, ca=True)
-    _write(d / "ca", ca, None)
-    _write(d / "server", server, server_key)
-    _write(d / "client", client, client_key)
-    _write(d / "other", other, None)
-    return Pki(
-        d / "ca.crt", d / "server.crt", d / "server.key", d / "client.crt", d / "client.key",
-        d / "other.crt",
-    )  # fmt: skip
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
