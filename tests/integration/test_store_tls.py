@@ -7,6 +7,7 @@ redis-server requires a client certificate (``tls-auth-clients yes``) and the AC
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -19,7 +20,13 @@ from bff.store import open_store
 from bff.store.redis import RedisStore
 from tests.support.bff_procs import BffProcess, EchoUpstream, base_config, login, write_config
 from tests.support.procs import HOST, OidcProvider, free_port
-from tests.support.redis_procs import PASSWORD, USER, RedisNode
+from tests.support.redis_procs import (
+    PASSWORD,
+    SENTINEL_PASSWORD,
+    USER,
+    RedisNode,
+    SentinelGroup,
+)
 from tests.support.tls import Pki, make_pki
 from tests.unit.store_contract import Advance, StoreContract
 
@@ -124,3 +131,50 @@ async def test_bff_run_logs_in_and_proxies_over_tls_with_a_client_certificate(
             ):
                 assert resp.status == 200
                 assert (await resp.json())["bearer"]
+
+
+# -------------------------------------------------------------------------------------------------
+# Sentinel over TLS: bff talks TLS to the sentinels and to the master they name
+
+
+@pytest.fixture(scope="module")
+def tls_sentinels(pki: Pki) -> Iterator[SentinelGroup]:
+    with SentinelGroup(pki) as group:
+        yield group
+
+
+def _sentinel_settings(pki: Pki, *, client_cert: bool = True) -> RedisSettings:
+    return dataclasses.replace(
+        _settings(pki, client_cert=client_cert),
+        username=None,  # the URL names the data nodes' user
+        password=None,
+        sentinel_username="default",
+        sentinel_password=Secret(SENTINEL_PASSWORD),
+    )
+
+
+class TestTlsSentinelStore(StoreContract):
+    @pytest.fixture
+    async def store(self, tls_sentinels: SentinelGroup, pki: Pki) -> AsyncIterator[RedisStore]:
+        assert tls_sentinels.url.startswith("rediss+sentinel://")
+        with tls_sentinels.current_master().client() as r:
+            r.flushall()
+        store = open_store(tls_sentinels.url, timeout=2.0, redis=_sentinel_settings(pki))
+        assert isinstance(store, RedisStore)
+        yield store
+        await store.close()
+
+    @pytest.fixture
+    def advance(self) -> Advance:
+        return asyncio.sleep
+
+
+async def test_sentinels_over_tls_refuse_a_client_without_a_certificate(
+    tls_sentinels: SentinelGroup, pki: Pki
+) -> None:
+    store = open_store(tls_sentinels.url, redis=_sentinel_settings(pki, client_cert=False))
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.set("bff:{tls}:s", b"v", 10)
+    finally:
+        await store.close()

@@ -30,7 +30,8 @@ from typing import Any, Self
 import redis
 from redis.crc import key_slot
 
-from tests.support.procs import HOST, _Process
+from tests.support.procs import HOST, _Process, free_port
+from tests.support.tls import Pki
 
 __all__ = [
     "MASTER_NAME",
@@ -79,10 +80,20 @@ class RedisNode(_Process):
         super().__init__(port)
         self.args = list(args)
         self.startup_timeout = startup_timeout
+        self.tls_port: int | None = None  # set by ``serve_tls``
+
+    def serve_tls(self, pki: Pki, *, port: int | None = None) -> None:
+        """Also listen with TLS (client certificates required); replicate and gossip over TLS.
+
+        The plain port stays open for the test's own readiness checks.
+        """
+        self.tls_port = port if port is not None else free_port()
+        self.args += [*_tls_args(pki), "--tls-port", str(self.tls_port)]
 
     @property
     def address(self) -> tuple[str, int]:
-        return HOST, self.port
+        """Where clients are sent (by sentinels, by the cluster): the TLS port when serving TLS."""
+        return HOST, self.tls_port if self.tls_port is not None else self.port
 
     def client(self, **kwargs: Any) -> redis.Redis:
         """A synchronous client on this node only (no cluster redirects), as ``USER``."""
@@ -144,6 +155,16 @@ class RedisNode(_Process):
             return found
 
 
+def _tls_args(pki: Pki) -> list[str]:
+    return [
+        "--tls-cert-file", str(pki.server_cert),
+        "--tls-key-file", str(pki.server_key),
+        "--tls-ca-cert-file", str(pki.ca),
+        "--tls-auth-clients", "yes",
+        "--tls-replication", "yes",
+    ]  # fmt: skip
+
+
 def replicated(master: RedisNode, replica: RedisNode) -> Callable[[], bool]:
     """A check: ``replica`` has acknowledged everything ``master`` had written when called.
 
@@ -162,9 +183,11 @@ def replicated(master: RedisNode, replica: RedisNode) -> Callable[[], bool]:
 class _Sentinel(_Process):
     name = "redis-sentinel"
 
-    def __init__(self, master: RedisNode) -> None:
+    def __init__(self, master: RedisNode, pki: Pki | None) -> None:
         super().__init__(None)
         self.master = master
+        self.pki = pki
+        self.tls_port = free_port() if pki is not None else None
 
     def client(self) -> redis.Redis:
         return redis.Redis(host=HOST, port=self.port, password=SENTINEL_PASSWORD, socket_timeout=5)
@@ -173,14 +196,20 @@ class _Sentinel(_Process):
         if self.is_running():
             return
         conf = self.workdir / "sentinel.conf"
+        tls: list[str] = []
+        if self.pki is not None:
+            args = [*_tls_args(self.pki), "--tls-port", str(self.tls_port)]
+            tls = [f"{k[2:]} {v}" for k, v in zip(args[::2], args[1::2], strict=True)]
+        host, port = self.master.address
         conf.write_text(
             "\n".join([
+                *tls,
                 f"port {self.port}",
                 f"bind {HOST}",
                 f"dir {self.workdir}",
                 f"requirepass {SENTINEL_PASSWORD}",
                 f"sentinel sentinel-pass {SENTINEL_PASSWORD}",
-                f"sentinel monitor {MASTER_NAME} {HOST} {self.master.port} 2",
+                f"sentinel monitor {MASTER_NAME} {host} {port} 2",
                 f"sentinel auth-user {MASTER_NAME} {USER}",
                 f"sentinel auth-pass {MASTER_NAME} {PASSWORD}",
                 f"sentinel down-after-milliseconds {MASTER_NAME} 1000",
@@ -206,17 +235,26 @@ class _Sentinel(_Process):
 class SentinelGroup:
     """A master, a replica and three sentinels (quorum 2); ``url`` names it for bff."""
 
-    def __init__(self) -> None:
+    def __init__(self, pki: Pki | None = None) -> None:
+        """With ``pki``, every node and sentinel also serves TLS and talks TLS to the others."""
+        self.pki = pki
         self.master = RedisNode()
         self.replica = RedisNode()
         self.nodes = [self.master, self.replica]
-        self.sentinels = [_Sentinel(self.master) for _ in range(3)]
+        if pki is not None:
+            for node in self.nodes:
+                node.serve_tls(pki)
+        self.sentinels = [_Sentinel(self.master, pki) for _ in range(3)]
 
     @property
     def url(self) -> str:
-        """``redis+sentinel://`` with the data nodes' ACL user in it (sentinel auth: config)."""
-        hosts = ",".join(f"{HOST}:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{USER}:{PASSWORD}@{hosts}/{MASTER_NAME}/0"
+        """``redis+sentinel://`` with the data nodes' ACL user in it (sentinel auth: config);
+        ``rediss+sentinel://`` to the sentinels' TLS ports with a ``pki``."""
+        if self.pki is None:
+            hosts = ",".join(f"{HOST}:{s.port}" for s in self.sentinels)
+            return f"redis+sentinel://{USER}:{PASSWORD}@{hosts}/{MASTER_NAME}/0"
+        hosts = ",".join(f"{HOST}:{s.tls_port}" for s in self.sentinels)
+        return f"rediss+sentinel://{USER}:{PASSWORD}@{hosts}/{MASTER_NAME}/0"
 
     def redis_config(self) -> dict[str, Any]:
         """The ``session.redis`` block bff needs besides ``url``."""
@@ -226,7 +264,7 @@ class SentinelGroup:
         try:
             self.master.start()
             self.replica.args += [
-                "--replicaof", HOST, str(self.master.port),
+                "--replicaof", *map(str, self.master.address),
                 "--masteruser", USER,
                 "--masterauth", PASSWORD,
             ]  # fmt: skip
