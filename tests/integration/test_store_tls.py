@@ -1,7 +1,9 @@
-"""The store over TLS (``rediss://``) with a private CA and a client certificate.
+"""The store over TLS with a private CA and a client certificate: one node (``rediss://``),
+Sentinel (``rediss+sentinel://``) and Cluster (``rediss+cluster://``).
 
-The CA, the server's and the client's certificates are made here with ``cryptography``; the
-redis-server requires a client certificate (``tls-auth-clients yes``) and the ACL user.
+The CA, the servers' and the client's certificates are made with ``cryptography``
+(``tests/support/tls.py``); every server requires a client certificate (``tls-auth-clients
+yes``) and the ACL user.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tests.support.redis_procs import (
     PASSWORD,
     SENTINEL_PASSWORD,
     USER,
+    RedisClusterGroup,
     RedisNode,
     SentinelGroup,
 )
@@ -173,6 +176,42 @@ async def test_sentinels_over_tls_refuse_a_client_without_a_certificate(
     tls_sentinels: SentinelGroup, pki: Pki
 ) -> None:
     store = open_store(tls_sentinels.url, redis=_sentinel_settings(pki, client_cert=False))
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.set("bff:{tls}:s", b"v", 10)
+    finally:
+        await store.close()
+
+
+# -------------------------------------------------------------------------------------------------
+# Cluster over TLS: the nodes gossip, replicate and answer over TLS, and name TLS ports to bff
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(pki: Pki) -> Iterator[RedisClusterGroup]:
+    with RedisClusterGroup(pki=pki) as group:
+        yield group
+
+
+class TestTlsClusterStore(StoreContract):
+    @pytest.fixture
+    async def store(self, tls_cluster: RedisClusterGroup, pki: Pki) -> AsyncIterator[RedisStore]:
+        assert tls_cluster.url.startswith("rediss+cluster://")
+        tls_cluster.flush()
+        store = open_store(tls_cluster.url, timeout=2.0, redis=_settings(pki))
+        assert isinstance(store, RedisStore)
+        yield store
+        await store.close()
+
+    @pytest.fixture
+    def advance(self) -> Advance:
+        return asyncio.sleep
+
+
+async def test_a_tls_cluster_refuses_a_client_without_a_certificate(
+    tls_cluster: RedisClusterGroup, pki: Pki
+) -> None:
+    store = open_store(tls_cluster.url, redis=_settings(pki, client_cert=False))
     try:
         with pytest.raises(StoreUnavailable):
             await store.set("bff:{tls}:s", b"v", 10)

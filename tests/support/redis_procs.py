@@ -349,7 +349,10 @@ def _cluster_port(taken: set[int]) -> int:
 class RedisClusterGroup:
     """Six ``--cluster-enabled`` nodes: three masters, one replica each; ``url`` names them."""
 
-    def __init__(self, node_timeout_ms: int = 2000) -> None:
+    def __init__(self, node_timeout_ms: int = 2000, pki: Pki | None = None) -> None:
+        """With ``pki``, nodes also serve TLS, gossip and replicate over TLS, and ``url`` is
+        ``rediss+cluster://`` to the TLS ports (the cluster names TLS ports to TLS clients)."""
+        self.pki = pki
         args = [
             "--cluster-enabled", "yes",
             "--cluster-node-timeout", str(node_timeout_ms),
@@ -362,11 +365,16 @@ class RedisClusterGroup:
         self.nodes = [RedisNode(args, port=_cluster_port(taken)) for _ in range(6)]
         for node in self.nodes:
             node.args += ["--cluster-config-file", str(node.workdir / "nodes.conf")]
+            if pki is not None:
+                # With tls-cluster the bus port is the TLS port + 10000: it must be free too.
+                node.serve_tls(pki, port=_cluster_port(taken))
+                node.args += ["--tls-cluster", "yes"]
 
     @property
     def url(self) -> str:
         """Two seed nodes are enough to find the rest; no credentials (they go in config)."""
-        return f"redis+cluster://{HOST}:{self.nodes[0].port},{HOST}:{self.nodes[1].port}"
+        seeds = ",".join("{}:{}".format(*n.address) for n in self.nodes[:2])
+        return f"{'rediss' if self.pki else 'redis'}+cluster://{seeds}"
 
     def redis_config(self) -> dict[str, Any]:
         return {"username": USER, "password": PASSWORD}
@@ -400,11 +408,16 @@ class RedisClusterGroup:
                     return False
         return len(self.masters()) == 3 and len(self.pairs()) == 3
 
+    def _by_port(self) -> dict[int, RedisNode]:
+        ports = {n.port: n for n in self.nodes}
+        ports.update({n.tls_port: n for n in self.nodes if n.tls_port is not None})
+        return ports
+
     def _shards(self) -> list[tuple[int, int, RedisNode, list[RedisNode]]]:
         live = next(n for n in self.nodes if n.is_running())
         with live.client() as r:
             slots = r.execute_command("CLUSTER", "SLOTS")
-        by_port = {n.port: n for n in self.nodes}
+        by_port = self._by_port()
         out = []
         for entry in slots:
             start, end, master, *replicas = entry
@@ -430,7 +443,7 @@ class RedisClusterGroup:
 
         Not from CLUSTER SLOTS: Redis 7 leaves out replicas whose offset is still 0.
         """
-        by_port = {n.port: n for n in self.nodes}
+        by_port = self._by_port()
         out = []
         for node in self.nodes:
             if node.is_running():
