@@ -52,6 +52,13 @@ def build_redis(r: Reader, d: dict[str, Any], p: Key, store: str) -> RedisSettin
         r.ctx.report((*rp, "username"), "the store URL has a user too: set it in one place")
     sentinel_username = r.get(raw, rp, "sentinel_username", None)
     sentinel_password = secret("sentinel_password")
+    # Redis authenticates a user only with a password (AUTH user password): without one, the
+    # client would silently connect as `default`.
+    url_password = url is not None and url.password is not None
+    if username is not None and password is None and not url_password:
+        r.ctx.report((*rp, "username"), "needs a password (session.redis.password)")
+    if sentinel_username is not None and sentinel_password is None:
+        r.ctx.report((*rp, "sentinel_username"), "needs session.redis.sentinel_password")
     if url is not None and url.kind != "sentinel":
         for key in ("sentinel_username", "sentinel_password"):
             if raw.get(key) is not None and r.ctx.ok((*rp, key)):

@@ -1496,14 +1496,19 @@ def test_store_urls_with_node_lists_are_redacted() -> None:
             "session.redis.password: the store URL has a password too",
         ),
         (
-            "{store: 'redis://u@r', redis: {username: v}}",
+            "{store: 'redis://u@r', redis: {username: v, password: p}}",
             "session.redis.username: the store URL has a user too",
         ),
         (
             "{store: 'redis+cluster://r', redis: {sentinel_password: x}}",
             "session.redis.sentinel_password: is only used with redis+sentinel://",
         ),
-        ("{redis: {username: bff}}", "session.redis: is only used with a Redis store"),
+        ("{redis: {password: pw}}", "session.redis: is only used with a Redis store"),
+        ("{store: 'redis://r', redis: {username: u}}", "session.redis.username: needs a password"),
+        (
+            "{store: 'redis+sentinel://s/m', redis: {sentinel_username: w}}",
+            "session.redis.sentinel_username: needs session.redis.sentinel_password",
+        ),
         ("{store: 'rediss://r', redis: {tls: {check_hostname: 1}}}", "check_hostname"),
         ("{store: 'redis://r', redis: {pasword: x}}", "did you mean 'password'"),
     ],
