@@ -29,7 +29,7 @@ from yarl import URL
 
 from bff.config import RedisSettings, Secret
 from bff.keys import Keyring, SessionSecret, open_sealed, secret_key, store_id
-from bff.sessions import SessionData, session_key
+from bff.sessions import SessionData, lock_key, session_key
 from bff.store import open_store
 from tests.support.bff_procs import (
     COOKIE_NAME,
@@ -367,6 +367,21 @@ async def failover_scenario(
                     assert status == 200, (status, body)
                 for cookie in cookies:
                     assert await topology.read_session(keys, cookie) is not None
+                # The promoted master runs bff's Lua scripts (loaded again behind NOSCRIPT if
+                # need be): a lock on the first user's shard, then a whole new login (rate-limit
+                # bucket, login transaction, session and its indexes).
+                store = open_store(topology.url, timeout=5.0, redis=topology.settings())
+                try:
+                    lock = lock_key(ids[0])
+                    assert await store.acquire_lock(lock, "me", 5)
+                    assert await store.renew_lock(lock, "me", 5)
+                    await store.release_lock(lock, "me")
+                    assert await store.acquire_lock(lock, "you", 5)
+                    await store.release_lock(lock, "you")
+                finally:
+                    await store.close()
+                newcomer = await login(urls[1], "ha-after-failover")
+                assert (await call(http, urls[0], newcomer))[0] == 200
 
                 failed = [a for a in answers if a.status != 200]
                 window = (failed[-1].at - failed[0].at) if failed else 0.0
