@@ -281,9 +281,14 @@ def _retry() -> Retry:
 
 
 def _connection_kwargs(timeout: float) -> dict[str, Any]:
+    """Socket timeouts a little inside the store timeout: a hung node then ends in the driver's
+    own TimeoutError, which it answers (a Cluster client refreshes its slot map, a Sentinel
+    connection asks the sentinels again), instead of in our cancellation, which it cannot see.
+    Seen without this margin: a Cluster client kept sending to a frozen master after failover."""
+    socket_timeout = timeout * 0.8
     return {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
         "health_check_interval": 15,
         "retry": _retry(),
         "retry_on_error": [RedisConnectionError, RedisTimeoutError],

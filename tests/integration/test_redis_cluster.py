@@ -79,14 +79,16 @@ def long_lived_op() -> Iterator[OidcProvider]:
         yield op
 
 
-async def test_killing_a_cluster_master_under_load_gives_503_at_worst_and_loses_no_session(
-    long_lived_op: OidcProvider, tmp_path: Path
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+async def test_losing_a_cluster_master_under_load_gives_503_at_worst_and_loses_no_session(
+    long_lived_op: OidcProvider, tmp_path: Path, fault: str
 ) -> None:
-    with RedisClusterGroup() as fresh:  # its own cluster: this test kills a master
+    """``kill``: SIGKILL. ``freeze``: SIGSTOP, a hung master whose sockets stay open."""
+    with RedisClusterGroup() as fresh:  # its own cluster: this test loses a master
 
         def kill(session_keys: list[str]) -> object:
             victim = fresh.master_of(session_keys[0])  # at least one user's shard
-            victim.stop()
+            victim.stop() if fault == "kill" else victim.pause()
             return victim
 
         def failover(dead: object) -> object:
@@ -101,5 +103,5 @@ async def test_killing_a_cluster_master_under_load_gives_503_at_worst_and_loses_
             wait_replicated=fresh.wait_replicated,
             kill_master=kill,
             wait_failover=failover,
-            label="cluster",
+            label=f"cluster, master {fault}",
         )

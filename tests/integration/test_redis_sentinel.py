@@ -83,14 +83,17 @@ def long_lived_op() -> Iterator[OidcProvider]:
         yield op
 
 
-async def test_killing_the_master_under_load_gives_503_at_worst_and_loses_no_session(
-    long_lived_op: OidcProvider, tmp_path: Path
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+async def test_losing_the_master_under_load_gives_503_at_worst_and_loses_no_session(
+    long_lived_op: OidcProvider, tmp_path: Path, fault: str
 ) -> None:
-    with SentinelGroup() as fresh:  # its own group: this test kills a master
+    """``kill``: SIGKILL (connections refused at once). ``freeze``: SIGSTOP, a hung master whose
+    sockets stay open: calls to it must end at the store timeout, not hang."""
+    with SentinelGroup() as fresh:  # its own group: this test loses a master
         old = fresh.current_master()
 
         def kill(_keys: list[str]) -> object:
-            old.stop()
+            old.stop() if fault == "kill" else old.pause()
             return old
 
         def failover(dead: object) -> object:
@@ -106,5 +109,5 @@ async def test_killing_the_master_under_load_gives_503_at_worst_and_loses_no_ses
             wait_replicated=fresh.wait_replicated,
             kill_master=kill,
             wait_failover=failover,
-            label="sentinel",
+            label=f"sentinel, master {fault}",
         )

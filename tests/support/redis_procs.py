@@ -81,6 +81,7 @@ class RedisNode(_Process):
         self.args = list(args)
         self.startup_timeout = startup_timeout
         self.tls_port: int | None = None  # set by ``serve_tls``
+        self.paused = False
 
     def serve_tls(self, pki: Pki, *, port: int | None = None) -> None:
         """Also listen with TLS (client certificates required); replicate and gossip over TLS.
@@ -140,10 +141,16 @@ class RedisNode(_Process):
         """SIGSTOP: the server keeps its sockets but answers nothing (a hung Redis)."""
         if self._proc is not None:
             self._proc.send_signal(signal.SIGSTOP)
+            self.paused = True
 
     def resume(self) -> None:
         if self._proc is not None:
             self._proc.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    def is_live(self) -> bool:
+        """Running and not paused: a node the test's own checks may ask."""
+        return self.is_running() and not self.paused
 
     def stop(self) -> None:
         self.resume()  # a stopped process still dies of SIGKILL, but be tidy
@@ -414,7 +421,7 @@ class RedisClusterGroup:
         return ports
 
     def _shards(self) -> list[tuple[int, int, RedisNode, list[RedisNode]]]:
-        live = next(n for n in self.nodes if n.is_running())
+        live = next(n for n in self.nodes if n.is_live())
         with live.client() as r:
             slots = r.execute_command("CLUSTER", "SLOTS")
         by_port = self._by_port()
@@ -446,7 +453,7 @@ class RedisClusterGroup:
         by_port = self._by_port()
         out = []
         for node in self.nodes:
-            if node.is_running():
+            if node.is_live():
                 info = node.info("replication")
                 if info["role"] == "slave":
                     out.append((by_port[int(info["master_port"])], node))
@@ -462,7 +469,7 @@ class RedisClusterGroup:
         """Wait until a live node serves ``old``'s slots as master and the cluster is ok."""
 
         def promoted() -> bool:
-            live = [n for n in self.nodes if n.is_running()]
+            live = [n for n in self.nodes if n.is_live()]
             for node in live:
                 with node.client() as r:
                     info = r.execute_command("CLUSTER", "INFO")
@@ -470,7 +477,7 @@ class RedisClusterGroup:
                     if "cluster_state:ok" not in text:
                         return False
             shards = self._shards()
-            return all(m is not old and m.is_running() for _, _, m, _ in shards)
+            return all(m is not old and m.is_live() for _, _, m, _ in shards)
 
         wait_until("a replica took over the dead master's slots", promoted, timeout)
         return self.masters()[0]

@@ -75,7 +75,7 @@ def test_open_store_picks_the_client_for_each_topology() -> None:
     )
     assert isinstance(sentinel, RedisStore) and isinstance(sentinel.client, Redis)
     kwargs = sentinel.client.connection_pool.connection_kwargs
-    assert (kwargs["db"], kwargs["password"], kwargs["socket_timeout"]) == (4, "pw", 0.5)
+    assert (kwargs["db"], kwargs["password"], kwargs["socket_timeout"]) == (4, "pw", 0.4)
     cluster = open_store("redis+cluster://u:pw@127.0.0.1:1", timeout=0.3)
     assert isinstance(cluster, RedisStore) and isinstance(cluster.client, RedisCluster)
     assert cluster.timeout == 0.3
