@@ -33,6 +33,8 @@ from bff.store.url import StoreUrl, parse_store_url
 
 __all__ = ["RedisStore"]
 
+CLUSTER_MAX_CONNECTIONS = 64  # per node, and concurrent operations per store (see `_gate`)
+
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
@@ -119,7 +121,10 @@ def _translated(
     async def wrapper(store: RedisStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
         try:
             async with asyncio.timeout(store.timeout):
-                return await fn(store, *args, **kwargs)
+                if store._gate is None:
+                    return await fn(store, *args, **kwargs)
+                async with store._gate:
+                    return await fn(store, *args, **kwargs)
         # TimeoutError is an OSError; RedisClusterException (no slot map: no node reachable,
         # refused auth, a slot not covered) is not a RedisError.
         except (RedisError, RedisClusterException, OSError) as exc:
@@ -137,9 +142,13 @@ class RedisStore:
         *,
         timeout: float = 0.5,
         sentinel: Sentinel | None = None,
+        concurrency: int | None = None,
     ) -> None:
         self._r = client
         self._sentinel = sentinel  # closed with the store: it holds connections to the sentinels
+        # The Cluster client has no blocking pool: past `max_connections` to a node it fails at
+        # once. A gate of that size makes a burst queue (within the timeout) instead.
+        self._gate = asyncio.Semaphore(concurrency) if concurrency is not None else None
         self.timeout = timeout  # seconds one operation may take, all retries included
         self._replace = client.register_script(_REPLACE)
         self._renew = client.register_script(_RENEW)
@@ -166,7 +175,9 @@ class RedisStore:
             sentinel, master = _sentinel_client(target, settings, timeout, options)
             return cls(master, timeout=timeout, sentinel=sentinel)
         if target.kind == "cluster":
-            return cls(_cluster_client(target, settings, timeout, options), timeout=timeout)
+            client = _cluster_client(target, settings, timeout, options)
+            gate = int(options.get("max_connections", CLUSTER_MAX_CONNECTIONS))
+            return cls(client, timeout=timeout, concurrency=gate)
         if target.kind != "redis":
             raise ValueError("not a Redis URL")
         kwargs = {**_connection_kwargs(timeout), **_auth(settings)}
@@ -387,5 +398,5 @@ def _cluster_client(
     return RedisCluster(
         startup_nodes=nodes,
         require_full_coverage=False,
-        **{"max_connections": 64, **kwargs, **options},
+        **{"max_connections": CLUSTER_MAX_CONNECTIONS, **kwargs, **options},
     )

@@ -66,6 +66,19 @@ async def test_without_the_acl_password_the_cluster_store_is_unavailable(
         await store.close()
 
 
+async def test_a_burst_beyond_the_connection_limit_waits_instead_of_failing(
+    group: RedisClusterGroup,
+) -> None:
+    settings = topology(group).settings()
+    store = RedisStore.from_url(group.url, timeout=10.0, redis=settings, max_connections=4)
+    try:
+        await store.set("bff:{burst}:s", b"v", 10)
+        values = await asyncio.gather(*(store.get("bff:{burst}:s") for _ in range(200)))
+        assert values == [b"v"] * 200
+    finally:
+        await store.close()
+
+
 async def test_login_proxy_refresh_cli_and_backchannel_logout_through_cluster(
     group: RedisClusterGroup, oidc_op: OidcProvider, tmp_path: Path
 ) -> None:
