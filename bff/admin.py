@@ -97,7 +97,7 @@ def _manager(settings: Settings) -> SessionManager:
         # A memory store lives inside one serving process; a new process sees an empty one.
         print("bff: session.store is memory://; nothing outside the server can see its sessions")
     return SessionManager(
-        open_store(cfg.store),
+        open_store(cfg.store, timeout=cfg.store_timeout, redis=cfg.redis),
         idle_timeout=cfg.idle_timeout,
         absolute_timeout=cfg.absolute_timeout,
         cache_ttl=0,

@@ -47,7 +47,12 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     upstreams = proxy.UpstreamTable(settings.upstreams, public_url=settings.public_url, peers=peers)
 
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
-        session_store = store if store is not None else open_store(settings.session.store)
+        cfg = settings.session
+        session_store = (
+            store
+            if store is not None
+            else open_store(cfg.store, timeout=cfg.store_timeout, redis=cfg.redis)
+        )
         http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
             raise_for_status=False,
@@ -55,7 +60,6 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         oidc = OidcClient(settings.oidc, http, redirect_uri=settings.redirect_uri)
-        cfg = settings.session
         sessions = SessionManager(
             session_store,
             idle_timeout=cfg.idle_timeout,

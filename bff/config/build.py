@@ -38,6 +38,7 @@ from bff.config.settings import (
     is_dev_url,
     is_loopback_host,
 )
+from bff.config.store import build_redis, build_store_timeout
 from bff.config.upstreams import build_upstreams
 from bff.redirects import is_local_path
 
@@ -285,6 +286,8 @@ class _Builder(Reader):
             )
         return SessionSettings(
             store=store,
+            store_timeout=build_store_timeout(self, d, p),
+            redis=build_redis(self, d, p, store),
             cookie=cookie,
             idle_timeout=idle,
             absolute_timeout=absolute,

@@ -13,6 +13,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from bff.config.problems import Context, Key, fmt_path, suggest
 from bff.config.settings import DEFAULT_ID_TOKEN_ALGS
+from bff.store.url import StoreUrlError, parse_store_url
 
 MISSING: Final[Any] = object()
 """`Reader.get` default: tells "absent or already reported" from any real value."""
@@ -206,18 +207,11 @@ def under(path: str, prefix: str) -> bool:
 
 def store_problem(store: str) -> str | None:
     """Why `store` is not a session store URL bff can open (None if it is)."""
-    if store == "memory://":
-        return None
     try:
-        parts = urlsplit(store)
-        _ = parts.port
-    except ValueError:
-        return "not a valid store URL (memory://, redis://host:port/db, rediss://..., unix:///path)"
-    if parts.scheme in ("redis", "rediss") and parts.hostname:
-        return None
-    if parts.scheme == "unix" and parts.path:
-        return None
-    return "expected memory://, redis://host:port/db, rediss://host:port/db or unix:///path"
+        parse_store_url(store)
+    except StoreUrlError as exc:
+        return str(exc)
+    return None
 
 
 def readable_file_problem(path: Path) -> str | None:

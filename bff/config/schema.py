@@ -101,6 +101,23 @@ SCHEMA: Final[dict[str, Any]] = {
                     "absolute_timeout": _DURATION,
                     "login_timeout": _DURATION,
                     "cache_ttl": _DURATION,
+                    "store_timeout": _DURATION,
+                    "redis": _obj(
+                        {
+                            "username": _NONEMPTY,
+                            "password": _NONEMPTY,
+                            "sentinel_username": _NONEMPTY,
+                            "sentinel_password": _NONEMPTY,
+                            "tls": _obj(
+                                {
+                                    "ca_file": _NONEMPTY,
+                                    "cert_file": _NONEMPTY,
+                                    "key_file": _NONEMPTY,
+                                    "check_hostname": _BOOL,
+                                }
+                            ),
+                        }
+                    ),
                 }
             ),
             "keys": {

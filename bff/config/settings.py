@@ -134,10 +134,35 @@ class CookieSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RedisTls:
+    """TLS to Redis (a `rediss` scheme); the files are read at start-up."""
+
+    ca_file: Path | None = None  # PEM CA bundle that signs the servers' certificates (else system)
+    cert_file: Path | None = None  # PEM client certificate, for `tls-auth-clients yes` servers
+    key_file: Path | None = None  # its PEM private key (set with cert_file)
+    check_hostname: bool = True  # the server certificate must name the host bff connects to
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RedisSettings:
+    """Credentials and TLS for a Redis store; where the nodes are is `store`'s URL."""
+
+    username: str | None = None  # ACL user of the data nodes (or in the URL: redis://user:pw@...)
+    password: Secret | None = None  # its password (or in the URL; not both)
+    sentinel_username: str | None = None  # ACL user of the sentinels (redis+sentinel:// only)
+    sentinel_password: Secret | None = None  # the sentinels' password (redis+sentinel:// only)
+    tls: RedisTls = RedisTls()  # CA and client certificate for rediss://, rediss+sentinel://, ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SessionSettings:
     """Where sessions live and how long."""
 
-    store: str = "memory://"  # memory:// (one process) | redis://... | rediss://... | unix://...
+    # memory:// (one process) | redis://... | rediss://... | unix://... |
+    # redis+sentinel://host:port,.../master[/db] | redis+cluster://host:port,...
+    store: str = "memory://"
+    store_timeout: float = 0.5  # seconds one store operation may take before it is a 503
+    redis: RedisSettings = RedisSettings()  # credentials and TLS for a Redis store
     cookie: CookieSettings = CookieSettings()  # the session cookie
     idle_timeout: float = 8 * 3600.0  # seconds without a request before a session ends
     absolute_timeout: float = 24 * 3600.0  # seconds after login when a session ends regardless

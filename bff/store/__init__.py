@@ -4,17 +4,23 @@ Everything above it (``sessions.py``) encrypts before writing, so a store implem
 handles a token. Two implementations pass one contract suite (``tests/unit/test_store.py``):
 
 * :class:`~bff.store.memory.MemoryStore`: one process, the dev default.
-* :class:`~bff.store.redis.RedisStore`: shared by every instance; keys are laid out for Redis
-  Cluster (``bff:{<id>}:s`` and ``bff:{<id>}:lock`` share a hash slot).
+* :class:`~bff.store.redis.RedisStore`: shared by every instance, on one Redis, a Sentinel-managed
+  master or a Cluster (the URLs: ``bff.store.url``); the contract also runs against each of
+  those for real (``tests/integration/test_redis_*.py``, ``test_store_tls.py``). Keys are laid
+  out for Cluster (``bff:{<id>}:s`` and ``bff:{<id>}:lock`` share a hash slot).
 
 Every operation touches one key, so each runs inside one Cluster hash slot.
 
-Failures of the backend surface as :class:`bff.errors.StoreUnavailable`, never as a driver error.
+Failures of the backend, and operations that outlive ``session.store_timeout``, surface as
+:class:`bff.errors.StoreUnavailable` (a 503 with ``Retry-After``), never as a driver error.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from bff.config.settings import RedisSettings
 
 __all__ = ["SessionStore", "open_store"]
 
@@ -76,12 +82,18 @@ class SessionStore(Protocol):
     async def close(self) -> None: ...
 
 
-def open_store(url: str) -> SessionStore:
-    """The store a ``session.store`` URL names: ``memory://`` or a redis URL."""
+def open_store(
+    url: str, *, timeout: float = 0.5, redis: RedisSettings | None = None
+) -> SessionStore:
+    """The store a ``session.store`` URL names (``bff.store.url``): memory or Redis.
+
+    ``timeout`` bounds each operation (``session.store_timeout``); ``redis`` holds the
+    credentials and TLS files of ``session.redis``.
+    """
     if url.startswith("memory://"):
         from bff.store.memory import MemoryStore
 
         return MemoryStore()
     from bff.store.redis import RedisStore
 
-    return RedisStore.from_url(url)
+    return RedisStore.from_url(url, timeout=timeout, redis=redis)

@@ -131,7 +131,8 @@ async def test_two_instances_on_the_real_server_refresh_once(redis_server: Redis
 async def test_a_burst_beyond_the_connection_pool_waits_instead_of_failing(
     redis_server: RedisServer,
 ) -> None:
-    store = RedisStore.from_url(redis_server.url, max_connections=4)
+    # A generous store timeout: 200 calls queue behind 4 connections on a loaded machine.
+    store = RedisStore.from_url(redis_server.url, timeout=10.0, max_connections=4)
     try:
         await store.set("bff:{burst}:s", b"v", 10)
         # 200 concurrent reads through 4 connections: they queue, none is refused.

@@ -22,6 +22,8 @@ from bff.config import (
     OidcSettings,
     RateLimit,
     RateLimitSettings,
+    RedisSettings,
+    RedisTls,
     Secret,
     SecuritySettings,
     SessionSettings,
@@ -171,6 +173,9 @@ def test_defaults() -> None:
     assert sess.cookie == CookieSettings(name="__Host-bff", same_site="strict", secure=True)
     assert (sess.idle_timeout, sess.absolute_timeout) == (8 * 3600, 24 * 3600)
     assert (sess.login_timeout, sess.cache_ttl) == (600.0, 1.0)
+    assert sess.store_timeout == 0.5
+    assert sess.redis == RedisSettings()
+    assert sess.redis.tls == RedisTls(ca_file=None, cert_file=None, key_file=None)
     assert s.rate_limits == RateLimitSettings(
         enabled=True,
         login=RateLimit(per_second=5.0, burst=100),
@@ -1214,13 +1219,33 @@ def test_extra_auth_params_cannot_override_protocol_params() -> None:
         "redis://:pw@r:6379/2",
         "rediss://r:6380/0",
         "unix:///run/r.sock",
+        "redis+sentinel://s1:26379,s2,s3:26380/mymaster",
+        "redis+sentinel://bff:pw@s1/mymaster/2",
+        "rediss+sentinel://[::1]:26379/m",
+        "redis+cluster://n1:7000,n2:7001",
+        "rediss+cluster://u:p@n1/0",
     ],
 )
 def test_good_stores(store: str) -> None:
     assert parse(MINIMAL + f"session: {{store: '{store}'}}\n").session.store == store
 
 
-@pytest.mark.parametrize("store", ["memory", "redis://", "postgres://db", "unix://", "memory://x"])
+@pytest.mark.parametrize(
+    "store",
+    [
+        "memory",
+        "redis://",
+        "postgres://db",
+        "unix://",
+        "memory://x",
+        "redis+sentinel://s1,s2",  # no master name
+        "redis+sentinel://s1/m/x",  # db not a number
+        "redis+sentinel://s1:x/m",  # bad port
+        "redis+cluster://n1,,n2",  # an empty node
+        "redis+cluster://n1/3",  # a cluster has db 0 only
+        "redis+cluster://n1?timeout=1",
+    ],
+)
 def test_bad_stores(store: str) -> None:
     msg = one_problem(MINIMAL + f"session: {{store: '{store}'}}\n")
     assert msg.startswith("bff.yaml:7: session.store: ")
@@ -1505,6 +1530,8 @@ def test_metrics_and_workers_problems(text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse(MINIMAL + text)
     assert needle in str(err.value), str(err.value)
+
+
 # -- trusted_proxies -------------------------------------------------------------------------------
 
 
@@ -1533,3 +1560,98 @@ def test_trusted_proxies_are_normalised_networks() -> None:
 def test_a_bad_trusted_proxy_is_named_with_its_line(value: str, message: str) -> None:
     found = one_problem(MINIMAL + f"trusted_proxies: {value}\n")
     assert found.startswith("bff.yaml:7: " + message), found
+
+
+# ---------------------------------------------------------------------------------------------
+# session.store_timeout and session.redis
+# ---------------------------------------------------------------------------------------------
+
+
+def test_store_timeout_and_redis_block(tmp_path: Path) -> None:
+    for name in ("ca.pem", "client.pem", "client.key"):
+        (tmp_path / name).write_text("-----BEGIN X-----\n")
+    text = MINIMAL + textwrap.dedent("""\
+        session:
+          store: rediss+sentinel://s1:26379,s2:26379/mymaster
+          store_timeout: 250ms
+          redis:
+            username: bff
+            password: ${REDIS_PW}
+            sentinel_username: watcher
+            sentinel_password: sentinel-pw
+            tls: {ca_file: ca.pem, cert_file: client.pem, key_file: client.key}
+        """)
+    s = parse(text, {"REDIS_PW": "redis-pw"}, base_dir=tmp_path)
+    r = s.session.redis
+    assert s.session.store_timeout == 0.25
+    assert r.username == "bff" and r.password == Secret("redis-pw")
+    assert r.sentinel_username == "watcher" and r.sentinel_password == Secret("sentinel-pw")
+    assert r.tls == RedisTls(
+        ca_file=tmp_path / "ca.pem",
+        cert_file=tmp_path / "client.pem",
+        key_file=tmp_path / "client.key",
+        check_hostname=True,
+    )
+    assert "redis-pw" not in repr(s) and "sentinel-pw" not in repr(s)
+    out = json.dumps(dump_redacted(s))
+    assert "redis-pw" not in out and "sentinel-pw" not in out
+    assert dump_redacted(s)["session"]["redis"]["password"] == REDACTED
+
+
+def test_store_urls_with_node_lists_are_redacted() -> None:
+    text = MINIMAL + "session: {store: 'redis+sentinel://bff:topsecret@s1,s2/m'}\n"
+    out = dump_redacted(parse(text))
+    assert out["session"]["store"] == f"redis+sentinel://bff:{REDACTED}@s1,s2/m"
+
+
+@pytest.mark.parametrize(
+    ("session", "expect"),
+    [
+        ("{store_timeout: 0s}", "session.store_timeout: must be longer than 0s"),
+        ("{store_timeout: 1m}", "session.store_timeout: must be at most 30s"),
+        (
+            "{store: 'redis://r', redis: {tls: {ca_file: /etc/hosts}}}",
+            "session.redis.tls: needs a TLS store URL",
+        ),
+        (
+            "{store: 'rediss://r', redis: {tls: {cert_file: /etc/hosts}}}",
+            "session.redis.tls: cert_file and key_file go together",
+        ),
+        (
+            "{store: 'rediss://r', redis: {tls: {ca_file: /nonexistent/ca.pem}}}",
+            "session.redis.tls.ca_file: no such file",
+        ),
+        (
+            "{store: 'redis://:urlpw@r', redis: {password: other}}",
+            "session.redis.password: the store URL has a password too",
+        ),
+        (
+            "{store: 'redis://u@r', redis: {username: v, password: p}}",
+            "session.redis.username: the store URL has a user too",
+        ),
+        (
+            "{store: 'redis+cluster://r', redis: {sentinel_password: x}}",
+            "session.redis.sentinel_password: is only used with redis+sentinel://",
+        ),
+        ("{redis: {password: pw}}", "session.redis: is only used with a Redis store"),
+        ("{store: 'redis://r', redis: {username: u}}", "session.redis.username: needs a password"),
+        (
+            "{store: 'redis+sentinel://s/m', redis: {sentinel_username: w}}",
+            "session.redis.sentinel_username: needs session.redis.sentinel_password",
+        ),
+        ("{store: 'rediss://r', redis: {tls: {check_hostname: 1}}}", "check_hostname"),
+        ("{store: 'redis://r', redis: {pasword: x}}", "did you mean 'password'"),
+    ],
+)
+def test_redis_block_mistakes(session: str, expect: str) -> None:
+    msg = one_problem(MINIMAL + f"session: {session}\n")
+    assert expect in msg, msg
+
+
+def test_redis_passwords_are_never_printed() -> None:
+    text = MINIMAL + (
+        "session: {store: 'redis://:urlsecret@r', "
+        "redis: {password: cfgsecret, sentinel_password: [sentsecret]}}\n"
+    )
+    for msg in problems(text):
+        assert "urlsecret" not in msg and "cfgsecret" not in msg and "sentsecret" not in msg
