@@ -11,9 +11,9 @@ session cookie of a real login, sometimes twice, sometimes drowned in bytes.
 The upstream, the store and the OP are up for the whole run, so no answer has a reason to be a 5xx.
 What must hold (issue 9, "what must be true", 3): no answer >= 500, no hang (no complete answer
 or closed connection within :data:`REPLY_TIMEOUT` once the request is complete), and no byte of
-the session cookie (the signed value, its secret or its signature, nor any
-:data:`ECHO_WINDOW`-character piece of them) in any answer or log line. Afterwards bff is healthy
-and the session still works, its stored record intact.
+the session cookie (the signed value, its secret or its signature, nor any twelve-character piece
+of them: ``tests.support.leaks``) in any answer or log line. Afterwards bff is healthy and the
+session still works, its stored record intact.
 
 Reading the answers needs HTTP/1.1 response framing (Content-Length, chunked, close-delimited,
 HEAD, 1xx); :func:`split_replies` is that much and no more, strict so that garbage on the wire is
@@ -26,7 +26,6 @@ test half-closes the connection, and only then must bff answer or close within t
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import contextlib
 import os
@@ -50,6 +49,7 @@ from tests.support.bff_procs import (
     token_digest,
     write_config,
 )
+from tests.support.leaks import echoes, secret_forms
 from tests.support.procs import HOST, OidcProvider, RedisServer, free_port
 
 SEED = 20260905
@@ -59,7 +59,6 @@ REPLY_TIMEOUT = 15.0  # seconds for a complete request to be answered or closed:
 QUIET = 1.5  # an ambiguously framed request is half-closed after this long without an answer
 LINGER = 0.4  # after an answer, how long bytes beyond the first request may take to be answered
 RUN_TIMEOUT = 240.0  # the whole run, however many requests hang
-ECHO_WINDOW = 12  # characters: a piece of the cookie this long in an answer is an echo
 SHOWN = 5  # failures of each kind shown in full
 MAX_REPLY = 4 * 1024 * 1024
 KEY = "front-door-fuzz-key-0123456789abcdef0123"
@@ -593,26 +592,6 @@ async def exchange(case: Case, port: int) -> Outcome:
 
 # -------------------------------------------------------------------------------------------------
 # Judging
-
-
-def secret_forms(cookie: str) -> dict[str, bytes]:
-    """Every spelling of the cookie an echo could take, and each ECHO_WINDOW-long piece of it."""
-    secret, _, signature = cookie.rpartition(".")
-    forms = {
-        "the signed cookie": cookie.encode(),
-        "the cookie's secret": secret.encode(),
-        "the cookie's signature": signature.encode(),
-        "the cookie in base64": base64.b64encode(cookie.encode()),
-    }
-    for i in range(len(cookie) - ECHO_WINDOW + 1):
-        piece = cookie[i : i + ECHO_WINDOW]
-        if "." not in piece:
-            forms[f"cookie[{i}:{i + ECHO_WINDOW}]"] = piece.encode()
-    return forms
-
-
-def echoes(data: bytes, forms: dict[str, bytes]) -> list[str]:
-    return [name for name, form in forms.items() if form in data]
 
 
 def shown(data: bytes, cookie: bytes, limit: int = 400) -> str:
