@@ -6,7 +6,9 @@ test and bff normalises a byte: random header names (tokens and non-tokens), val
 obs-text, invalid UTF-8, controls, NUL, CR, LF, obs-fold, very long), header counts, request
 lines, targets (proxied routes, ``/bff/*``, SPA paths, ``/healthz``), methods, bodies framed by
 Content-Length, by chunked, by both, by neither, and every header bff reads. Most carry the live
-session cookie of a real login, sometimes twice, sometimes drowned in bytes.
+session cookie of a real login, sometimes twice, sometimes drowned in bytes. Half the cases are
+well-formed requests with hostile values only where a parser lets them through (obs-text, invalid
+UTF-8), so that they reach bff's own code; the other half are chaos that the parser must refuse.
 
 The upstream, the store and the OP are up for the whole run, so no answer has a reason to be a 5xx.
 What must hold (issue 9, "what must be true", 3): no answer >= 500, no hang (no complete answer
@@ -365,9 +367,87 @@ def body_framing(rng: random.Random, version: bytes) -> tuple[list[bytes], bytes
     return lines, data, True, False
 
 
+def parsable_value(rng: random.Random) -> bytes:
+    """A hostile value that HTTP/1.1 parsers let through (a field value may hold obs-text, RFC
+    9110, 5.5), so that it reaches bff's own code: that is where a 500 would come from."""
+    kind = rng.randrange(8)
+    if kind == 0:
+        return _pick_bytes(rng, OBS_TEXT + VISIBLE, rng.randrange(1, 30))
+    if kind == 1:
+        return b"".join(rng.choice(INVALID_UTF8) + _pick_bytes(rng, VISIBLE, 2) for _ in range(3))
+    if kind == 2:
+        return "".join(rng.choice(UTF8) for _ in range(rng.randrange(1, 6))).encode()
+    if kind == 3:
+        return _pick_bytes(rng, VISIBLE, rng.randrange(1, 60))
+    if kind == 4:
+        return _pick_bytes(rng, TCHAR, 64) * rng.randrange(10, 100)
+    if kind == 5:
+        return b"a\tb c\t" + _pick_bytes(rng, VISIBLE, 4)
+    if kind == 6:
+        return b""
+    return rng.choice((b"\xed\xa0\x80", b"\xc0\xaf", b"%00", b"\\x00", b"\xef\xbb\xbf1"))
+
+
+def targeted_case(index: int, rng: random.Random, t: Target) -> Case:
+    """A well-formed request with the live session and one to three hostile values in headers
+    bff reads: framed, so any answer >= 500 or missing is bff's."""
+    method = rng.choice(METHODS).encode()
+    target = rng.choice(TARGETS).encode()
+    version = b"HTTP/1.0" if rng.random() < 0.1 else b"HTTP/1.1"
+    mine = COOKIE_NAME.encode() + b"=" + t.cookie
+    headers = [b"Host: " + t.host] if rng.random() < 0.95 else []
+    cookie = rng.choice(
+        (
+            mine,
+            mine,
+            b"a=1; " + mine + b"; theme=dark",
+            mine + b"; " + mine,  # two session cookies (issue 9, point 6)
+            COOKIE_NAME.encode() + b"=forged.value; " + mine,
+            mine + b"; " + COOKIE_NAME.encode() + b"=",
+            COOKIE_NAME.encode() + b'="' + t.cookie + b'"',
+            mine + b"; x=" + parsable_value(rng),
+            mine + parsable_value(rng),
+        )
+    )
+    headers.append(b"Cookie: " + cookie)
+    if rng.random() < 0.8:
+        headers.append(b"X-CSRF: 1")
+    if rng.random() < 0.3:
+        headers.append(b"Origin: " + t.origin)
+    if rng.random() < 0.3:
+        headers.append(b"Sec-Fetch-Site: same-origin")
+    for _ in range(rng.randrange(1, 4)):
+        name = rng.choice(KNOWN_HEADERS)
+        choices = HEADER_VALUES.get(name)
+        if choices and rng.random() < 0.4:
+            raw = (
+                rng.choice(choices).format(host=t.host.decode(), origin=t.origin.decode()).encode()
+            )
+        else:
+            raw = parsable_value(rng)
+        headers.append((_spell(rng, name) if rng.random() < 0.2 else name).encode() + b": " + raw)
+    body = b""
+    roll = rng.random()
+    if roll < 0.3:
+        body = _body_bytes(rng)
+        headers.append(b"Content-Length: " + str(len(body)).encode())
+    elif roll < 0.4 and version == b"HTTP/1.1":
+        body = _chunked(rng, _body_bytes(rng))
+        headers.append(b"Transfer-Encoding: chunked")
+    rng.shuffle(headers)
+    data = b"\r\n".join([method + b" " + target + b" " + version, *headers]) + b"\r\n\r\n" + body
+    return Case(index, data, method == b"HEAD", framed=True, extra=False)
+
+
 def build_case(index: int, t: Target) -> Case:
-    """Case ``index`` of the run: deterministic in ``SEED`` and ``index`` (and the live cookie)."""
+    """Case ``index`` of the run: deterministic in ``SEED`` and ``index`` (and the live cookie).
+
+    Half are well-formed requests with hostile header values (:func:`targeted_case`), half are
+    chaos: any byte anywhere, most of which the HTTP parser itself must refuse cleanly.
+    """
     rng = random.Random(f"{SEED}:{index}")
+    if rng.random() < 0.5:
+        return targeted_case(index, rng, t)
     method, line, version, ambiguous = request_line(rng, t)
     headers: list[bytes] = []
     if rng.random() < 0.93:
