@@ -653,7 +653,7 @@ async def exchange(case: Case, port: int) -> Outcome:
                     if writer.can_write_eof():
                         writer.write_eof()
                     continue
-                out.hang = "an answer or a close" + (" after our half-close" if halfclosed else "")
+                out.hang = "answer or close" + (" after our half-close" if halfclosed else "")
                 break
             except ConnectionError:
                 out.reset = True
@@ -742,7 +742,7 @@ async def run_cases(indices: list[int], target: Target, on_done: Callable[[Outco
             try:
                 outcome = await exchange(case, target.port)
             except (OSError, TimeoutError) as exc:  # could not even connect
-                outcome = Outcome(case, hang=f"a connection ({type(exc).__name__})")
+                outcome = Outcome(case, hang=f"connection ({type(exc).__name__})")
             on_done(outcome)
 
     await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
