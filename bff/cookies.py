@@ -16,10 +16,15 @@ from aiohttp import web
 
 from bff.keys import Keyring, SessionSecret
 
-__all__ = ["CookiePolicy"]
+__all__ = ["CookiePolicy", "session_cookie_names"]
 
 _COOKIE_VALUE = re.compile(r"[A-Za-z0-9_.-]+")
 _VERIFIED_MAX = 10_000  # ~6 MB at most: only values that verified get in
+
+
+def session_cookie_names(name: str) -> tuple[str, str]:
+    """The session cookie's name and the login cookie's (``<name>-tx``): the log masks both."""
+    return name, f"{name}-tx"
 
 
 class CookiePolicy:
@@ -34,8 +39,7 @@ class CookiePolicy:
         login_max_age: float = 600,
     ) -> None:
         self._keyring = keyring
-        self.name = name
-        self.tx_name = f"{name}-tx"
+        self.name, self.tx_name = session_cookie_names(name)
         self._same_site = "Strict" if same_site == "strict" else "Lax"
         self._secure = secure
         self._max_age = int(max_age)

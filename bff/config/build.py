@@ -24,6 +24,7 @@ from bff.config.settings import (
     DEFAULT_CSP,
     DEFAULT_SCOPES,
     CookieSettings,
+    LimitSettings,
     Listen,
     LogSettings,
     OidcSettings,
@@ -79,6 +80,12 @@ class _Builder(Reader):
             level=self.get(log_data, ("log",), "level", "info"),
             format=self.get(log_data, ("log",), "format", "json"),
         )
+        lim, lp = self.section(data, "limits"), ("limits",)
+        limits = LimitSettings(
+            max_request_line=int(self.get(lim, lp, "max_request_line", 8190)),
+            max_header_size=int(self.get(lim, lp, "max_header_size", 8190)),
+            max_headers=int(self.get(lim, lp, "max_headers", 100)),
+        )
         if self.ctx.problems or public_url is None or oidc is None or prefix is None:
             return None
         return Settings(
@@ -92,6 +99,7 @@ class _Builder(Reader):
             upstreams=upstreams,
             security=security,
             log=log,
+            limits=limits,
         )
 
     def public_url(self, data: dict[str, Any]) -> str | None:

@@ -387,6 +387,7 @@ class Seen:
     path: str
     token: str | None  # the bearer token the upstream received (stays in the test process)
     status: int
+    raw_headers: tuple[tuple[bytes, bytes], ...] = ()  # as the upstream's parser got them
 
 
 @dataclass(slots=True)
@@ -433,7 +434,9 @@ class EchoUpstream:
         await request.read()
         with self._state.lock:
             status = 401 if token is not None and token in self._state.reject else 200
-            self._state.seen.append(Seen(request.method, request.path_qs, token, status))
+            self._state.seen.append(
+                Seen(request.method, request.path_qs, token, status, request.raw_headers)
+            )
         if status == 401:
             return web.json_response(
                 {"error": "invalid_token"},
