@@ -37,12 +37,13 @@ surrogate escapes), so the upstream would get a different, possibly empty, value
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
 import sys
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import PurePath
 from typing import Any, Final
@@ -72,7 +73,7 @@ __all__ = [
     "refusal_for_error",
     "run",
     "serve",
-    "until_signalled",
+    "stop_signals",
 ]
 
 log = logging.getLogger("bff.http")
@@ -360,14 +361,17 @@ async def listen(
     return runner
 
 
-async def until_signalled() -> None:
-    """Return on the first SIGTERM or SIGINT (a graceful stop follows)."""
+@contextlib.contextmanager
+def stop_signals() -> Iterator[asyncio.Event]:
+    """An event that SIGTERM or SIGINT sets. The handlers stay until the block ends, so a second
+    signal during the graceful stop (``bff run`` sends its workers SIGTERM on a Ctrl-C that
+    reached them already) is absorbed instead of killing the process halfway."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await stop.wait()
+        yield stop
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
@@ -377,11 +381,12 @@ async def serve(
     app: web.Application, settings: Settings, host: str, port: int, *, reuse_port: bool = False
 ) -> None:
     """Serve until SIGTERM/SIGINT, then stop gracefully (5 s for requests in flight)."""
-    runner = await listen(app, settings, host, port, reuse_port=reuse_port)
-    try:
-        await until_signalled()
-    finally:
-        await runner.cleanup()
+    with stop_signals() as stop:
+        runner = await listen(app, settings, host, port, reuse_port=reuse_port)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
 
 
 def run(

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -508,3 +510,23 @@ async def test_an_exception_after_the_handler_is_logged_without_its_message(
     errors = [r for r in caplog.records if getattr(r, "event", None) == "http.internal_error"]
     assert [getattr(r, "error", None) for r in errors] == ["RuntimeError"]
     assert MARK not in caplog.text and "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_bff_run_cleanly(bff: BffProcess, signum: int) -> None:
+    """The front door's runner keeps ``web.run_app``'s contract: a signal is a graceful stop with
+    exit status 0, for one worker and for several sharing a port (SO_REUSEPORT)."""
+    for workers in (1, 2):
+        proc = BffProcess(bff.config, workers=workers)
+        try:
+            proc.start()
+            assert proc.pid is not None
+            os.killpg(proc.pid, signum)
+            deadline = time.monotonic() + 20
+            while proc.is_running() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not proc.is_running(), "bff run did not stop"
+            assert proc._proc is not None and proc._proc.returncode == 0, proc.logs()
+            assert "Traceback" not in proc.logs()
+        finally:
+            proc.close()
