@@ -51,7 +51,7 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
@@ -187,6 +187,10 @@ def refusal_for_error(status: int, exc: BaseException | None) -> Refusal:
     return INTERNAL
 
 
+class _MalformedBody(RequestPayloadError):
+    """The parser refused the rest of a body that a handler is still reading."""
+
+
 class _FixedResponse(web.Response):
     """A refusal on the wire: fixed JSON, ``Connection: close``, no ``Server``, HTTP/1.1."""
 
@@ -254,6 +258,21 @@ class FrontDoorHandler(RequestHandler):
 
     __slots__ = ()
 
+    def data_received(self, data: bytes) -> None:
+        """A parse error in the middle of a body (a bad chunk arriving after the headers went
+        upstream) leaves aiohttp's payload of that request open forever: the handler would wait
+        for the route's timeout. Fail the payload instead; the gate then answers 400."""
+        queued = len(self._messages)
+        super().data_received(data)
+        request = self._current_request
+        if (
+            request is not None
+            and len(self._messages) > queued
+            and isinstance(self._messages[-1][0], _ErrInfo)
+            and not request.content.is_eof()
+        ):
+            request.content.set_exception(_MalformedBody("malformed request body"))
+
     def handle_error(
         self,
         request: BaseRequest,
@@ -305,10 +324,15 @@ class FrontDoorServer(Server):
                 _log_refusal(refusal, request.remote)
                 return await _refuse(request, refusal)
             try:
-                return await handler(request)
+                response = await handler(request)
             except web.HTTPRequestEntityTooLarge:  # client_max_size of bff's own endpoints
                 _log_refusal(BODY_TOO_LARGE, request.remote)
                 return await _refuse(request, BODY_TOO_LARGE)
+            if isinstance(request.content.exception(), _MalformedBody) and not response.prepared:
+                # The handler's answer to a broken body (a 502 from the proxy) is not the truth.
+                _log_refusal(MALFORMED, request.remote)
+                return await _refuse(request, MALFORMED)
+            return response
 
         return gate
 

@@ -330,6 +330,32 @@ def test_bad_framing_is_refused_and_reaches_no_upstream(
     assert upstream.seen() == [], "a refused request (or the one behind it) reached the upstream"
 
 
+@pytest.mark.parametrize(
+    "rest",
+    [b"zz\r\n", b"5\nhello\n0\n\n", b"5\r\nhello-too-long\r\n0\r\n\r\n"],
+    ids=["rfc9112-7.1-bad-chunk-size", "rfc9112-7.1-bare-lf-chunk", "rfc9112-7.1-chunk-overrun"],
+)
+def test_a_body_that_breaks_after_the_headers_went_upstream_gets_400_at_once(
+    bff: BffProcess, cookie: str, upstream: EchoUpstream, rest: bytes
+) -> None:
+    """RFC 9112 section 7.1 (chunked coding) and 11.2: the request is already on its way upstream
+    when its body turns out malformed. aiohttp would leave the handler waiting for the rest until
+    the route's timeout (30 s); the front door fails the body, answers 400 and closes, and the
+    upstream never gets a complete request (nor the one pipelined behind)."""
+    upstream.clear()
+    head = api_request(cookie, f"/api/echo/{MARK}")[:-2].replace(b"GET", b"POST", 1)
+    first = head + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    chunks: list[bytes] = []
+    with socket.create_connection((HOST, bff.port), timeout=20) as sock:
+        sock.sendall(first)
+        time.sleep(0.5)  # let bff start forwarding: the error must arrive mid-body
+        sock.sendall(rest + api_request(cookie, "/api/echo/pipelined"))
+        while chunk := sock.recv(65536):  # raises TimeoutError if bff does not close
+            chunks.append(chunk)
+    assert_refused(Reply(b"".join(chunks), closed=True), MALFORMED)
+    assert upstream.seen() == []
+
+
 # -------------------------------------------------------------------------------------------------
 # Point 3: bytes that are not UTF-8 in any header bff reads or forwards: 400, never a 500.
 
