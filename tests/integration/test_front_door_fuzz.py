@@ -577,7 +577,7 @@ def split_replies(buf: bytes, head_request: bool, eof: bool) -> list[Reply]:
         if status < 200 or status in (204, 304):
             body_end: int | None = start
         elif head_request and (not rest or _STATUS_PREFIX.match(rest)):
-            body_end = start
+            body_end = start  # what follows is the next answer, not a body
         elif te:
             if te.strip() != b"chunked":
                 raise ValueError(f"transfer coding {te!r}")
@@ -634,7 +634,10 @@ async def exchange(case: Case, port: int) -> Outcome:
                 break
             out.replies = replies
             answered = _answered(replies)
-            if eof or (answered and not case.extra) or len(buf) > MAX_REPLY:
+            # A refused HEAD may get a body after all (the server refused it before knowing it
+            # was a HEAD): read on, as for bytes beyond the first request, to check those too.
+            more = case.extra or (case.head_request and any(r.status >= 400 for r in replies))
+            if eof or (answered and not more) or len(buf) > MAX_REPLY:
                 break
             now = loop.time()
             if answered:
