@@ -46,6 +46,7 @@ from tests.support.bff_procs import (
     EchoUpstream,
     base_config,
     login,
+    read_session,
     write_config,
 )
 from tests.support.procs import HOST, OidcProvider, RedisServer
@@ -132,10 +133,16 @@ def upstream() -> Iterator[EchoUpstream]:
 
 
 @pytest.fixture(scope="module")
+def keys() -> list[str]:
+    return [secrets.token_urlsafe(32)]
+
+
+@pytest.fixture(scope="module")
 def bff(
     redis_server: RedisServer,
     oidc_op: OidcProvider,
     upstream: EchoUpstream,
+    keys: list[str],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[BffProcess]:
     workdir = tmp_path_factory.mktemp("front-door")
@@ -146,7 +153,7 @@ def bff(
         issuer=oidc_op.issuer,
         client=client,
         store=redis_server.url,
-        keys=[secrets.token_urlsafe(32)],
+        keys=keys,
         static=workdir,
         upstreams=[{"path": "/api/echo", "url": upstream.url, "token": "user"}],
     )
@@ -432,7 +439,9 @@ def test_requests_within_the_limits_are_served(bff: BffProcess) -> None:
 # Point 5: none of it in the logs, at debug level.
 
 
-def test_the_logs_hold_no_secret_of_the_hostile_requests(bff: BffProcess, cookie: str) -> None:
+def test_the_logs_hold_no_secret_of_the_hostile_requests(
+    bff: BffProcess, cookie: str, redis_server: RedisServer, keys: list[str]
+) -> None:
     """Runs after the cases above (same module, same process): every refusal was logged as a
     fixed event, and no cookie, Authorization value or code appears anywhere in the output."""
     hostile = [raw.encode("latin-1") for raw, _ in FRAMING.values()]
@@ -450,8 +459,11 @@ def test_the_logs_hold_no_secret_of_the_hostile_requests(bff: BffProcess, cookie
     refused = [e for e in events if e.get("event") == "http.refused"]
     assert {e["status"] for e in refused} >= {400, 417, 431, 501}
     assert all(set(e) >= {"status", "reason", "client"} for e in refused)
-    for secret in (cookie, TX_COOKIE, AUTH.split()[1], CODE):
-        assert secret not in logs
+    session = asyncio.run(read_session(redis_server.url, keys, cookie))
+    assert session is not None and session.refresh_token
+    tokens = (session.access_token, session.refresh_token, session.id_token)
+    for secret in (cookie, TX_COOKIE, AUTH.split()[1], CODE, *tokens):
+        assert secret and secret not in logs
     assert "Traceback" not in logs
 
 
@@ -538,6 +550,16 @@ async def test_an_exception_after_the_handler_is_logged_without_its_message(
     assert MARK not in caplog.text and "Traceback" not in caplog.text
 
 
+def _listening(port: int) -> int:
+    """How many IPv4 sockets listen on ``port`` (state 0A in /proc/net/tcp)."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(
+        1
+        for fields in (line.split() for line in lines)
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A"
+    )
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_bff_run_cleanly(bff: BffProcess, signum: int) -> None:
     """The front door's runner keeps ``web.run_app``'s contract: a signal is a graceful stop with
@@ -547,6 +569,12 @@ def test_a_signal_stops_bff_run_cleanly(bff: BffProcess, signum: int) -> None:
         try:
             proc.start()
             assert proc.pid is not None
+            # Each worker installs its signal handlers before it binds its own SO_REUSEPORT
+            # socket: once all are listening, none can be caught half started.
+            deadline = time.monotonic() + 20
+            while _listening(proc.port) < workers and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _listening(proc.port) == workers
             os.killpg(proc.pid, signum)
             deadline = time.monotonic() + 20
             while proc.is_running() and time.monotonic() < deadline:
