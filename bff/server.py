@@ -8,17 +8,21 @@ Every byte that enters bff is either a well-formed request that the app handles,
   script that inflates ``document.cookie`` past the limit could read the HttpOnly cookie back.
   :class:`FrontDoorHandler` answers a fixed JSON body instead (:data:`MALFORMED` 400,
   :data:`TOO_LARGE` 431) and logs a fixed event, never the exception text.
-* **Framing the parser lets through** (:func:`framing_problem`, run before routing, on what the
-  parser already split): measured against aiohttp 3.14's llhttp, it accepts ``GET /`` with no
-  version (HTTP/0.9) and ``HTTP/2.0``, Transfer-Encoding in HTTP/1.0, an empty Transfer-Encoding
-  and ``gzip, chunked``, ``CONNECT``, bytes that are not UTF-8 in a header value, and any
-  ``Expect`` (aiohttp's 417 page echoes it; an undecodable one made a 500). All refused here.
-  llhttp itself refuses (tested in tests/integration/test_front_door.py): a missing version
-  after a target, controls/CR/LF/NUL/non-ASCII in the target, TE with Content-Length, any TE
-  list not ending in a lone ``chunked`` (``chunked, chunked``, ``identity``, ``gzip``),
-  duplicate or list Content-Length (``5, 5`` too), non-digit Content-Length, obs-fold, bare CR,
-  bare LF, NUL and other controls in values, spaces in or before header names, duplicate Host.
-  Repeated SP in the request line is parsed on word boundaries, which RFC 9112 section 3 allows.
+* **Framing the parser lets through** (:func:`framing_problem`, run before routing and before
+  aiohttp's ``Expect`` handling, on what the parser already split). Measured with raw sockets
+  against aiohttp 3.14.5's llhttp, these reach a handler: ``GET /`` with no version (HTTP/0.9),
+  ``HTTP/2.0``, Transfer-Encoding in HTTP/1.0, an empty Transfer-Encoding, ``gzip, chunked``,
+  ``CONNECT``, ``OPTIONS *``, a ``#`` in the target, header bytes that are not UTF-8, and any
+  ``Expect`` (aiohttp's 417 page echoes it; an undecodable one made a 500). All refused here. llhttp
+  itself refuses a target followed by no version, ``HTTP/1.2``, a tab or lower-case method,
+  controls/CR/LF/NUL/non-ASCII in the target, ``*`` with GET, TE with Content-Length, TE
+  ``chunked, chunked``/``identity``/``gzip``/two TE fields, duplicate or list Content-Length
+  (``5, 5`` too), a non-digit Content-Length, obs-fold, bare CR, bare LF, NUL and other controls
+  in values, whitespace in or before header names, a second Host, and bad chunk framing. Repeated
+  SP in the request line is parsed on word boundaries, which RFC 9112 section 3 allows.
+* **A body that breaks mid-stream** (a bad chunk after the headers went upstream): aiohttp
+  leaves that request's payload open, so the handler would wait for the route's timeout;
+  :meth:`FrontDoorHandler.data_received` fails it and the gate answers 400.
 * **Limits** (``limits:`` in the config) map to aiohttp's handler arguments; in aiohttp 3.14
   ``max_line_size`` bounds the request-target (not the method or version), ``max_field_size``
   bounds one header field's name plus value (a long ``Cookie`` is one field), ``max_headers``
