@@ -18,7 +18,6 @@ from collections.abc import Sequence
 import aiohttp
 
 from bff.config import ConfigError, Settings, dump_redacted, load_settings
-from bff.cookies import session_cookie_names
 from bff.errors import ProviderUnavailable
 
 __all__ = ["main"]
@@ -32,17 +31,12 @@ def _load(path: str | None) -> Settings:
 
 
 def _run_worker(config: str | None, host: str, port: int, reuse_port: bool) -> None:
+    from bff import log
     from bff.app import create_app
-    from bff.log import setup_logging
     from bff.server import run
 
     settings = _load(config)
-    setup_logging(
-        settings.log.level,
-        settings.log.format,
-        cookie_names=session_cookie_names(settings.session.cookie.name),
-        header_names={name.lower() for up in settings.upstreams for name in up.set_headers},
-    )
+    log.configure(settings)
     _install_fast_loop()
     _tune_gc()
     run(create_app(settings), settings, host, port, reuse_port=reuse_port)

@@ -19,9 +19,19 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["SENSITIVE_HEADERS", "JsonFormatter", "RedactingFilter", "redact", "setup_logging"]
+if TYPE_CHECKING:
+    from bff.config import Settings
+
+__all__ = [
+    "SENSITIVE_HEADERS",
+    "JsonFormatter",
+    "RedactingFilter",
+    "configure",
+    "redact",
+    "setup_logging",
+]
 
 MASK = "**********"
 _SENSITIVE = re.compile(
@@ -175,3 +185,17 @@ def setup_logging(
     root.setLevel(level.upper())
     # aiohttp's access log would print full URLs (the callback's code and state): keep it off.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def configure(settings: Settings) -> None:
+    """:func:`setup_logging` as ``bff run`` needs it: level and format from ``log:``, and the
+    secrets' names from the rest of the config (the session and login cookies, every upstream's
+    ``set_headers``)."""
+    from bff.cookies import session_cookie_names
+
+    setup_logging(
+        settings.log.level,
+        settings.log.format,
+        cookie_names=session_cookie_names(settings.session.cookie.name),
+        header_names={name.lower() for up in settings.upstreams for name in up.set_headers},
+    )

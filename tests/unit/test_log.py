@@ -189,3 +189,40 @@ def test_names_mask_only_their_own_values(named_output: Output) -> None:
     logging.getLogger("bff.test").info("other-bff-session=visible; plain=visible2 x-api-keys=v3")
     text = named_output.getvalue()
     assert "visible" in text and "visible2" in text and "v3" in text
+
+
+def test_configure_learns_the_names_from_the_settings() -> None:
+    """``bff run``'s wiring: the cookie name (and its login cookie) and ``set_headers`` names."""
+    from bff.config import parse_settings
+    from bff.log import configure
+
+    settings = parse_settings(
+        "public_url: https://app.example.com\n"
+        "oidc: {issuer: https://idp.example.com, client_id: c, client_secret: s}\n"
+        f"keys: [{'k' * 32}]\n"
+        "session: {cookie: {name: __Host-shop}}\n"
+        "log: {level: debug, format: json}\n"
+        "upstreams:\n"
+        "  - {path: /api, url: http://api.internal, set_headers: {X-Orders-Key: v}}\n",
+        "bff.yaml",
+        {},
+    )
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        configure(settings)
+        buffer = io.StringIO()
+        handler = root.handlers[0]
+        assert isinstance(handler, logging.StreamHandler)
+        handler.setStream(buffer)
+        assert root.level == logging.DEBUG
+        logging.getLogger("aiohttp.server").debug(
+            "raw %s", f"__Host-shop={COOKIE_VALUE}; __Host-shop-tx={COOKIE_VALUE}x"
+        )
+        logging.getLogger("bff.test").info(f"X-Orders-Key: {API_KEY}")
+        text = buffer.getvalue()
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+    assert text.count(MASK) == 3, text
+    assert COOKIE_VALUE not in text and API_KEY not in text
+    json.loads(text.splitlines()[0])
