@@ -164,7 +164,7 @@ def framing_problem(
             te_value = value
         elif size == 14 and name.lower() == _CL:
             cl_count += 1
-            if not (value.isdigit() and value.isascii()):
+            if not value.isdigit():  # bytes.isdigit: ASCII digits only
                 return _BAD_LENGTH
         elif size == 6 and name.lower() == _EXPECT and value.lower() != b"100-continue":
             return EXPECTATION_FAILED
@@ -391,18 +391,26 @@ async def listen(
 
 @contextlib.contextmanager
 def stop_signals() -> Iterator[asyncio.Event]:
-    """An event that SIGTERM or SIGINT sets. The handlers stay until the block ends, so a second
-    signal during the graceful stop (``bff run`` sends its workers SIGTERM on a Ctrl-C that
-    reached them already) is absorbed instead of killing the process halfway."""
+    """An event that SIGTERM or SIGINT sets.
+
+    A second signal must not kill a process that is already stopping: ``bff run --workers N``
+    forwards SIGTERM to workers that got the same signal from the terminal or the service
+    manager, at any moment of their graceful stop. So the handlers stay for the whole block, and
+    once a signal asked for the stop, both signals are ignored for the little that is left of the
+    process's life (exit status 0, not death by the late signal).
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
         loop.add_signal_handler(signum, stop.set)
     try:
         yield stop
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in signals:
             loop.remove_signal_handler(signum)
+            if stop.is_set():
+                signal.signal(signum, signal.SIG_IGN)
 
 
 async def serve(

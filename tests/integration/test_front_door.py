@@ -199,6 +199,21 @@ def test_a_well_formed_request_reaches_the_upstream_byte_exact(
     assert (b"X-Name", value) in seen[0].raw_headers
 
 
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [("/", 200), ("/healthz", 200), ("/api/echo/x", 401), ("/bff/nothing", 404), ("/x.js", 404)],
+)
+def test_no_answer_of_the_app_carries_a_server_banner(
+    bff: BffProcess, path: str, status: int
+) -> None:
+    """Point 1's "no server-version banner" for the app's own answers, not only the refusals."""
+    raw = f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nX-CSRF: 1\r\nConnection: close\r\n\r\n"
+    reply = exchange(bff.port, raw.encode())
+    assert reply.status == status, reply.raw[:300]
+    assert "server" not in reply.headers
+    assert b"aiohttp" not in reply.raw and b"Python/" not in reply.raw
+
+
 # -------------------------------------------------------------------------------------------------
 # Point 2: framing. Each case is sent with a well-formed API request pipelined behind it.
 # "gate": llhttp lets it through and bff.server.framing_problem refuses it; the rest llhttp refuses.

@@ -6,7 +6,11 @@ rule of :func:`framing_problem` and :func:`refusal_for_error` is pinned one by o
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+from collections.abc import Iterator
 
 import pytest
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
@@ -22,6 +26,7 @@ from bff.server import (
     Refusal,
     framing_problem,
     refusal_for_error,
+    stop_signals,
 )
 
 HOST = (b"Host", b"app.example")
@@ -165,3 +170,31 @@ def test_aiohttp_errors_map_to_fixed_answers(
     status: int, exc: BaseException | None, expected: Refusal
 ) -> None:
     assert refusal_for_error(status, exc) is expected
+
+
+@pytest.fixture
+def saved_signals() -> Iterator[None]:
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+async def test_once_a_signal_stopped_serving_further_ones_are_ignored(saved_signals: None) -> None:
+    """``bff run --workers N`` forwards SIGTERM to workers that may be past their graceful stop:
+    it must not kill them (exit status 0 is the contract)."""
+    with stop_signals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(stop.wait(), 10)
+        os.kill(os.getpid(), signal.SIGINT)  # a second one while stopping: absorbed
+        await asyncio.sleep(0)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    os.kill(os.getpid(), signal.SIGTERM)  # would end this test process if it were not ignored
+
+
+async def test_without_a_signal_the_handlers_are_given_back(saved_signals: None) -> None:
+    with stop_signals() as stop:
+        assert not stop.is_set()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
