@@ -106,7 +106,12 @@ def upstream_headers(
 
 
 def downstream_headers(response: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    """The upstream's response headers minus hop-by-hop ones and ``Set-Cookie``."""
+    """The upstream's response headers minus hop-by-hop ones and ``Set-Cookie``.
+
+    A value whose bytes are not UTF-8 is dropped too: aiohttp holds it with surrogate escapes,
+    and its writer would silently leave those bytes out (``\xff\xfe`` became an empty value),
+    so the browser would get a different value than the upstream sent. UTF-8 passes byte-exact.
+    """
     headers = response.headers
     drop = _RESPONSE_DROP
     connection = headers.get("Connection")
@@ -114,6 +119,15 @@ def downstream_headers(response: aiohttp.ClientResponse) -> CIMultiDict[str]:
         drop = drop | {t.strip().lower() for t in connection.split(",")}
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in headers.items():
-        if k.lower() not in drop:
+        if k.lower() not in drop and (v.isascii() or _is_utf8(v)):
             out.add(k, v)
     return out
+
+
+def _is_utf8(value: str) -> bool:
+    """False for a str decoded with surrogate escapes from bytes that were not UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

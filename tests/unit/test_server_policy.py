@@ -11,11 +11,14 @@ import json
 import os
 import signal
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, InvalidHeader, LineTooLong
+from multidict import CIMultiDict, CIMultiDictProxy
 
+from bff.proxy.headers import downstream_headers
 from bff.server import (
     EXPECTATION_FAILED,
     INTERNAL,
@@ -198,3 +201,15 @@ async def test_without_a_signal_the_handlers_are_given_back(saved_signals: None)
         assert not stop.is_set()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_upstream_response_headers_that_are_not_utf8_are_dropped_not_emptied() -> None:
+    """Point 3, the other direction: what the browser gets from an upstream's headers is the
+    upstream's bytes or nothing (aiohttp's writer would turn ``\\xff\\xfe`` into an empty value)."""
+    raw = ((b"X-Bad", b"\xff\xfe"), (b"X-Mixed", b"a\xffb"), (b"X-Name", "Müller".encode()))
+    headers = CIMultiDictProxy(
+        CIMultiDict((k.decode(), v.decode("utf-8", "surrogateescape")) for k, v in raw)
+    )
+    out = downstream_headers(SimpleNamespace(headers=headers))  # type: ignore[arg-type]
+    assert list(out.items()) == [("X-Name", "Müller")]
+    assert out["X-Name"].encode() == "Müller".encode()
