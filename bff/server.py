@@ -1,7 +1,7 @@
 """The front door: the one place that turns a ``web.Application`` and its settings into sockets.
 
 Every byte that enters bff is either a well-formed request that the app handles, or a clean
-4xx/501 that echoes nothing and closes the connection (issue 9, points 1, 2, 3 and 5):
+4xx that echoes nothing and closes the connection (issue 9, points 1, 2, 3 and 5):
 
 * **Parse errors** (aiohttp's llhttp parser refuses the bytes): aiohttp's own answer is a
   ``text/plain`` page holding the parser's message, which quotes the raw request, so a page
@@ -67,7 +67,6 @@ __all__ = [
     "INTERNAL",
     "MALFORMED",
     "TOO_LARGE",
-    "UNSUPPORTED",
     "FrontDoorHandler",
     "FrontDoorRunner",
     "FrontDoorServer",
@@ -106,7 +105,6 @@ TOO_LARGE: Final = _refusal(
     431, "request_header_fields_too_large", "request header fields too large", "too_large"
 )
 BODY_TOO_LARGE: Final = _refusal(413, "request_too_large", "request body too large", "body")
-UNSUPPORTED: Final = _refusal(501, "not_implemented", "not implemented", "unsupported")
 EXPECTATION_FAILED: Final = _refusal(
     417, "expectation_failed", "only Expect: 100-continue is supported", "expect"
 )
@@ -119,7 +117,7 @@ _BAD_TARGET: Final = replace(MALFORMED, reason="target")
 _BAD_VALUE: Final = replace(MALFORMED, reason="header_bytes")
 _BAD_LENGTH: Final = replace(MALFORMED, reason="content_length")
 _BAD_CODING: Final = replace(MALFORMED, reason="transfer_encoding")
-_CONNECT: Final = replace(UNSUPPORTED, reason="connect")
+_CONNECT: Final = replace(MALFORMED, reason="connect")  # 4xx: no client makes a 5xx
 
 _TE: Final = b"transfer-encoding"
 _CL: Final = b"content-length"

@@ -25,7 +25,6 @@ from bff.server import (
     MALFORMED,
     TIMEOUT,
     TOO_LARGE,
-    UNSUPPORTED,
     Refusal,
     framing_problem,
     refusal_for_error,
@@ -47,7 +46,7 @@ def check(
 
 def test_fixed_bodies_are_the_documented_json() -> None:
     assert MALFORMED.body == b'{"error":"invalid_request","error_description":"malformed request"}'
-    assert (MALFORMED.status, TOO_LARGE.status, UNSUPPORTED.status) == (400, 431, 501)
+    assert (MALFORMED.status, TOO_LARGE.status) == (400, 431)
     assert json.loads(TOO_LARGE.body)["error"] == "request_header_fields_too_large"
     assert (EXPECTATION_FAILED.status, INTERNAL.status, TIMEOUT.status) == (417, 500, 504)
 
@@ -97,9 +96,10 @@ def test_targets_other_than_origin_or_absolute_form_are_refused(target: str) -> 
     assert refusal is not None and refusal.status == 400 and refusal.reason == "target"
 
 
-def test_connect_is_not_implemented() -> None:
+def test_connect_is_a_4xx_not_a_5xx() -> None:
+    """bff is no forward proxy; and no client may produce a 5xx at will."""
     refusal = check(method="CONNECT", target="/")
-    assert refusal is not None and refusal.status == 501 and refusal.body == UNSUPPORTED.body
+    assert refusal is not None and refusal.status == 400 and refusal.reason == "connect"
 
 
 @pytest.mark.parametrize(
