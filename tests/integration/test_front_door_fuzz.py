@@ -70,6 +70,11 @@ USER = "fuzz-user"
 API = "/api"  # the proxied route (EchoUpstream), token: user
 PUBLIC_API = "/pub"  # a proxied route without a token
 
+MARKER = b"fuzz-case="  # in the query of a well-formed case's proxied target
+# Request headers bff sets itself on the way upstream (or the client library does).
+SET_BY_BFF = frozenset(
+    {b"authorization", b"host", b"content-length", b"transfer-encoding", b"forwarded"}
+)
 TCHAR = (string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~").encode()
 VISIBLE = bytes(range(0x21, 0x7F))
 OBS_TEXT = bytes(range(0x80, 0x100))
@@ -395,6 +400,8 @@ def targeted_case(index: int, rng: random.Random, t: Target) -> Case:
     bff reads: framed, so any answer >= 500 or missing is bff's."""
     method = rng.choice(METHODS).encode()
     target = rng.choice(TARGETS).encode()
+    if target.startswith((API.encode(), PUBLIC_API.encode())):  # which case reached upstream
+        target += (b"&" if b"?" in target else b"?") + MARKER + str(index).encode()
     version = b"HTTP/1.0" if rng.random() < 0.1 else b"HTTP/1.1"
     mine = COOKIE_NAME.encode() + b"=" + t.cookie
     headers = [b"Host: " + t.host] if rng.random() < 0.95 else []
@@ -764,6 +771,38 @@ def _log_text(proc: BffProcess) -> bytes:
     )
 
 
+def sent_fields(data: bytes) -> dict[bytes, set[bytes]]:
+    """The header fields of a well-formed request as sent: lower-case name -> values (OWS
+    trimmed, as any parser trims them)."""
+    fields: dict[bytes, set[bytes]] = collections.defaultdict(set)
+    for line in data.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        fields[name.lower()].add(value.strip(b" \t"))
+    return fields
+
+
+def forwarding_problems(upstream: EchoUpstream, cases: dict[int, Case]) -> list[str]:
+    """Headers that reached the upstream with other bytes than the browser sent (issue 9,
+    point 3: "passed byte-exact or refused, never turned into empty strings")."""
+    found = []
+    for seen in upstream.seen():
+        _, sep, tail = seen.path.partition(MARKER.decode())
+        case = cases.get(int(tail.split("&")[0])) if sep else None
+        if case is None:
+            continue
+        sent = sent_fields(case.data)
+        for raw_name, value in seen.raw_headers:
+            name = raw_name.lower()
+            if name in SET_BY_BFF or name.startswith(b"x-forwarded-") or name not in sent:
+                continue
+            if value not in sent[name]:
+                found.append(
+                    f"case {case.index}: {raw_name!r} reached the upstream as {value[:80]!r}, "
+                    f"sent as {sorted(v[:80] for v in sent[name])!r}"
+                )
+    return found
+
+
 def log_errors(proc: BffProcess, cookie: str) -> str:
     """bff's log lines at ERROR level or with a traceback (cookie masked), for the report."""
     text = _log_text(proc).replace(cookie.encode(), b"<SESSION-COOKIE>")
@@ -814,6 +853,7 @@ async def test_seeded_fuzz_of_the_front_door_finds_no_5xx_no_hang_and_no_echo(
         await run_cases(indices, target, outcomes.append)
         elapsed = time.monotonic() - started
         failures = [(o, ps) for o in outcomes if (ps := problems(o, forms))]
+        reached = [s for s in upstream.seen() if MARKER.decode() in s.path]
         statuses = collections.Counter(r.status for o in outcomes for r in o.replies)
         summary = (
             f"{len(outcomes)} requests in {elapsed:.0f} s"
@@ -826,6 +866,10 @@ async def test_seeded_fuzz_of_the_front_door_finds_no_5xx_no_hang_and_no_echo(
         assert not failures, "\n".join(
             (report(failures, target.cookie, len(outcomes)), summary, log_errors(proc, cookie))
         )
+        # Headers bff passes on arrive as they were sent.
+        assert len(reached) > 50, f"only {len(reached)} well-formed cases reached the upstream"
+        mangled = forwarding_problems(upstream, {o.case.index: o.case for o in outcomes})
+        assert not mangled, "\n".join(mangled[:10])
 
         # bff is still healthy, and the session still works with its record intact.
         assert proc.is_running(), proc.logs()
