@@ -61,14 +61,13 @@ def _run_worker(
     reuse_port: bool,
     metrics_port: int | None = None,
 ) -> None:
-    from aiohttp import web
-
+    from bff import log
     from bff.app import create_app
     from bff.health import add_metrics_listener
-    from bff.log import setup_logging
+    from bff.server import run
 
     settings = _load(config)
-    setup_logging(settings.log.level, settings.log.format)
+    log.configure(settings)
     _install_fast_loop()
     _tune_gc()
     app = create_app(settings)
@@ -76,16 +75,7 @@ def _run_worker(
     if metrics is not None:
         port_ = metrics.port if metrics_port is None else metrics_port
         add_metrics_listener(app, metrics.host, port_, reuse_port=reuse_port)
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        reuse_port=reuse_port,
-        access_log=None,
-        print=None,
-        handle_signals=True,
-        shutdown_timeout=5,
-    )
+    run(app, settings, host, port, reuse_port=reuse_port)
 
 
 def _tune_gc() -> None:

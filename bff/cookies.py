@@ -24,12 +24,17 @@ from aiohttp._cookie_helpers import parse_cookie_header
 
 from bff.keys import Keyring, SessionSecret
 
-__all__ = ["CookiePolicy"]
+__all__ = ["CookiePolicy", "session_cookie_names"]
 
 _COOKIE_VALUE = re.compile(r"[A-Za-z0-9_.-]+")
 _VERIFIED_MAX = 10_000  # ~6 MB at most: only values that verified get in
 #: Every (name, value) of every Cookie line, in order, once a request needs them all.
 _PAIRS: Final = web.RequestKey("bff_cookie_pairs", tuple[tuple[str, str], ...])
+
+
+def session_cookie_names(name: str) -> tuple[str, str]:
+    """The session cookie's name and the login cookie's (``<name>-tx``): the log masks both."""
+    return name, f"{name}-tx"
 
 
 class CookiePolicy:
@@ -44,8 +49,7 @@ class CookiePolicy:
         login_max_age: float = 600,
     ) -> None:
         self._keyring = keyring
-        self.name = name
-        self.tx_name = f"{name}-tx"
+        self.name, self.tx_name = session_cookie_names(name)
         self._same_site = "Strict" if same_site == "strict" else "Lax"
         self._secure = secure
         self._max_age = int(max_age)

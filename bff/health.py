@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from bff.errors import BffError
+from bff.server import FrontDoorRunner  # the same hardened parser and fixed refusals
 from bff.services import SERVICES
 
 __all__ = ["METRICS_PATH", "add_metrics_listener", "add_routes"]
@@ -101,7 +102,8 @@ def _listener_ctx(
     host: str, port: int, reuse_port: bool
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        runner = web.AppRunner(_metrics_app(app), access_log=None, handle_signals=False)
+        limits = app[SERVICES].settings.limits
+        runner = FrontDoorRunner(_metrics_app(app), limits=limits, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         try:

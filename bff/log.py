@@ -4,6 +4,11 @@ Every record passes :class:`RedactingFilter`: values under sensitive names (``au
 ``cookie``, ``set-cookie``, ``code``, ``state``, ``*_token``, ``client_secret``...) are masked,
 anything shaped like a JWT is masked wherever it appears, and CR/LF are stripped so a hostile
 value cannot forge a log line.
+
+A cookie value is not JWT-shaped, so the filter also learns names from the config
+(:func:`setup_logging`): the session and login cookie names (``name=value`` masked wherever it
+appears, e.g. in a parser error that quotes a raw ``Cookie`` line) and the sensitive header names
+(``Name: value`` and ``'Name', 'value'`` masked, e.g. an upstream's ``set_headers`` API key).
 """
 
 from __future__ import annotations
@@ -13,10 +18,20 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["JsonFormatter", "RedactingFilter", "redact", "setup_logging"]
+if TYPE_CHECKING:
+    from bff.config import Settings
+
+__all__ = [
+    "SENSITIVE_HEADERS",
+    "JsonFormatter",
+    "RedactingFilter",
+    "configure",
+    "redact",
+    "setup_logging",
+]
 
 MASK = "**********"
 _SENSITIVE = re.compile(
@@ -34,6 +49,8 @@ _QUOTED = re.compile(
 )
 _HEADER = re.compile(r"(?i)\b(authorization|cookie|set-cookie)\s*:\s*[^\r\n]*")
 _FORMATTER = logging.Formatter()
+#: Header names whose values are credentials whatever the config says.
+SENSITIVE_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie")
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
@@ -56,11 +73,53 @@ def redact(value: Any, key: str = "") -> Any:
     return value.replace("\r", " ").replace("\n", " ")
 
 
+class _Names:
+    """Masks values by the configured cookie and header names, in any text (compiled once)."""
+
+    def __init__(self, cookies: Iterable[str], headers: Iterable[str]) -> None:
+        self.keys = frozenset(n.lower() for n in (*cookies, *headers))
+
+        def alt(names: Iterable[str]) -> str:
+            unique = sorted({re.escape(n) for n in names if n}, key=len, reverse=True)
+            return "|".join(unique) or r"(?!)"
+
+        c, h = alt(cookies), alt(headers)
+        # `name=value` of a cookie, bounded like a cookie pair (also inside a repr'd bytes line).
+        self._cookie = re.compile(rf"(?i)(?<![\w-])({c})=[^;,\s'\"\\&]*")
+        # `Name: value` up to the end of its line (a raw header line quoted in an error).
+        self._header = re.compile(rf"(?i)(?<![\w-])({h})\s*:\s*[^\r\n]*")
+        # `'name', 'value'` / `"name": "value"`: a repr'd header tuple, a dict, JSON.
+        # (A repr'd bytes inside a list repr adds a quote level: `"b'name'", "b'value'"`.)
+        self._quoted = re.compile(
+            rf"(?i)(b?['\"](?:{c}|{h})['\"]{{1,2}}\s*[,:]\s*['\"]?b?['\"])[^'\"]*"
+        )
+
+    def __call__(self, value: Any, key: str = "") -> Any:
+        if key and key.lower() in self.keys:
+            return MASK
+        if isinstance(value, dict):
+            return {k: self(v, str(k)) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self(v) for v in value]
+        if not isinstance(value, str):
+            return value
+        value = self._cookie.sub(lambda m: f"{m.group(1)}={MASK}", value)
+        value = self._header.sub(lambda m: f"{m.group(1)}: {MASK}", value)
+        return self._quoted.sub(lambda m: f"{m.group(1)}{MASK}", value)
+
+
 class RedactingFilter(logging.Filter):
+    """Redacts every record: :func:`redact`, then the configured cookie and header names."""
+
+    def __init__(self, cookie_names: Iterable[str] = (), header_names: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._names = _Names(cookie_names, (*SENSITIVE_HEADERS, *header_names))
+
     def filter(self, record: logging.LogRecord) -> bool:
+        names = self._names
         for key, value in list(vars(record).items()):
             if key not in _STANDARD:
-                setattr(record, key, redact(value, key))
+                setattr(record, key, names(redact(value, key), key))
         # Mask structured arguments by name first, then the whole formatted message, whatever
         # the types of msg and args were; the record then carries only the redacted text.
         if isinstance(record.args, Mapping):
@@ -73,10 +132,12 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except (TypeError, ValueError):
             message = f"{record.msg!s} {record.args!r}"
-        record.msg, record.args = redact(message), None
+        record.msg, record.args = names(redact(message)), None
         if record.exc_info and not record.exc_text:
             # Both formatters print exc_text when set, so a traceback is redacted in either.
-            record.exc_text = redact(_FORMATTER.formatException(record.exc_info))
+            record.exc_text = names(redact(_FORMATTER.formatException(record.exc_info)))
+        elif record.exc_text:
+            record.exc_text = names(redact(record.exc_text))
         return True
 
 
@@ -99,9 +160,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup_logging(level: str = "info", fmt: str = "json") -> None:
+def setup_logging(
+    level: str = "info",
+    fmt: str = "json",
+    *,
+    cookie_names: Iterable[str] = (),
+    header_names: Iterable[str] = (),
+) -> None:
+    """One stderr handler on the root logger; every record is redacted before it is formatted.
+
+    ``cookie_names`` / ``header_names``: values under these names are secrets too (the session
+    and login cookies; the headers an upstream gets from ``set_headers``), beyond the built-in
+    names and token shapes.
+    """
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RedactingFilter())
+    handler.addFilter(RedactingFilter(cookie_names, header_names))
     handler.setFormatter(
         JsonFormatter()
         if fmt == "json"
@@ -112,3 +185,17 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
     root.setLevel(level.upper())
     # aiohttp's access log would print full URLs (the callback's code and state): keep it off.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def configure(settings: Settings) -> None:
+    """:func:`setup_logging` as ``bff run`` needs it: level and format from ``log:``, and the
+    secrets' names from the rest of the config (the session and login cookies, every upstream's
+    ``set_headers``)."""
+    from bff.cookies import session_cookie_names
+
+    setup_logging(
+        settings.log.level,
+        settings.log.format,
+        cookie_names=session_cookie_names(settings.session.cookie.name),
+        header_names={name.lower() for up in settings.upstreams for name in up.set_headers},
+    )

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from bff.app import create_app
 from bff.config import Settings, parse_settings
+from bff.server import listen
 from demo.api import create_api
 from demo.op import MockProvider
 
@@ -122,7 +123,7 @@ async def run_demo(options: DemoOptions) -> AsyncIterator[DemoUrls]:
         api = await _site(create_api(op.issuer), options.api_port)
         try:
             settings = demo_settings(options, op.issuer)
-            bff = await _site(create_app(settings), options.port)
+            bff = await listen(create_app(settings), settings, HOST, options.port)
             try:
                 yield DemoUrls(
                     app=settings.public_url,

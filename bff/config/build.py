@@ -25,6 +25,7 @@ from bff.config.settings import (
     DEFAULT_CSP,
     DEFAULT_SCOPES,
     CookieSettings,
+    LimitSettings,
     Listen,
     LogSettings,
     MetricsSettings,
@@ -90,6 +91,12 @@ class _Builder(Reader):
         )
         metrics = self.metrics(self.section(data, "metrics"), listen)
         workers = self.get(data, (), "workers", None)
+        lim, lp = self.section(data, "limits"), ("limits",)
+        limits = LimitSettings(
+            max_request_line=int(self.get(lim, lp, "max_request_line", 8190)),
+            max_header_size=int(self.get(lim, lp, "max_header_size", 8190)),
+            max_headers=int(self.get(lim, lp, "max_headers", 100)),
+        )
         if self.ctx.problems or public_url is None or oidc is None or prefix is None:
             return None
         return Settings(
@@ -107,6 +114,7 @@ class _Builder(Reader):
             log=log,
             metrics=metrics,
             workers=workers,
+            limits=limits,
         )
 
     def public_url(self, data: dict[str, Any]) -> str | None:

@@ -167,6 +167,13 @@ SCHEMA: Final[dict[str, Any]] = {
                 }
             ),
             "workers": {"type": "integer", "minimum": 1},
+            "limits": _obj(
+                {
+                    "max_request_line": {"type": "integer", "minimum": 256, "maximum": 65536},
+                    "max_header_size": {"type": "integer", "minimum": 256, "maximum": 65536},
+                    "max_headers": {"type": "integer", "minimum": 8, "maximum": 1000},
+                }
+            ),
         },
         required=("public_url", "oidc", "keys"),
     ),

@@ -224,6 +224,15 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LimitSettings:
+    """What the HTTP parser accepts before it answers 431 (bff/server.py: what each bounds)."""
+
+    max_request_line: int = 8190  # bytes of the request-target (the URL) in the request line
+    max_header_size: int = 8190  # bytes of one header field: name + value (Cookie included)
+    max_headers: int = 100  # number of header fields in one request
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     """The whole validated configuration."""
 
@@ -245,6 +254,7 @@ class Settings:
     log: LogSettings = LogSettings()  # logging
     metrics: MetricsSettings = MetricsSettings()  # where /metrics is served
     workers: int | None = None  # worker processes; None = one per core; `bff run --workers` wins
+    limits: LimitSettings = LimitSettings()  # request size limits of the HTTP parser
     dev: bool = field(init=False)  # derived: public_url is http:// on a loopback host
 
     def __post_init__(self) -> None:

@@ -238,7 +238,12 @@ def upstream_headers(
 
 def downstream_headers(response: aiohttp.ClientResponse, *, private: bool) -> CIMultiDict[str]:
     """The upstream's response headers minus hop-by-hop ones and ``Set-Cookie``; with
-    ``private`` (a user's answer), also made unstorable by shared caches."""
+    ``private`` (a user's answer), also made unstorable by shared caches.
+
+    A value whose bytes are not UTF-8 is dropped too: aiohttp holds it with surrogate escapes,
+    and its writer would silently leave those bytes out (``\xff\xfe`` became an empty value),
+    so the browser would get a different value than the upstream sent. UTF-8 passes byte-exact.
+    """
     headers = response.headers
     drop = _PRIVATE_DROP if private else _RESPONSE_DROP
     connection = headers.get("Connection")
@@ -247,7 +252,11 @@ def downstream_headers(response: aiohttp.ClientResponse, *, private: bool) -> CI
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in headers.items():
         name = k.lower()
-        if name not in drop and not (private and name.endswith("cdn-cache-control")):
+        if (
+            name not in drop
+            and not (private and name.endswith("cdn-cache-control"))
+            and (v.isascii() or _is_utf8(v))
+        ):
             out.add(k, v)
     if private:
         upstream = headers.getall("Cache-Control", ())
@@ -287,3 +296,12 @@ def private_cache_control(value: str) -> str:
         _CACHE_CONTROL_MEMO.pop(next(iter(_CACHE_CONTROL_MEMO)))
     _CACHE_CONTROL_MEMO[value] = result
     return result
+
+
+def _is_utf8(value: str) -> bool:
+    """False for a str decoded with surrogate escapes from bytes that were not UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

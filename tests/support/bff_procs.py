@@ -313,6 +313,7 @@ class Seen:
     token: str | None  # the bearer token the upstream received (stays in the test process)
     status: int
     headers: tuple[tuple[str, str], ...] = ()  # every request header as received, in order
+    raw_headers: tuple[tuple[bytes, bytes], ...] = ()  # as the upstream's parser got them
 
     def header(self, name: str) -> list[str]:
         """The values of header ``name`` (any case), in order."""
@@ -364,7 +365,14 @@ class EchoUpstream:
         with self._state.lock:
             status = 401 if token is not None and token in self._state.reject else 200
             self._state.seen.append(
-                Seen(request.method, request.path_qs, token, status, tuple(request.headers.items()))
+                Seen(
+                    request.method,
+                    request.path_qs,
+                    token,
+                    status,
+                    tuple(request.headers.items()),
+                    request.raw_headers,
+                )
             )
         if status == 401:
             return web.json_response(

@@ -16,6 +16,7 @@ from bff.config import (
     REDACTED,
     ConfigError,
     CookieSettings,
+    LimitSettings,
     Listen,
     LogSettings,
     MetricsSettings,
@@ -185,11 +186,13 @@ def test_defaults() -> None:
     assert s.metrics == MetricsSettings(listen=Listen(host="127.0.0.1", port=9464), public=False)
     assert s.workers is None  # one per core, decided by `bff run`
     assert s.trusted_proxies == ()
+    assert s.limits == LimitSettings(max_request_line=8190, max_header_size=8190, max_headers=100)
 
 
 def test_dataclass_defaults_match_loader_defaults() -> None:
     s = parse(MINIMAL)
     assert s.metrics == MetricsSettings()
+    assert s.limits == LimitSettings()
     assert s.session == SessionSettings()
     assert s.log == LogSettings()
     assert s.security == SecuritySettings()
@@ -974,6 +977,32 @@ def test_duration_ranges(key: str, value: str, expect: str) -> None:
     msg = one_problem(MINIMAL + f"session: {{{key}: {value}}}\n")
     assert msg.startswith(f"bff.yaml:7: session.{key}: ")
     assert expect in msg
+
+
+def test_limits_are_read() -> None:
+    s = parse(
+        MINIMAL + "limits: {max_request_line: 1024, max_header_size: 4096, max_headers: 20}\n"
+    )
+    assert s.limits == LimitSettings(max_request_line=1024, max_header_size=4096, max_headers=20)
+    env = {"LINE": "2048"}
+    assert (
+        parse(MINIMAL + "limits: {max_request_line: ${LINE}}\n", env).limits.max_request_line
+        == 2048
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "expect"),
+    [
+        ("{max_request_line: 100}", "limits.max_request_line: "),
+        ("{max_header_size: 100000}", "limits.max_header_size: "),
+        ("{max_headers: 2}", "limits.max_headers: "),
+        ("{max_headers: many}", "limits.max_headers: "),
+        ("{max_header: 10}", "limits.max_header: unknown key; did you mean"),
+    ],
+)
+def test_limits_out_of_range_are_refused(value: str, expect: str) -> None:
+    assert one_problem(MINIMAL + f"limits: {value}\n").startswith(f"bff.yaml:7: {expect}")
 
 
 def test_cache_ttl_bounds_accepted() -> None:

@@ -134,3 +134,95 @@ def test_a_logged_exception_cannot_forge_lines(output: Output) -> None:
     # The text format puts the (flattened) traceback on a line of its own.
     assert text.count("\n") == (1 if output.fmt == "json" else 2)
     assert "RuntimeError: boom second line" in text
+
+
+COOKIE_VALUE = "Zm9vYmFyYmF6cXV4.c2lnbmF0dXJl"  # a signed cookie: neither a JWT nor token-named
+API_KEY = "k3y-for-the-orders-api"
+
+
+@pytest.fixture(params=["json", "text"])
+def named_output(request: pytest.FixtureRequest) -> Iterator[Output]:
+    """As ``bff run`` configures it from the settings: cookie and header names to mask."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    setup_logging(
+        "debug",
+        request.param,
+        cookie_names=("bff-session", "bff-session-tx"),
+        header_names=("x-api-key",),
+    )
+    buffer = Output(request.param)
+    handler = root.handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(buffer)
+    yield buffer
+    root.handlers[:], root.level = saved[0], saved[1]
+
+
+NAMED: dict[str, Emit] = {
+    "a parser error quoting a raw cookie line": lambda log: log.info(
+        "Got more than 8190 bytes when reading: %r.",
+        b"Cookie: a=1; bff-session=" + COOKIE_VALUE.encode() + b"; z=2",
+    ),
+    "the login cookie in free text": lambda log: log.info(f"saw bff-session-tx={COOKIE_VALUE}"),
+    "a repr'd header tuple": lambda log: log.info(
+        "headers %s", ((b"Host", b"a"), (b"X-Api-Key", API_KEY.encode()))
+    ),
+    "a header line": lambda log: log.info(f"sent X-API-Key: {API_KEY}"),
+    "an extra field named like the header": lambda log: log.info("x", extra={"x-api-key": API_KEY}),
+    "a cookie dict": lambda log: log.info("cookies %s", {"bff-session": COOKIE_VALUE}),
+    "an exception text": _exception(f"bad cookie bff-session={COOKIE_VALUE}"),
+}
+
+
+@pytest.mark.parametrize("emit", NAMED.values(), ids=NAMED.keys())
+def test_configured_cookie_and_header_names_are_masked(named_output: Output, emit: Emit) -> None:
+    emit(logging.getLogger("aiohttp.server"))
+    text = named_output.getvalue()
+    assert text
+    if named_output.fmt == "json":  # the text format prints only the message, not extra fields
+        assert MASK in text
+    assert COOKIE_VALUE not in text and API_KEY not in text
+
+
+def test_names_mask_only_their_own_values(named_output: Output) -> None:
+    logging.getLogger("bff.test").info("other-bff-session=visible; plain=visible2 x-api-keys=v3")
+    text = named_output.getvalue()
+    assert "visible" in text and "visible2" in text and "v3" in text
+
+
+def test_configure_learns_the_names_from_the_settings() -> None:
+    """``bff run``'s wiring: the cookie name (and its login cookie) and ``set_headers`` names."""
+    from bff.config import parse_settings
+    from bff.log import configure
+
+    settings = parse_settings(
+        "public_url: https://app.example.com\n"
+        "oidc: {issuer: https://idp.example.com, client_id: c, client_secret: s}\n"
+        f"keys: [{'k' * 32}]\n"
+        "session: {cookie: {name: __Host-shop}}\n"
+        "log: {level: debug, format: json}\n"
+        "upstreams:\n"
+        "  - {path: /api, url: http://api.internal, set_headers: {X-Orders-Key: v}}\n",
+        "bff.yaml",
+        {},
+    )
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        configure(settings)
+        buffer = io.StringIO()
+        handler = root.handlers[0]
+        assert isinstance(handler, logging.StreamHandler)
+        handler.setStream(buffer)
+        assert root.level == logging.DEBUG
+        logging.getLogger("aiohttp.server").debug(
+            "raw %s", f"__Host-shop={COOKIE_VALUE}; __Host-shop-tx={COOKIE_VALUE}x"
+        )
+        logging.getLogger("bff.test").info(f"X-Orders-Key: {API_KEY}")
+        text = buffer.getvalue()
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+    assert text.count(MASK) == 3, text
+    assert COOKIE_VALUE not in text and API_KEY not in text
+    json.loads(text.splitlines()[0])
