@@ -11,6 +11,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from bff import tracing as bff_tracing
 from bff.config.checks import (
     MISSING,
     Reader,
@@ -34,6 +35,7 @@ from bff.config.settings import (
     SecuritySettings,
     SessionSettings,
     Settings,
+    TracingSettings,
     is_dev_url,
     is_loopback_host,
 )
@@ -85,6 +87,7 @@ class _Builder(Reader):
         )
         metrics = self.metrics(self.section(data, "metrics"), listen)
         workers = self.get(data, (), "workers", None)
+        tracing = self.tracing(self.section(data, "tracing"))
         if self.ctx.problems or public_url is None or oidc is None or prefix is None:
             return None
         return Settings(
@@ -101,6 +104,7 @@ class _Builder(Reader):
             log=log,
             metrics=metrics,
             workers=workers,
+            tracing=tracing,
         )
 
     def public_url(self, data: dict[str, Any]) -> str | None:
@@ -280,6 +284,21 @@ class _Builder(Reader):
             login=bucket("login", default.login),
             callback=bucket("callback", default.callback),
             backchannel_logout=bucket("backchannel_logout", default.backchannel_logout),
+        )
+
+    def tracing(self, d: dict[str, Any]) -> TracingSettings:
+        p: Key = ("tracing",)
+        default = TracingSettings()
+        enabled = self.get(d, p, "enabled", default.enabled)
+        if enabled is True and not bff_tracing.available():
+            self.ctx.report(
+                (*p, "enabled"),
+                "tracing needs the OpenTelemetry packages: pip install 'bff[otel]'",
+            )
+        return TracingSettings(
+            enabled=enabled is True,
+            service_name=self.get(d, p, "service_name", default.service_name),
+            trust_incoming=self.get(d, p, "trust_incoming", default.trust_incoming),
         )
 
     def metrics(self, d: dict[str, Any], public: Listen) -> MetricsSettings:

@@ -149,6 +149,7 @@ SCHEMA: Final[dict[str, Any]] = {
                 }
             ),
             "workers": {"type": "integer", "minimum": 1},
+            "tracing": _obj({"enabled": _BOOL, "service_name": _NONEMPTY, "trust_incoming": _BOOL}),
         },
         required=("public_url", "oidc", "keys"),
     ),

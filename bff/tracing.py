@@ -1,0 +1,339 @@
+"""OpenTelemetry traces: optional (``pip install 'bff[otel]'``), off unless ``tracing.enabled``.
+
+This is the only module that knows OpenTelemetry, and it imports it lazily, in :func:`start`:
+bff imports and runs without the packages. While tracing is off (the default) the cost is a None
+check: :func:`span` hands back one shared no-op context manager, :func:`traced` adds one await,
+and the store wrapper and the server-span middleware are not installed at all.
+
+The exporter is configured only by the standard ``OTEL_*`` environment variables, read by the
+SDK itself (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``,
+``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_EXPORTER_OTLP_PROTOCOL``, ``OTEL_TRACES_SAMPLER``,
+``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_SERVICE_NAME``, ...); ``OTEL_TRACES_EXPORTER`` picks
+``otlp`` (default), ``console`` or ``none``. Setting them does not turn tracing on: the YAML does,
+so an environment shared with other services cannot start exporting from bff by surprise.
+
+What a span may carry: span names and attributes are route *templates* (``/api/{tail}``, the
+configured prefix), methods, status codes, peer host and port, and exception class names. Never a
+header value, cookie, token, code, store key, raw path or query string; exception messages are
+not recorded either (``record_exception=False``), since a driver's message may quote a URL.
+
+W3C trace context: a server span continues the browser's ``traceparent`` when one is present and
+``tracing.trust_incoming`` is true (the default). A client can thereby only choose the trace id
+and parent span id its request is filed under, and, with the SDK's default parent-based sampler,
+whether it is sampled; it cannot change what bff does. Set ``trust_incoming: false`` to start a
+new trace for every request instead. Upstream calls carry bff's own ``traceparent``/
+``tracestate`` (the browser's are replaced); ``baggage`` is neither read nor sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.trace import Span, Tracer
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from bff.config import TracingSettings
+    from bff.store import SessionStore
+
+__all__ = [
+    "annotate",
+    "available",
+    "default_exporter",
+    "enabled",
+    "end_span",
+    "flush",
+    "inject",
+    "middleware",
+    "span",
+    "start",
+    "start_span",
+    "stop",
+    "traced",
+    "traced_store",
+    "upstream_span",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SpanContext = contextlib.AbstractContextManager["Span | None"]
+
+_NOOP: Final = contextlib.nullcontext()  # stateless, so one instance serves every caller
+_METHODS: Final = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+_CONTEXT_HEADERS: Final = frozenset({"traceparent", "tracestate"})
+
+_tracer: Tracer | None = None
+_provider: TracerProvider | None = None
+_propagator: TraceContextTextMapPropagator | None = None
+_kinds: dict[str, Any] = {}
+
+
+def available() -> bool:
+    """Whether the ``bff[otel]`` extra is installed (asked only when tracing is configured)."""
+    try:
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def enabled() -> bool:
+    return _tracer is not None
+
+
+def default_exporter() -> SpanExporter | None:
+    """The exporter ``OTEL_TRACES_EXPORTER`` names (``otlp`` by default); None for ``none``.
+
+    The OTLP exporter reads its endpoint, headers, timeout and compression from ``OTEL_*``.
+    """
+    name = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() or "otlp"
+    if name == "none":
+        return None
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    if name != "otlp":
+        raise ValueError(f"OTEL_TRACES_EXPORTER={name!r}: bff supports otlp, console or none")
+    protocol = os.environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
+    )
+    if protocol.strip().lower() == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found,unused-ignore]
+            OTLPSpanExporter as GrpcExporter,
+        )
+
+        exporter: SpanExporter = GrpcExporter()
+        return exporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter()
+
+
+def start(settings: TracingSettings) -> None:
+    """Turn tracing on for this process (a no-op when ``settings.enabled`` is false).
+
+    Called once per worker at start-up, so the exporter's thread belongs to the worker.
+    """
+    global _tracer, _provider, _propagator
+    if not settings.enabled:
+        return
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.trace import SpanKind
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    # OTEL_SERVICE_NAME (or service.name in OTEL_RESOURCE_ATTRIBUTES) wins over the YAML.
+    resource = Resource.create()
+    if not os.environ.get("OTEL_SERVICE_NAME") and "service.name=" not in os.environ.get(
+        "OTEL_RESOURCE_ATTRIBUTES", ""
+    ):
+        resource = resource.merge(Resource({SERVICE_NAME: settings.service_name}))
+    provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
+    exporter = default_exporter()
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    # Our own provider, not the global one: bff never changes what other code in the process sees.
+    _kinds.update(server=SpanKind.SERVER, client=SpanKind.CLIENT, internal=SpanKind.INTERNAL)
+    _provider = provider
+    _propagator = TraceContextTextMapPropagator()
+    _tracer = provider.get_tracer("bff")
+
+
+def flush(timeout_millis: int = 30_000) -> bool:
+    """Export every ended span now (tests; ``stop`` does it at shutdown)."""
+    return _provider.force_flush(timeout_millis) if _provider is not None else True
+
+
+def stop() -> None:
+    """Flush what is pending and turn tracing off (at shutdown)."""
+    global _tracer, _provider, _propagator
+    provider = _provider
+    _tracer = _provider = _propagator = None
+    if provider is not None:
+        provider.shutdown()
+
+
+# -- spans ------------------------------------------------------------------------------------
+
+
+def span(
+    name: str, attributes: dict[str, str | int] | None = None, *, kind: str = "internal"
+) -> SpanContext:
+    """``with tracing.span("bff.x") as s:``; ``s`` is None (and nothing happens) when off."""
+    if _tracer is None:
+        return _NOOP
+    return _active(_tracer, name, attributes, kind, None)
+
+
+@contextlib.contextmanager
+def _active(
+    tracer: Tracer,
+    name: str,
+    attributes: dict[str, str | int] | None,
+    kind: str,
+    context: Any,
+) -> Iterator[Span]:
+    from opentelemetry.trace import StatusCode
+
+    with tracer.start_as_current_span(
+        name,
+        context=context,
+        kind=_kinds[kind],
+        attributes=attributes,
+        record_exception=False,  # a message may quote a URL or a value: the class name only
+        set_status_on_exception=False,
+    ) as current:
+        try:
+            yield current
+        except Exception as exc:
+            current.set_attribute("error.type", type(exc).__qualname__)
+            current.set_status(StatusCode.ERROR)
+            raise
+
+
+def traced(
+    name: str, *, kind: str = "internal"
+) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], Callable[P, Coroutine[Any, Any, R]]]:
+    """Decorate a coroutine function to run inside a span named ``name`` (when tracing is on)."""
+
+    def decorate(
+        fn: Callable[P, Coroutine[Any, Any, R]],
+    ) -> Callable[P, Coroutine[Any, Any, R]]:
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            if _tracer is None:
+                return await fn(*args, **kwargs)
+            with _active(_tracer, name, None, kind, None):
+                return await fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def annotate(key: str, value: str | int) -> None:
+    """Set an attribute on the current span; a None check when tracing is off."""
+    if _tracer is None:
+        return
+    from opentelemetry import trace
+
+    trace.get_current_span().set_attribute(key, value)
+
+
+def start_span(name: str) -> Span | None:
+    """A span started now and ended by :func:`end_span`, for a wait that is not one block."""
+    if _tracer is None:
+        return None
+    return _tracer.start_span(name)
+
+
+def end_span(current: Span | None) -> None:
+    if current is not None and current.is_recording():
+        current.end()
+
+
+# -- HTTP ---------------------------------------------------------------------------------------
+
+
+def middleware(settings: TracingSettings) -> list[Callable[..., Awaitable[web.StreamResponse]]]:
+    """The server-span middleware, outermost; an empty list when tracing is not configured."""
+    if not settings.enabled:
+        return []
+    trust_incoming = settings.trust_incoming
+
+    @web.middleware
+    async def server_span(request: web.Request, handler: Handler) -> web.StreamResponse:
+        tracer = _tracer
+        if tracer is None:
+            return await handler(request)
+        method = request.method if request.method in _METHODS else "_OTHER"
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else None
+        attributes: dict[str, str | int] = {
+            "http.request.method": method,
+            "url.scheme": request.scheme,
+        }
+        if route is not None:
+            attributes["http.route"] = route
+        parent = None
+        if trust_incoming and _propagator is not None and "traceparent" in request.headers:
+            parent = _propagator.extract(request.headers)
+        name = f"{method} {route}" if route is not None else method
+        with _active(tracer, name, attributes, "server", parent) as current:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                current.set_attribute("http.response.status_code", exc.status)
+                raise
+            current.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:
+                from opentelemetry.trace import StatusCode
+
+                current.set_status(StatusCode.ERROR)
+            return response
+
+    return [server_span]
+
+
+@functools.lru_cache(maxsize=256)
+def _peer(origin: str) -> tuple[str, str, int]:
+    parts = urlsplit(origin)
+    scheme = parts.scheme
+    return scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80)
+
+
+def upstream_span(method: str, route: str, origin: str) -> SpanContext:
+    """A client span for one upstream call: ``route`` is the configured prefix (a template)."""
+    if _tracer is None:
+        return _NOOP
+    scheme, host, port = _peer(origin)
+    method = method if method in _METHODS else "_OTHER"
+    attributes: dict[str, str | int] = {
+        "http.request.method": method,
+        "url.scheme": scheme,
+        "server.address": host,
+        "server.port": port,
+        "bff.route": route,
+    }
+    return _active(_tracer, f"{method} {route}", attributes, "client", None)
+
+
+def inject(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``headers`` with the current span's ``traceparent`` (and ``tracestate``) in place of any
+    the browser sent; unchanged when tracing is off."""
+    if _propagator is None:
+        return headers
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier)
+    if not carrier:
+        return headers
+    out = [(k, v) for k, v in headers if k.lower() not in _CONTEXT_HEADERS]
+    out.extend(carrier.items())
+    return out
+
+
+# -- store --------------------------------------------------------------------------------------
+
+
+def traced_store(store: SessionStore) -> SessionStore:
+    """``store`` itself when tracing is off, else a wrapper with one client span per operation."""
+    if _tracer is None:
+        return store
+    from bff.store.traced import TracedStore
+
+    system = "memory" if type(store).__name__ == "MemoryStore" else "redis"
+    return TracedStore(store, system)
