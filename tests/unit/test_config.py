@@ -26,6 +26,7 @@ from bff.config import (
     SecuritySettings,
     SessionSettings,
     Settings,
+    TracingSettings,
     Upstream,
     dump_redacted,
     is_loopback_host,
@@ -178,12 +179,14 @@ def test_defaults() -> None:
         backchannel_logout=RateLimit(per_second=50.0, burst=1000),
     )
     assert s.metrics == MetricsSettings(listen=Listen(host="127.0.0.1", port=9464), public=False)
+    assert s.tracing == TracingSettings(enabled=False, service_name="bff", trust_incoming=True)
     assert s.workers is None  # one per core, decided by `bff run`
 
 
 def test_dataclass_defaults_match_loader_defaults() -> None:
     s = parse(MINIMAL)
     assert s.metrics == MetricsSettings()
+    assert s.tracing == TracingSettings()
     assert s.session == SessionSettings()
     assert s.log == LogSettings()
     assert s.security == SecuritySettings()
@@ -1432,6 +1435,8 @@ def test_bad_rate_limits(value: str, expect: str) -> None:
     msg = one_problem(MINIMAL + f"rate_limits: {value}\n")
     assert msg.startswith("bff.yaml:7: "), msg
     assert expect in msg, msg
+
+
 def test_metrics_listener_and_workers() -> None:
     s = parse(
         MINIMAL + "metrics: {listen: {host: 0.0.0.0, port: 9100}, public: true}\nworkers: 3\n"
@@ -1467,3 +1472,33 @@ def test_metrics_and_workers_problems(text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse(MINIMAL + text)
     assert needle in str(err.value), str(err.value)
+
+
+def test_tracing_block() -> None:
+    s = parse(MINIMAL + "tracing: {enabled: true, service_name: shop-bff, trust_incoming: false}\n")
+    assert s.tracing == TracingSettings(enabled=True, service_name="shop-bff", trust_incoming=False)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("tracing: {enabled: maybe}\n", "tracing.enabled: expected true or false"),
+        ("tracing: {service_name: ''}\n", "tracing.service_name"),
+        ("tracing: {endpoint: http://x}\n", "tracing.endpoint: unknown key"),
+    ],
+)
+def test_tracing_problems(text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse(MINIMAL + text)
+    assert needle in str(err.value), str(err.value)
+
+
+def test_tracing_enabled_without_the_otel_extra_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bff import tracing
+
+    monkeypatch.setattr(tracing, "available", lambda: False)
+    with pytest.raises(ConfigError) as err:
+        parse(MINIMAL + "tracing: {enabled: true}\n")
+    assert "tracing.enabled: tracing needs the OpenTelemetry packages" in str(err.value)
+    assert "pip install 'bff[otel]'" in str(err.value)
+    assert parse(MINIMAL + "tracing: {enabled: false}\n").tracing.enabled is False
