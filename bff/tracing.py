@@ -77,7 +77,7 @@ _CONTEXT_HEADERS: Final = frozenset({"traceparent", "tracestate"})
 _tracer: Tracer | None = None
 _provider: TracerProvider | None = None
 _propagator: TraceContextTextMapPropagator | None = None
-_kinds: dict[str, Any] = {}
+_kinds: dict[str, Any] = {}  # SpanKind and StatusCode members by name, once imported
 
 
 def available() -> bool:
@@ -133,7 +133,7 @@ def start(settings: TracingSettings) -> None:
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.trace import SpanKind
+    from opentelemetry.trace import SpanKind, StatusCode
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     # OTEL_SERVICE_NAME (or service.name in OTEL_RESOURCE_ATTRIBUTES) wins over the YAML.
@@ -147,7 +147,12 @@ def start(settings: TracingSettings) -> None:
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     # Our own provider, not the global one: bff never changes what other code in the process sees.
-    _kinds.update(server=SpanKind.SERVER, client=SpanKind.CLIENT, internal=SpanKind.INTERNAL)
+    _kinds.update(
+        server=SpanKind.SERVER,
+        client=SpanKind.CLIENT,
+        internal=SpanKind.INTERNAL,
+        error=StatusCode.ERROR,
+    )
     _provider = provider
     _propagator = TraceContextTextMapPropagator()
     _tracer = provider.get_tracer("bff")
@@ -187,8 +192,6 @@ def _active(
     kind: str,
     context: Any,
 ) -> Iterator[Span]:
-    from opentelemetry.trace import StatusCode
-
     with tracer.start_as_current_span(
         name,
         context=context,
@@ -201,7 +204,7 @@ def _active(
             yield current
         except Exception as exc:
             current.set_attribute("error.type", type(exc).__qualname__)
-            current.set_status(StatusCode.ERROR)
+            current.set_status(_kinds["error"])
             raise
 
 
@@ -281,9 +284,7 @@ def middleware(settings: TracingSettings) -> list[Callable[..., Awaitable[web.St
                 raise
             current.set_attribute("http.response.status_code", response.status)
             if response.status >= 500:
-                from opentelemetry.trace import StatusCode
-
-                current.set_status(StatusCode.ERROR)
+                current.set_status(_kinds["error"])
             return response
 
     return [server_span]
