@@ -7,6 +7,7 @@ go to the SDK's in-memory exporter in place of the OTLP one that ``OTEL_*`` woul
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -47,8 +48,13 @@ class Echo:
 
     seen: list[dict[str, str]] = field(default_factory=list)
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         self.seen.append(dict(request.headers))
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            await ws.close()
+            return ws
         return web.json_response({"ok": True})
 
 
@@ -94,6 +100,10 @@ upstreams:
   - path: /public
     url: {upstream}
     token: none
+  - path: /ws
+    url: {upstream}
+    token: none
+    websocket: true
 tracing: {tracing_yaml}
 """
 
@@ -129,6 +139,16 @@ async def login(client: TestClient[Any, Any]) -> Login:
 def spans(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
     assert tracing.flush()
     return list(exporter.get_finished_spans())
+
+
+async def ended(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:
+    """The span ``name`` once it has ended (a WebSocket handler ends after the browser's close)."""
+    async with asyncio.timeout(10):
+        while True:
+            named = [s for s in spans(exporter) if s.name == name]
+            if named:
+                return one(named, name)
+            await asyncio.sleep(0.01)
 
 
 def hexid(value: int, width: int) -> str:
@@ -235,6 +255,25 @@ async def test_a_browser_traceparent_is_continued_and_replaced_upstream(
     assert sent.startswith(f"00-{TRACE_ID}-")
     assert PARENT_ID not in sent  # our client span's id, not the browser's
     assert list(upstream.seen[-1]).count("traceparent") == 1
+
+
+async def test_a_websocket_handshake_carries_the_server_spans_traceparent(
+    aiohttp_client: AiohttpClient,
+    op: HostileOp,
+    echo: tuple[Echo, str],
+    exporter: InMemorySpanExporter,
+) -> None:
+    upstream, url = echo
+    client = await start(aiohttp_client, op, url, "{enabled: true}")
+    incoming = f"00-{TRACE_ID}-{PARENT_ID}-01"
+    async with client.ws_connect(
+        "/ws/chat", headers={"Origin": "http://127.0.0.1:8080", "traceparent": incoming}
+    ) as ws:
+        await ws.receive()  # the upstream closes at once
+    root = await ended(exporter, "GET /ws/{tail}")
+    assert root.context is not None
+    sent = upstream.seen[-1]["traceparent"]
+    assert sent.split("-")[1:3] == [TRACE_ID, hexid(root.context.span_id, 16)]
 
 
 async def test_with_trust_incoming_false_a_browser_traceparent_starts_nothing(
