@@ -31,6 +31,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
@@ -77,7 +78,8 @@ _CONTEXT_HEADERS: Final = frozenset({"traceparent", "tracestate"})
 _tracer: Tracer | None = None
 _provider: TracerProvider | None = None
 _propagator: TraceContextTextMapPropagator | None = None
-_kinds: dict[str, Any] = {}  # SpanKind and StatusCode members by name, once imported
+_opened: ContextVar[list[Span] | None] = ContextVar("bff_tracing_opened", default=None)
+_kinds: dict[str, Any] = {}  # SpanKind, StatusCode members (and get_current_span), once imported
 
 
 def available() -> bool:
@@ -133,7 +135,7 @@ def start(settings: TracingSettings) -> None:
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.trace import SpanKind, StatusCode
+    from opentelemetry.trace import SpanKind, StatusCode, get_current_span
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     # OTEL_SERVICE_NAME (or service.name in OTEL_RESOURCE_ATTRIBUTES) wins over the YAML.
@@ -152,6 +154,7 @@ def start(settings: TracingSettings) -> None:
         client=SpanKind.CLIENT,
         internal=SpanKind.INTERNAL,
         error=StatusCode.ERROR,
+        current=get_current_span,
     )
     _provider = provider
     _propagator = TraceContextTextMapPropagator()
@@ -220,8 +223,15 @@ def traced(
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             if _tracer is None:
                 return await fn(*args, **kwargs)
+            opened: list[Span] = []
             with _active(_tracer, name, None, kind, None):
-                return await fn(*args, **kwargs)
+                token = _opened.set(opened)
+                try:
+                    return await fn(*args, **kwargs)
+                finally:
+                    _opened.reset(token)
+                    for left in opened:  # a start_span no end_span reached (an exception)
+                        end_span(left)
 
         return wrapper
 
@@ -232,16 +242,22 @@ def annotate(key: str, value: str | int) -> None:
     """Set an attribute on the current span; a None check when tracing is off."""
     if _tracer is None:
         return
-    from opentelemetry import trace
-
-    trace.get_current_span().set_attribute(key, value)
+    _kinds["current"]().set_attribute(key, value)
 
 
 def start_span(name: str) -> Span | None:
-    """A span started now and ended by :func:`end_span`, for a wait that is not one block."""
+    """A span started now and ended by :func:`end_span`, for a wait that is not one block.
+
+    Inside a :func:`traced` function, one that is still open when the function ends (an
+    exception left it) is ended then.
+    """
     if _tracer is None:
         return None
-    return _tracer.start_span(name)
+    started = _tracer.start_span(name)
+    opened = _opened.get()
+    if opened is not None:
+        opened.append(started)
+    return started
 
 
 def end_span(current: Span | None) -> None:

@@ -450,3 +450,24 @@ def test_when_off_opentelemetry_is_never_imported_and_no_traceparent_is_added() 
     assert len(result["headers"]) == 1
     assert "Traceparent" not in result["headers"][0]
     assert "traceparent" not in [h.lower() for h in result["headers"][0]]
+
+
+async def test_a_started_span_left_open_by_an_exception_ends_with_its_traced_function(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """The refresh's lock-wait span on an error exit (a SessionExpired while polling, say)."""
+    tracing.start(TracingSettings(enabled=True))
+
+    @tracing.traced("outer")
+    async def fails() -> None:
+        tracing.start_span("wait")
+        raise RuntimeError("boom: never recorded")
+
+    with pytest.raises(RuntimeError):
+        await fails()
+    found = spans(exporter)
+    outer, wait = one(found, "outer"), one(found, "wait")
+    assert outer.context is not None and wait.parent is not None
+    assert wait.parent.span_id == outer.context.span_id
+    assert outer.attributes is not None and outer.attributes["error.type"] == "RuntimeError"
+    assert "boom" not in str(outer.status.description)
