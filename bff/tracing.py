@@ -74,6 +74,8 @@ _METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
 _CONTEXT_HEADERS: Final = frozenset({"traceparent", "tracestate"})
+#: Probes and scrapes, every few seconds from every load balancer: no trace is worth their noise.
+_UNTRACED: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 
 _tracer: Tracer | None = None
 _provider: TracerProvider | None = None
@@ -277,7 +279,7 @@ def middleware(settings: TracingSettings) -> list[Callable[..., Awaitable[web.St
     @web.middleware
     async def server_span(request: web.Request, handler: Handler) -> web.StreamResponse:
         tracer = _tracer
-        if tracer is None:
+        if tracer is None or request.path in _UNTRACED:
             return await handler(request)
         method = request.method if request.method in _METHODS else "_OTHER"
         resource = request.match_info.route.resource

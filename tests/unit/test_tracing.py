@@ -290,6 +290,9 @@ async def test_with_trust_incoming_false_a_browser_traceparent_starts_nothing(
     assert resp.status == 200
     root = one(spans(exporter), "GET /public/{tail}")
     assert root.parent is None
+    for probe in ("/healthz", "/readyz"):
+        await client.get(probe)
+    assert not [s for s in spans(exporter) if "healthz" in s.name or "readyz" in s.name]
     assert root.context is not None and hexid(root.context.trace_id, 32) != TRACE_ID
     assert TRACE_ID not in upstream.seen[-1]["traceparent"]
 
