@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextvars import ContextVar
@@ -63,6 +64,8 @@ __all__ = [
     "traced_store",
     "upstream_span",
 ]
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -142,12 +145,19 @@ def start(settings: TracingSettings) -> None:
 
     # OTEL_SERVICE_NAME (or service.name in OTEL_RESOURCE_ATTRIBUTES) wins over the YAML.
     resource = Resource.create()
-    if not os.environ.get("OTEL_SERVICE_NAME") and "service.name=" not in os.environ.get(
-        "OTEL_RESOURCE_ATTRIBUTES", ""
-    ):
+    from_env = os.environ.get("OTEL_SERVICE_NAME") or any(
+        pair.split("=", 1)[0].strip() == SERVICE_NAME
+        for pair in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")
+    )
+    if not from_env:
         resource = resource.merge(Resource({SERVICE_NAME: settings.service_name}))
     provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
-    exporter = default_exporter()
+    try:
+        exporter = default_exporter()
+    except (ValueError, ImportError) as exc:
+        # Serving matters more than tracing: say why nothing is exported, and go on.
+        log.error("tracing.no_exporter", extra={"event": "tracing.no_exporter", "error": str(exc)})
+        exporter = None
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     # Our own provider, not the global one: bff never changes what other code in the process sees.

@@ -474,3 +474,42 @@ async def test_a_started_span_left_open_by_an_exception_ends_with_its_traced_fun
     assert wait.parent.span_id == outer.context.span_id
     assert outer.attributes is not None and outer.attributes["error.type"] == "RuntimeError"
     assert "boom" not in str(outer.status.description)
+
+
+def test_an_unknown_exporter_is_logged_and_bff_serves_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    try:
+        tracing.start(TracingSettings(enabled=True))
+        assert tracing.enabled()
+    finally:
+        tracing.stop()
+    records = [r for r in caplog.records if r.getMessage() == "tracing.no_exporter"]
+    assert len(records) == 1
+    assert "zipkin" in records[0].__dict__["error"]
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, "shop-bff"),
+        ({"OTEL_SERVICE_NAME": "from-env"}, "from-env"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "team=a,service.name=attr"}, "attr"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "myservice.name=x"}, "shop-bff"),
+    ],
+)
+def test_service_name_comes_from_the_yaml_unless_otel_env_names_one(
+    monkeypatch: pytest.MonkeyPatch,
+    exporter: InMemorySpanExporter,
+    env: dict[str, str],
+    expected: str,
+) -> None:
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    tracing.start(TracingSettings(enabled=True, service_name="shop-bff"))
+    with tracing.span("x"):
+        pass
+    assert one(spans(exporter), "x").resource.attributes["service.name"] == expected
