@@ -83,6 +83,7 @@ _UNTRACED: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 _tracer: Tracer | None = None
 _provider: TracerProvider | None = None
 _propagator: TraceContextTextMapPropagator | None = None
+_quiet: ContextVar[bool] = ContextVar("bff_tracing_quiet", default=False)
 _opened: ContextVar[list[Span] | None] = ContextVar("bff_tracing_opened", default=None)
 _kinds: dict[str, Any] = {}  # SpanKind, StatusCode members (and get_current_span), once imported
 
@@ -194,7 +195,7 @@ def span(
     name: str, attributes: dict[str, str | int] | None = None, *, kind: str = "internal"
 ) -> SpanContext:
     """``with tracing.span("bff.x") as s:``; ``s`` is None (and nothing happens) when off."""
-    if _tracer is None:
+    if _tracer is None or _quiet.get():
         return _NOOP
     return _active(_tracer, name, attributes, kind, None)
 
@@ -233,7 +234,7 @@ def traced(
     ) -> Callable[P, Coroutine[Any, Any, R]]:
         @functools.wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            if _tracer is None:
+            if _tracer is None or _quiet.get():
                 return await fn(*args, **kwargs)
             opened: list[Span] = []
             with _active(_tracer, name, None, kind, None):
@@ -263,7 +264,7 @@ def start_span(name: str) -> Span | None:
     Inside a :func:`traced` function, one that is still open when the function ends (an
     exception left it) is ended then.
     """
-    if _tracer is None:
+    if _tracer is None or _quiet.get():
         return None
     started = _tracer.start_span(name)
     opened = _opened.get()
@@ -289,8 +290,14 @@ def middleware(settings: TracingSettings) -> list[Callable[..., Awaitable[web.St
     @web.middleware
     async def server_span(request: web.Request, handler: Handler) -> web.StreamResponse:
         tracer = _tracer
-        if tracer is None or request.path in _UNTRACED:
+        if tracer is None:
             return await handler(request)
+        if request.path in _UNTRACED:
+            quiet = _quiet.set(True)  # nor its store ping: no root spans from probes either
+            try:
+                return await handler(request)
+            finally:
+                _quiet.reset(quiet)
         method = request.method if request.method in _METHODS else "_OTHER"
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else None
@@ -327,7 +334,7 @@ def _peer(origin: str) -> tuple[str, str, int]:
 
 def upstream_span(method: str, route: str, origin: str) -> SpanContext:
     """A client span for one upstream call: ``route`` is the configured prefix (a template)."""
-    if _tracer is None:
+    if _tracer is None or _quiet.get():
         return _NOOP
     scheme, host, port = _peer(origin)
     method = method if method in _METHODS else "_OTHER"
