@@ -218,7 +218,7 @@ def _active(
     ) as current:
         try:
             yield current
-        except Exception as exc:
+        except BaseException as exc:  # CancelledError too: a route timeout, a client gone
             current.set_attribute("error.type", type(exc).__qualname__)
             current.set_status(_kinds["error"])
             raise

@@ -47,9 +47,13 @@ class Echo:
     """The upstream: records each request's headers, answers a small JSON body."""
 
     seen: list[dict[str, str]] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)  # what /stall/* waits for
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.seen.append(dict(request.headers))
+        if request.path.startswith("/stall"):
+            async with asyncio.timeout(30):  # bounded; bff's route timeout comes long before
+                await self.release.wait()
         if request.headers.get("Upgrade", "").lower() == "websocket":
             ws = web.WebSocketResponse()
             await ws.prepare(request)
@@ -65,12 +69,13 @@ async def op() -> AsyncIterator[HostileOp]:
 
 
 @pytest.fixture
-async def echo(aiohttp_server: AiohttpServer) -> tuple[Echo, str]:
+async def echo(aiohttp_server: AiohttpServer) -> AsyncIterator[tuple[Echo, str]]:
     upstream = Echo()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", upstream.handle)
     server = await aiohttp_server(app, host="127.0.0.1")
-    return upstream, f"http://127.0.0.1:{server.port}"
+    yield upstream, f"http://127.0.0.1:{server.port}"
+    upstream.release.set()
 
 
 @pytest.fixture
@@ -100,6 +105,10 @@ upstreams:
   - path: /public
     url: {upstream}
     token: none
+  - path: /slow
+    url: {upstream}/stall
+    token: none
+    timeout: 300ms
   - path: /ws
     url: {upstream}
     token: none
@@ -386,6 +395,26 @@ async def test_a_failed_span_names_the_exception_class_only(
     server = one(found, "GET /bff/callback")
     assert server.attributes is not None
     assert server.attributes["http.response.status_code"] == 400
+
+
+async def test_an_upstream_timeout_marks_the_client_span_and_the_504(
+    aiohttp_client: AiohttpClient,
+    op: HostileOp,
+    echo: tuple[Echo, str],
+    exporter: InMemorySpanExporter,
+) -> None:
+    _, url = echo
+    client = await start(aiohttp_client, op, url, "{enabled: true}")
+    resp = await client.get("/slow/x", headers=CSRF)
+    assert resp.status == 504
+    found = spans(exporter)
+    upstream_call = one(found, "GET /slow")
+    assert upstream_call.attributes is not None
+    assert upstream_call.attributes["error.type"] == "CancelledError"
+    assert "http.response.status_code" not in upstream_call.attributes
+    server = one(found, "GET /slow/{tail}")
+    assert server.attributes is not None
+    assert server.attributes["http.response.status_code"] == 504
 
 
 # -------------------------------------------------------------------------------------------------
