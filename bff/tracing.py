@@ -145,7 +145,7 @@ def start(settings: TracingSettings) -> None:
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     # OTEL_SERVICE_NAME (or service.name in OTEL_RESOURCE_ATTRIBUTES) wins over the YAML.
-    resource = Resource.create()
+    resource = Resource.create({"process.pid": os.getpid()})  # which worker, with several
     from_env = os.environ.get("OTEL_SERVICE_NAME") or any(
         pair.split("=", 1)[0].strip() == SERVICE_NAME
         for pair in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")
