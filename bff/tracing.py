@@ -133,11 +133,13 @@ def default_exporter() -> SpanExporter | None:
 def start(settings: TracingSettings) -> None:
     """Turn tracing on for this process (a no-op when ``settings.enabled`` is false).
 
-    Called once per worker at start-up, so the exporter's thread belongs to the worker.
+    Called once per worker at start-up, so the exporter's thread belongs to the worker. The state
+    is per process: a second call replaces (and shuts down) the first one's provider.
     """
     global _tracer, _provider, _propagator
     if not settings.enabled:
         return
+    stop()
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
