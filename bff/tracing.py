@@ -22,7 +22,8 @@ W3C trace context: a server span continues the browser's ``traceparent`` when on
 and parent span id its request is filed under, and, with the SDK's default parent-based sampler,
 whether it is sampled; it cannot change what bff does. Set ``trust_incoming: false`` to start a
 new trace for every request instead. Upstream calls carry bff's own ``traceparent``/
-``tracestate`` (the browser's are replaced); ``baggage`` is neither read nor sent.
+``tracestate`` (the browser's are replaced); bff does not read ``baggage`` (a browser's passes
+on like any other header). Probes (``/healthz``, ``/readyz``, ``/metrics``) make no spans at all.
 """
 
 from __future__ import annotations
