@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from bff import endpoints, health, proxy, spa
+from bff import endpoints, health, proxy, spa, tracing
 from bff.client_tokens import ClientTokens
 from bff.config import Settings
 from bff.cookies import CookiePolicy
@@ -36,7 +36,10 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     # /metrics is on its own listener unless configured public: here a JSON 404, never the SPA.
     private = () if settings.metrics.public else (health.METRICS_PATH,)
     app = web.Application(
-        middlewares=[error_middleware(api_prefixes=(*api_prefixes, *private))],
+        middlewares=[
+            *tracing.middleware(settings.tracing),  # outermost: the server span sees every answer
+            error_middleware(api_prefixes=(*api_prefixes, *private)),
+        ],
         client_max_size=1024**2,  # for bff's own endpoints; proxied bodies stream instead
         # A proxy passes request bodies on as they came: no decompression (and no zip bombs).
         handler_args={"auto_decompress": False},
@@ -47,12 +50,14 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     upstreams = proxy.UpstreamTable(settings.upstreams, public_url=settings.public_url, peers=peers)
 
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
+        tracing.start(settings.tracing)  # per worker, at start-up; a no-op unless enabled
         cfg = settings.session
         session_store = (
             store
             if store is not None
             else open_store(cfg.store, timeout=cfg.store_timeout, redis=cfg.redis)
         )
+        session_store = tracing.traced_store(session_store)  # itself unless tracing is on
         http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
             raise_for_status=False,
@@ -107,6 +112,7 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
             await discovery
         await http.close()
         await session_store.close()
+        tracing.stop()
 
     app.cleanup_ctx.append(services_ctx)
     app.cleanup_ctx.append(upstreams.cleanup_ctx)  # one keep-alive pool per upstream

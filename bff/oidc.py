@@ -35,6 +35,7 @@ from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, OKPKey, RSAKey
 
+from bff import tracing
 from bff.errors import ProviderUnavailable
 
 if TYPE_CHECKING:
@@ -321,6 +322,7 @@ class OidcClient:
 
     # -- token endpoint ---------------------------------------------------------------------
 
+    @tracing.traced("bff.oidc.code_exchange")
     async def exchange_code(self, code: str, code_verifier: str) -> TokenSet:
         return await self._token_request(
             {
@@ -377,9 +379,11 @@ class OidcClient:
             meta.userinfo_endpoint, headers={"Authorization": f"Bearer {access_token}"}
         )
 
+    @tracing.traced("bff.oidc.token", kind="client")
     async def _token_request(
         self, form: dict[str, str], limits: aiohttp.ClientTimeout | None = None
     ) -> TokenSet:
+        tracing.annotate("oauth.grant_type", form["grant_type"])
         meta = await self.metadata()
         body, headers = self._client_auth(form, meta)
         headers["Accept"] = "application/json"
@@ -388,6 +392,7 @@ class OidcClient:
                 meta.token_endpoint, data=body, headers=headers, timeout=limits or self._timeout
             ) as resp:
                 status = resp.status
+                tracing.annotate("http.response.status_code", status)
                 raw = await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ProviderUnavailable(
@@ -469,6 +474,7 @@ class OidcClient:
 
     # -- JWT validation ---------------------------------------------------------------------
 
+    @tracing.traced("bff.oidc.id_token_validation")
     async def validate_id_token(
         self, id_token: str, *, nonce: str | None, expected_sub: str | None = None
     ) -> dict[str, Any]:

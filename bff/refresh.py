@@ -50,6 +50,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from bff import tracing
 from bff.errors import ProviderUnavailable, SessionExpired, StoreUnavailable
 from bff.locks import StoreLock, poll_delays
 from bff.metrics import Metrics
@@ -172,6 +173,7 @@ class TokenRefresher:
             raise SessionExpired()
         return fresh
 
+    @tracing.traced("bff.refresh")
     async def _refresh_across_instances(self, session: Session, force: bool) -> Session:
         store = self._sessions.store
         lock = StoreLock(store, lock_key(session.id), self.lease)
@@ -179,6 +181,7 @@ class TokenRefresher:
         deadline = self._clock() + self.wait_timeout
         delays = poll_delays()
         failure_seen = await store.get(failed_key)
+        wait = tracing.start_span("bff.refresh.lock_wait")  # ends with the lock or its result
         while True:
             # The holder we waited for could not reach the OP: answer 503 now rather than try
             # the OP again ourselves, one instance after another, each for a whole timeout.
@@ -186,6 +189,7 @@ class TokenRefresher:
             if await store.get(failed_key) not in (None, failure_seen):
                 raise ProviderUnavailable("the OpenID Provider failed to refresh the token")
             if await lock.acquire():
+                tracing.end_span(wait)
                 work = self._spawn(self._refresh_then_release(lock, session, force))
                 try:
                     return await asyncio.wait_for(asyncio.shield(work), self.caller_timeout)
@@ -203,6 +207,7 @@ class TokenRefresher:
             await asyncio.sleep(next(delays))
             fresh = await self._reload(session)
             if self._still_good(session, fresh, force):
+                tracing.end_span(wait)
                 return fresh
             if self._clock() > deadline:
                 raise ProviderUnavailable("a token refresh is taking too long")

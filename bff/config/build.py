@@ -12,6 +12,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from bff import tracing as bff_tracing
 from bff.config.checks import (
     MISSING,
     Reader,
@@ -36,6 +37,7 @@ from bff.config.settings import (
     SecuritySettings,
     SessionSettings,
     Settings,
+    TracingSettings,
     is_dev_url,
     is_loopback_host,
 )
@@ -97,6 +99,7 @@ class _Builder(Reader):
             max_header_size=int(self.get(lim, lp, "max_header_size", 8190)),
             max_headers=int(self.get(lim, lp, "max_headers", 100)),
         )
+        tracing = self.tracing(self.section(data, "tracing"))
         if self.ctx.problems or public_url is None or oidc is None or prefix is None:
             return None
         return Settings(
@@ -115,6 +118,7 @@ class _Builder(Reader):
             metrics=metrics,
             workers=workers,
             limits=limits,
+            tracing=tracing,
         )
 
     def public_url(self, data: dict[str, Any]) -> str | None:
@@ -319,6 +323,21 @@ class _Builder(Reader):
             login=bucket("login", default.login),
             callback=bucket("callback", default.callback),
             backchannel_logout=bucket("backchannel_logout", default.backchannel_logout),
+        )
+
+    def tracing(self, d: dict[str, Any]) -> TracingSettings:
+        p: Key = ("tracing",)
+        default = TracingSettings()
+        enabled = self.get(d, p, "enabled", default.enabled)
+        if enabled is True and not bff_tracing.available():
+            self.ctx.report(
+                (*p, "enabled"),
+                "tracing needs the OpenTelemetry packages: pip install 'bff[otel]'",
+            )
+        return TracingSettings(
+            enabled=enabled is True,
+            service_name=self.get(d, p, "service_name", default.service_name),
+            trust_incoming=self.get(d, p, "trust_incoming", default.trust_incoming),
         )
 
     def metrics(self, d: dict[str, Any], public: Listen) -> MetricsSettings:

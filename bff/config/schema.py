@@ -174,6 +174,7 @@ SCHEMA: Final[dict[str, Any]] = {
                     "max_headers": {"type": "integer", "minimum": 8, "maximum": 1000},
                 }
             ),
+            "tracing": _obj({"enabled": _BOOL, "service_name": _NONEMPTY, "trust_incoming": _BOOL}),
         },
         required=("public_url", "oidc", "keys"),
     ),

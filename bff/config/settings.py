@@ -102,6 +102,15 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TracingSettings:
+    """OpenTelemetry traces (the ``bff[otel]`` extra); the exporter is set by ``OTEL_*``."""
+
+    enabled: bool = False  # off unless configured; OTEL_* variables alone do not turn it on
+    service_name: str = "bff"  # service.name, unless OTEL_SERVICE_NAME says otherwise
+    trust_incoming: bool = True  # continue a browser's traceparent (its trace id, parent id)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OidcSettings:
     """The OpenID Provider and how bff authenticates to it as a confidential client."""
 
@@ -253,6 +262,7 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     log: LogSettings = LogSettings()  # logging
     metrics: MetricsSettings = MetricsSettings()  # where /metrics is served
+    tracing: TracingSettings = TracingSettings()  # OpenTelemetry traces, off by default
     workers: int | None = None  # worker processes; None = one per core; `bff run --workers` wins
     limits: LimitSettings = LimitSettings()  # request size limits of the HTTP parser
     dev: bool = field(init=False)  # derived: public_url is http:// on a loopback host

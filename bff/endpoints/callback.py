@@ -23,6 +23,7 @@ from typing import Final
 
 from aiohttp import web
 
+from bff import tracing
 from bff.errors import BffError, LoginFailed
 from bff.keys import StoreKey
 from bff.oidc import InvalidGrant, InvalidToken, OidcError, user_claims
@@ -67,6 +68,7 @@ class OpRefused(LoginFailed):
     """The OP answered the authorization request with an error (``error=...``)."""
 
 
+@tracing.traced("bff.callback")
 async def handle(request: web.Request) -> web.Response:
     attempt = _Attempt()
     try:

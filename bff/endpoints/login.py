@@ -13,6 +13,7 @@ import time
 
 from aiohttp import web
 
+from bff import tracing
 from bff.endpoints.callback import back_to_app
 from bff.errors import BffError, InvalidReturnTo
 from bff.keys import new_secret, store_id
@@ -23,6 +24,7 @@ from bff.services import SERVICES
 from bff.sessions import LoginTransaction
 
 
+@tracing.traced("bff.login")
 async def handle(request: web.Request) -> web.Response:
     try:
         await enforce(request, "login")

@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from bff import tracing
 from bff.errors import (
     BffError,
     InsufficientScope,
@@ -143,13 +144,16 @@ async def _exchange(
         async with asyncio.timeout(route.timeout) as timeout:
             deadline = _Deadline(timeout)
             try:
-                resp = await http.request(
-                    request.method,
-                    url,
-                    headers=headers,
-                    data=_body(body, deadline, route.timeout) if body is not None else None,
-                    allow_redirects=False,
-                )
+                with tracing.upstream_span(request.method, route.prefix, route.origin) as span:
+                    resp = await http.request(
+                        request.method,
+                        url,
+                        headers=tracing.inject(headers),  # traceparent of this client span
+                        data=_body(body, deadline, route.timeout) if body is not None else None,
+                        allow_redirects=False,
+                    )
+                    if span is not None:
+                        span.set_attribute("http.response.status_code", resp.status)
                 length = resp.content_length
                 if (
                     length is not None

@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from yarl import URL
 
+from bff import tracing
 from bff.errors import UpstreamFailed, UpstreamTimeout
 from bff.proxy.headers import upstream_headers
 from bff.proxy.routing import Route, UpstreamTable
@@ -53,7 +54,7 @@ async def forward_websocket(
         async with asyncio.timeout(route.timeout):
             upstream = await http.ws_connect(
                 URL(route.ws_origin + target, encoded=True),
-                headers=headers,
+                headers=tracing.inject(headers),  # the server span's traceparent
                 protocols=protocols,
                 compress=0,
                 autoping=True,

@@ -11,6 +11,7 @@ bff refuses exactly that lie:
 * ``response_defect``: ``"wrong_iss"``, ``"no_iss"`` or ``"access_denied"`` on the authorization
   response.
 * ``token_status`` / ``token_error`` / ``token_delay``: a failing, refusing or slow token endpoint.
+* ``expires_in``: the access tokens' lifetime (0: bff refreshes at the next proxied call).
 * ``discovery_issuer``: a discovery document that names another issuer.
 * ``jwks_delay``: a slow JWKS endpoint (to see concurrent verifications share one fetch);
   ``rotate_signing_key`` / ``replace_key_material`` rotate the keys (new kid / same kid).
@@ -138,6 +139,7 @@ class HostileOp:
         self.token_status: int | None = None
         self.token_error: str | None = None
         self.token_delay: float = 0.0
+        self.expires_in = 300  # access token lifetime; 0 makes bff refresh on its next use
         self.discovery_issuer: str | None = None
         self.iss_parameter_supported = True
         self.advertised_algs: list[str] = ["RS256"]
@@ -436,7 +438,7 @@ class HostileOp:
         return {
             "access_token": issued.access_token,
             "token_type": "Bearer",
-            "expires_in": 300,
+            "expires_in": self.expires_in,
             "refresh_token": issued.refresh_token,
             "id_token": id_token,
             "scope": scope,

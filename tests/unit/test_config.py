@@ -29,6 +29,7 @@ from bff.config import (
     SecuritySettings,
     SessionSettings,
     Settings,
+    TracingSettings,
     Upstream,
     dump_redacted,
     is_loopback_host,
@@ -184,6 +185,7 @@ def test_defaults() -> None:
         backchannel_logout=RateLimit(per_second=50.0, burst=1000),
     )
     assert s.metrics == MetricsSettings(listen=Listen(host="127.0.0.1", port=9464), public=False)
+    assert s.tracing == TracingSettings(enabled=False, service_name="bff", trust_incoming=True)
     assert s.workers is None  # one per core, decided by `bff run`
     assert s.trusted_proxies == ()
     assert s.limits == LimitSettings(max_request_line=8190, max_header_size=8190, max_headers=100)
@@ -193,6 +195,7 @@ def test_dataclass_defaults_match_loader_defaults() -> None:
     s = parse(MINIMAL)
     assert s.metrics == MetricsSettings()
     assert s.limits == LimitSettings()
+    assert s.tracing == TracingSettings()
     assert s.session == SessionSettings()
     assert s.log == LogSettings()
     assert s.security == SecuritySettings()
@@ -1684,3 +1687,33 @@ def test_redis_passwords_are_never_printed() -> None:
     )
     for msg in problems(text):
         assert "urlsecret" not in msg and "cfgsecret" not in msg and "sentsecret" not in msg
+
+
+def test_tracing_block() -> None:
+    s = parse(MINIMAL + "tracing: {enabled: true, service_name: shop-bff, trust_incoming: false}\n")
+    assert s.tracing == TracingSettings(enabled=True, service_name="shop-bff", trust_incoming=False)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("tracing: {enabled: maybe}\n", "tracing.enabled: expected true or false"),
+        ("tracing: {service_name: ''}\n", "tracing.service_name"),
+        ("tracing: {endpoint: http://x}\n", "tracing.endpoint: unknown key"),
+    ],
+)
+def test_tracing_problems(text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse(MINIMAL + text)
+    assert needle in str(err.value), str(err.value)
+
+
+def test_tracing_enabled_without_the_otel_extra_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bff import tracing
+
+    monkeypatch.setattr(tracing, "available", lambda: False)
+    with pytest.raises(ConfigError) as err:
+        parse(MINIMAL + "tracing: {enabled: true}\n")
+    assert "tracing.enabled: tracing needs the OpenTelemetry packages" in str(err.value)
+    assert "pip install 'bff[otel]'" in str(err.value)
+    assert parse(MINIMAL + "tracing: {enabled: false}\n").tracing.enabled is False
