@@ -16,7 +16,10 @@ every key bff itself writes starts with it (``bff/sessions.py``, ``bff/ratelimit
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from ha_scenarios import Topology, functional_scenario
 from bff.config import RedisSettings, Secret
 from bff.errors import StoreUnavailable
 from bff.store.redis import RedisStore
+from tests.support.bff_procs import base_config, write_config
 from tests.support.procs import OidcProvider
 from tests.support.redis_procs import RedisClusterGroup, RedisNode
 from tests.unit.store_contract import Advance, StoreContract
@@ -186,6 +190,36 @@ async def test_bff_runs_end_to_end_as_the_minimal_user(
     with node.client() as r:
         r.flushall()
     await functional_scenario(min_topology(node_url(node)), oidc_op, tmp_path)
+
+
+def test_check_config_passes_as_the_minimal_user_named_in_session_redis(
+    node: RedisNode, oidc_op: OidcProvider, tmp_path: Path
+) -> None:
+    """The credentials in ``session.redis`` (not in the URL) reach the preflight's store check,
+    and the minimal user may run INFO, so the Redis version is known."""
+    config = base_config(
+        public_url="http://127.0.0.1:8080",
+        issuer=oidc_op.issuer,
+        client={"client_id": "c", "client_secret": "s"},
+        store=node_url(node),
+        keys=["k" * 43],
+        static=tmp_path / "static",
+    )
+    config["session"]["redis"] = {"username": MIN_USER, "password": MIN_PASSWORD}
+    path = write_config(tmp_path, config)
+    result = subprocess.run(
+        [sys.executable, "-m", "bff", "check-config", str(path)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert f"session.store {node_url(node)}: Redis 7." in out
+    assert "refuses INFO" not in out and MIN_PASSWORD not in out
 
 
 # -- Cluster ----------------------------------------------------------------------------------
