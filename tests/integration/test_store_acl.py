@@ -38,7 +38,7 @@ from tests.unit.store_contract import Advance, StoreContract
 ROOT = Path(__file__).resolve().parent.parent.parent
 DOC = ROOT / "docs" / "operations.md"
 MIN_USER = "bff-min"
-MIN_PASSWORD = "bff-min-password"  # noqa: S105 - a throw-away test server's password
+MIN_PASSWORD = "bff-min-password"  # a throw-away test server's password
 PREFIX = "bff:"
 
 
