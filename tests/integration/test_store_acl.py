@@ -5,8 +5,8 @@ cannot drift apart. Each is given to a second ACL user on real ``redis-server`` 
 ``bff`` user of ``tests/support/redis_procs.py`` keeps ``+@all`` for the test's own checks), and
 then: the store contract suite runs as that user, on one node and on a Cluster; real ``bff run``
 processes log in, proxy, refresh, list and revoke sessions and take back-channel logouts as that
-user (``ha_scenarios.functional_scenario``); and the user is refused keys outside ``bff:*`` and
-commands bff never sends.
+user (``ha_scenarios.functional_scenario``), on one node, through Sentinel and on a Cluster; and
+the user is refused keys outside ``bff:*`` and commands bff never sends.
 
 The contract suite uses short keys (``k:1``); :class:`Prefixed` puts ``bff:`` in front of each, as
 every key bff itself writes starts with it (``bff/sessions.py``, ``bff/ratelimit.py``,
@@ -31,8 +31,14 @@ from bff.config import RedisSettings, Secret
 from bff.errors import StoreUnavailable
 from bff.store.redis import RedisStore
 from tests.support.bff_procs import base_config, write_config
-from tests.support.procs import OidcProvider
-from tests.support.redis_procs import RedisClusterGroup, RedisNode
+from tests.support.procs import HOST, OidcProvider
+from tests.support.redis_procs import (
+    MASTER_NAME,
+    SENTINEL_PASSWORD,
+    RedisClusterGroup,
+    RedisNode,
+    SentinelGroup,
+)
 from tests.unit.store_contract import Advance, StoreContract
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -62,8 +68,8 @@ def min_settings() -> RedisSettings:
     return RedisSettings(username=MIN_USER, password=Secret(MIN_PASSWORD))
 
 
-def min_topology(url: str) -> Topology:
-    return Topology(url, {"username": MIN_USER, "password": MIN_PASSWORD})
+def min_topology(url: str, **more: str) -> Topology:
+    return Topology(url, {"username": MIN_USER, "password": MIN_PASSWORD, **more})
 
 
 class Prefixed:
@@ -220,6 +226,24 @@ def test_check_config_passes_as_the_minimal_user_named_in_session_redis(
     assert result.returncode == 0, out
     assert f"session.store {node_url(node)}: Redis 7." in out
     assert "refuses INFO" not in out and MIN_PASSWORD not in out
+
+
+# -- Sentinel ---------------------------------------------------------------------------------
+
+
+async def test_bff_runs_end_to_end_through_sentinel_as_the_minimal_user(
+    oidc_op: OidcProvider, tmp_path: Path
+) -> None:
+    """The data nodes (master and replica) have the one-node rules; the sentinels their own auth."""
+    with SentinelGroup() as group:
+        for member in group.nodes:
+            add_min_user(member, documented_rules(cluster=False))
+        hosts = ",".join(f"{HOST}:{s.port}" for s in group.sentinels)
+        url = f"redis+sentinel://{hosts}/{MASTER_NAME}/0"
+        topology = min_topology(
+            url, sentinel_username="default", sentinel_password=SENTINEL_PASSWORD
+        )
+        await functional_scenario(topology, oidc_op, tmp_path)
 
 
 # -- Cluster ----------------------------------------------------------------------------------
