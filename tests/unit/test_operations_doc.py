@@ -38,7 +38,7 @@ def is_config_key(path: str) -> bool:
         nested = [a for a in args if dataclasses.is_dataclass(a)]
         if not nested:  # a leaf: a mapping (extra_auth_params) takes any key below it
             origin = typing.get_origin(target)
-            return i == len(parts) - 1 or origin is not None and "Mapping" in str(origin)
+            return i == len(parts) - 1 or (origin is not None and "Mapping" in str(origin))
         cls = nested[0]
     return True
 
