@@ -2,7 +2,8 @@
 
 Every dotted name in backquotes (``session.store_timeout``, ``oidc.no_revocation_endpoint``) must
 be a path through the ``Settings`` dataclasses or an ``event`` bff logs; the keys of the
-lifecycle change that the doc describes ahead of its merge are the only exceptions.
+lifecycle change that the doc describes ahead of its merge are the only exceptions. Its
+``session:`` example loads as a config.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bff.config import load_settings
 from bff.config.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -73,3 +75,25 @@ def test_the_checker_refuses_what_does_not_exist() -> None:
     assert not is_config_key("oidc.audience")
     assert not is_config_key("listen.port.number")
     assert "store.unavailable" in logged_events()
+
+
+def test_the_session_block_of_the_doc_is_a_valid_config(tmp_path: Path) -> None:
+    """The `session:` example (Sentinel over TLS, ACL user, sentinel auth) loads as written,
+    with its TLS files where it says (here under tmp_path) and its variables set."""
+    block = re.search(r"```yaml\n(session:\n.*?)```", DOC.read_text(), re.DOTALL)
+    assert block is not None
+    for name in ("redis-ca.pem", "redis-client.pem", "redis-client.key"):
+        (tmp_path / name).write_text("")
+    session = block.group(1).replace("/etc/bff/", f"{tmp_path}/")
+    config = tmp_path / "bff.yaml"
+    config.write_text(
+        "public_url: https://app.example.com\n"
+        f"static: {tmp_path}\n"
+        "oidc: {issuer: https://idp.example.com, client_id: c, client_secret: s}\n"
+        f"keys: ['{'k' * 43}']\n" + session
+    )
+    env = {"REDIS_PASSWORD": "redis-pw", "SENTINEL_PASSWORD": "sentinel-pw"}
+    settings = load_settings(config, env=env)
+    assert settings.session.store.startswith("rediss+sentinel://")
+    assert settings.session.redis.username == "bff"
+    assert settings.session.store_timeout == 0.5
