@@ -89,7 +89,7 @@ async def _check_store(settings: Settings, report: Report) -> None:
 
     with warnings.catch_warnings():  # redis' own "Retry was converted" UserWarning
         warnings.simplefilter("ignore")
-        store = RedisStore.from_url(url)
+        store = RedisStore.from_url(url, redis=settings.session.redis)  # its ACL user, TLS files
         try:
             version = await asyncio.wait_for(_redis_version(store), _STORE_CHECK_TIMEOUT)
         except (StoreUnavailable, TimeoutError) as exc:

@@ -37,11 +37,14 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 UNIT = DEPLOY / "bff.service"
 LOCK = DEPLOY / "requirements.lock"
 
+# The example configs in deploy/examples/, one per OpenID Provider that docs/operations.md explains.
+OP_EXAMPLES = ["auth0", "entra-id", "google", "keycloak", "okta"]
 # Every bff config in deploy/ (a test below checks that no other YAML there has `oidc:`).
 BFF_CONFIGS = [
     DEPLOY / "bff.example.yaml",
     DEPLOY / "compose" / "bff.yaml",
     K8S / "bff.yaml",
+    *(DEPLOY / "examples" / f"{name}.yaml" for name in OP_EXAMPLES),
 ]
 # The environment the configs reference, with values bff accepts (keys: 32+ characters).
 DUMMY_ENV = {
@@ -117,6 +120,12 @@ def test_every_yaml_file_parses_into_mappings(path: Path) -> None:
 def test_the_list_of_bff_configs_is_complete() -> None:
     found = {p for p in yaml_files() if any("oidc" in d for d in load_all(p))}
     assert found == set(BFF_CONFIGS)
+
+
+def test_the_operations_doc_explains_every_op_example() -> None:
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    for name in OP_EXAMPLES:
+        assert f"(../deploy/examples/{name}.yaml)" in doc, name
 
 
 @pytest.mark.parametrize("path", BFF_CONFIGS, ids=rel)
