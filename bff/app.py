@@ -18,7 +18,7 @@ from bff.client_tokens import ClientTokens
 from bff.config import Settings
 from bff.cookies import CookiePolicy
 from bff.keys import Keyring
-from bff.metrics import Metrics
+from bff.metrics import Metrics, request_middleware
 from bff.middlewares import error_middleware, security_headers
 from bff.oidc import OidcClient
 from bff.ratelimit import RateLimiter
@@ -26,6 +26,7 @@ from bff.refresh import TokenRefresher
 from bff.services import SERVICES, Services
 from bff.sessions import SessionManager
 from bff.store import SessionStore, open_store
+from bff.store.instrumented import InstrumentedStore
 
 __all__ = ["create_app"]
 
@@ -35,7 +36,10 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     # /metrics is on its own listener unless configured public: here a JSON 404, never the SPA.
     private = () if settings.metrics.public else (health.METRICS_PATH,)
     app = web.Application(
-        middlewares=[error_middleware(api_prefixes=(*api_prefixes, *private))],
+        middlewares=[
+            request_middleware(),
+            error_middleware(api_prefixes=(*api_prefixes, *private)),
+        ],
         client_max_size=1024**2,  # for bff's own endpoints; proxied bodies stream instead
         # A proxy passes request bodies on as they came: no decompression (and no zip bombs).
         handler_args={"auto_decompress": False},
@@ -44,7 +48,9 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     upstreams = proxy.UpstreamTable(settings.upstreams, public_url=settings.public_url)
 
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
-        session_store = store if store is not None else open_store(settings.session.store)
+        session_store = InstrumentedStore(
+            store if store is not None else open_store(settings.session.store)
+        )
         http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
             raise_for_status=False,

@@ -34,6 +34,7 @@ from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, OKPKey, RSAKey
 
+from bff import metrics
 from bff.errors import ProviderUnavailable
 
 if TYPE_CHECKING:
@@ -283,6 +284,7 @@ class OidcClient:
             form["scope"] = " ".join(scopes)
         return await self._token_request(form)
 
+    @metrics.op_call("revocation")
     async def revoke(self, token: str, hint: str) -> bool:
         """RFC 7009; best effort: False when the OP has no endpoint or did not confirm."""
         meta = await self.metadata()
@@ -309,6 +311,7 @@ class OidcClient:
             meta.userinfo_endpoint, headers={"Authorization": f"Bearer {access_token}"}
         )
 
+    @metrics.op_call("token")
     async def _token_request(self, form: dict[str, str]) -> TokenSet:
         meta = await self.metadata()
         body, headers = self._client_auth(form, meta)
@@ -385,6 +388,7 @@ class OidcClient:
             "client_assertion": assertion,
         }, {}
 
+    @metrics.op_call(metrics.get_endpoint)
     async def _get_json(self, url: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         try:
             async with self._http.get(url, headers=headers, timeout=self._timeout) as resp:

@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from bff import metrics
 from bff.errors import ProviderUnavailable, SessionExpired, StoreUnavailable
 from bff.locks import StoreLock, poll_delays
 from bff.metrics import Metrics
@@ -114,6 +115,7 @@ class TokenRefresher:
         failed_key = refresh_failure_key(session.id)
         deadline = self._clock() + self.wait_timeout
         delays = poll_delays()
+        started = time.perf_counter()  # for bff_refresh_lock_wait_seconds
         failure_seen = await store.get(failed_key)
         while True:
             # The holder we waited for could not reach the OP: answer 503 now rather than try
@@ -122,6 +124,7 @@ class TokenRefresher:
             if await store.get(failed_key) not in (None, failure_seen):
                 raise ProviderUnavailable("the OpenID Provider failed to refresh the token")
             if await lock.acquire():
+                metrics.observe_lock_wait("acquired", started)
                 async with lock:
                     try:
                         return await self._refresh_holding_lock(session, force)
@@ -135,6 +138,7 @@ class TokenRefresher:
             await asyncio.sleep(next(delays))
             fresh = await self._reload(session)
             if self._still_good(session, fresh, force):
+                metrics.observe_lock_wait("joined", started)
                 return fresh
             if self._clock() > deadline:
                 raise ProviderUnavailable("a token refresh is taking too long")

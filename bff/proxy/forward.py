@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Final
 
@@ -17,6 +18,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from bff import metrics
 from bff.errors import (
     InsufficientScope,
     MethodNotAllowed,
@@ -129,6 +131,7 @@ async def _exchange(
     http = route.http
     if http is None:
         raise UpstreamFailed("the upstream pool is not open")
+    started = time.perf_counter()  # for bff_upstream_duration_seconds
     try:
         async with asyncio.timeout(route.timeout) as timeout:
             deadline = _Deadline(timeout)
@@ -140,6 +143,7 @@ async def _exchange(
                     data=_body(request, deadline, route.timeout) if has_body else None,
                     allow_redirects=False,
                 )
+                metrics.observe_upstream(route.prefix, started)
                 length = resp.content_length
                 if (
                     length is not None
@@ -243,6 +247,7 @@ async def _stream(
 
     watch = SessionWatch(services, session, table.session_check_interval, end) if session else None
     broken = False
+    metrics.stream_opened("stream")
     try:
         try:
             await out.prepare(request)
@@ -261,6 +266,7 @@ async def _stream(
             except ConnectionError:
                 return out  # the browser left; finally closes the upstream connection
     finally:
+        metrics.stream_closed("stream")
         if watch is not None:
             watch.stop()
         if broken or ended or not resp.content.at_eof():

@@ -1,0 +1,202 @@
+"""The metrics facade, the per-request middleware, the store and OP timers, multiprocess mode.
+
+Metrics are process-wide (prometheus-client's default registry), so each test compares a
+scrape before and after what it does, and uses label values no other test uses where it can.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from bff import metrics
+from bff.app import create_app
+from bff.errors import StoreUnavailable
+from bff.metrics import Metrics, render
+from bff.multiproc import ENV, metrics_dir, worker_exited
+from bff.store.instrumented import InstrumentedStore
+from bff.store.memory import MemoryStore
+from tests.support.scrape import sample, samples
+from tests.unit.test_metrics_listener import settings
+
+MakeClient = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def test_inc_counts_in_prometheus_and_in_the_instance() -> None:
+    before = sample(render(), "bff_refreshes_total", outcome="facade_test")
+    mine, other = Metrics(), Metrics()
+    mine.inc("bff_refreshes_total", outcome="facade_test")
+    mine.inc("bff_refreshes_total", 4, outcome="facade_test")
+    other.inc("bff_refreshes_total", outcome="facade_test")
+    assert sample(render(), "bff_refreshes_total", outcome="facade_test") == before + 6
+    # value() is what this instance counted: tests of one app see only their own counts.
+    assert mine.value("bff_refreshes_total", outcome="facade_test") == 5
+    assert other.value("bff_refreshes_total", outcome="facade_test") == 1
+    assert mine.render() == render()
+
+
+def test_an_unknown_counter_name_is_declared_on_first_use() -> None:
+    Metrics().inc("bff_facade_new_total", 2, reason="x")
+    Metrics().inc("bff_facade_new_total", reason="x")
+    text = render()
+    assert "# TYPE bff_facade_new_total counter" in text
+    assert sample(text, "bff_facade_new_total", reason="x") == 3
+
+
+async def test_each_request_is_counted_once_by_route_pattern_method_and_status(
+    tmp_path: Path, aiohttp_client: MakeClient
+) -> None:
+    app = create_app(
+        settings(tmp_path, "upstreams: [{path: /mapi, url: 'http://127.0.0.1:1/x'}]"),
+        store=MemoryStore(),
+    )
+    client = await aiohttp_client(app)
+    before = samples(render())
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return samples(render()).get(key, 0.0) - before.get(key, 0.0)
+
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/healthz?user=alice")).status == 200
+    assert (await client.get("/bff/user")).status == 403  # a BffError (no X-CSRF), as JSON
+    assert (await client.request("PROPFIND", "/healthz")).status == 405
+    # Proxied: no X-CSRF, 403 before any upstream call; the label is the configured path.
+    assert (await client.get("/mapi/users/12345")).status == 403
+    assert (await client.get("/some/spa/page/42")).status == 200  # the SPA's index.html
+
+    assert delta("bff_requests_total", route="/healthz", method="GET", status="200") == 2
+    assert delta("bff_requests_total", route="/bff/user", method="GET", status="403") == 1
+    # No route took it (405 too is decided before any handler): a fixed label.
+    assert delta("bff_requests_total", route="unmatched", method="other", status="405") == 1
+    assert delta("bff_requests_total", route="/mapi", method="GET", status="403") == 1
+    assert delta("bff_requests_total", route="/{tail}", method="GET", status="200") == 1
+    routes = {dict(labels).get("route") for (name, labels) in samples(render())}
+    assert not any(r and ("12345" in r or "alice" in r or "42" in r) for r in routes)
+    assert delta("bff_request_duration_seconds_count", kind="health") == 2
+    assert delta("bff_request_duration_seconds_count", kind="unmatched") == 1
+    assert delta("bff_request_duration_seconds_count", kind="proxy") == 1
+    assert delta("bff_request_duration_seconds_count", kind="spa") == 1
+    assert delta("bff_request_duration_seconds_count", kind="bff") == 1
+    assert sample(render(), "bff_requests_in_flight") == 0
+
+
+async def test_in_flight_counts_a_request_while_it_runs(aiohttp_client: MakeClient) -> None:
+    seen: list[float] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(sample(render(), "bff_requests_in_flight"))
+        return web.Response(text="ok")
+
+    app = web.Application(middlewares=[metrics.request_middleware()])
+    app.router.add_get("/inflight-test", handler)
+    client = await aiohttp_client(app)
+    assert (await client.get("/inflight-test")).status == 200
+    assert seen == [1.0]
+    assert sample(render(), "bff_requests_in_flight") == 0
+
+
+class DownStore(MemoryStore):
+    async def get(self, key: str) -> bytes | None:
+        raise StoreUnavailable()
+
+
+async def test_the_store_seam_times_every_call_and_counts_failures() -> None:
+    before = samples(render())
+    store = InstrumentedStore(DownStore())
+    await store.set("k", b"v", 10)
+    with pytest.raises(StoreUnavailable):
+        await store.get("k")
+    assert await store.take("k") == b"v"  # answers pass through unchanged
+    after = samples(render())
+
+    def delta(name: str, op: str) -> float:
+        key = (name, (("op", op),))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("bff_store_duration_seconds_count", "set") == 1
+    assert delta("bff_store_duration_seconds_count", "get") == 1
+    assert delta("bff_store_duration_seconds_count", "take") == 1
+    assert delta("bff_store_errors_total", "get") == 1
+    assert delta("bff_store_errors_total", "set") == 0
+
+
+async def test_op_calls_are_timed_by_endpoint_even_when_they_fail() -> None:
+    @metrics.op_call("op_test")
+    async def call(fail: bool) -> str:
+        if fail:
+            raise RuntimeError("down")
+        return "ok"
+
+    before = sample(render(), "bff_op_request_duration_seconds_count", endpoint="op_test")
+    assert await call(False) == "ok"
+    with pytest.raises(RuntimeError):
+        await call(True)
+    after = sample(render(), "bff_op_request_duration_seconds_count", endpoint="op_test")
+    assert after == before + 2
+
+
+def test_get_endpoint_names_the_op_endpoint_of_a_get() -> None:
+    url = "https://op.example/.well-known/openid-configuration"
+    assert metrics.get_endpoint(None, url) == "discovery"
+    assert metrics.get_endpoint(None, "https://op.example/jwks") == "jwks"
+    assert metrics.get_endpoint(None, "https://op.example/me", {"Authorization": "Bearer t"}) == (
+        "userinfo"
+    )
+
+
+def test_metrics_dir_is_private_exported_meanwhile_and_removed() -> None:
+    assert ENV not in os.environ
+    with metrics_dir() as path:
+        assert os.environ[ENV] == path and os.path.isdir(path)
+        assert os.listdir(path) == []  # never an earlier run's files
+    assert ENV not in os.environ and not os.path.exists(path)
+
+
+# A worker as bff runs it: PROMETHEUS_MULTIPROC_DIR set before bff.metrics is imported.
+WORKER = """
+import sys
+from bff import metrics
+metrics.Metrics().inc("bff_logouts_total", cause="mp_test")
+metrics.IN_FLIGHT.inc()
+if sys.argv[1] == "render":
+    print(metrics.render())
+"""
+
+
+def _worker(path: str, mode: str) -> str:
+    env = {**os.environ, ENV: path}
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER, mode],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return done.stdout
+
+
+def test_processes_sharing_the_dir_are_summed_and_a_dead_ones_gauges_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(ENV, raising=False)
+    with metrics_dir() as path:
+        _worker(path, "count")
+        _worker(path, "count")
+        text = _worker(path, "render")
+        # Three processes each counted once; the two that exited still hold an in-flight
+        # request as far as their files say, the one rendering holds its own.
+        assert sample(text, "bff_logouts_total", cause="mp_test") == 3
+        assert sample(text, "bff_requests_in_flight") == 3
+        for name in os.listdir(path):
+            if name.startswith("gauge_livesum_"):
+                worker_exited(int(name.removesuffix(".db").rpartition("_")[2]))
+        text = _worker(path, "render")
+        # Counters survive their process (no reset); live gauges only count live processes.
+        assert sample(text, "bff_logouts_total", cause="mp_test") == 4
+        assert sample(text, "bff_requests_in_flight") == 1
