@@ -51,7 +51,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 # ``*_created`` series double the scrape for nothing an alert uses (multiprocess mode has none).
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: Set by ``bff run`` before the workers start (``bff.multiproc``); read once, as the client does.
 MULTIPROCESS: Final = "PROMETHEUS_MULTIPROC_DIR" in os.environ

@@ -1,8 +1,8 @@
 """``/metrics`` has a listener of its own, loopback by default (issue 9, point 6).
 
 The public listener answers ``/metrics`` with a JSON 404 unless ``metrics.public: true``; the
-metrics listener serves it (and health) from the process's counters (prometheus-client), and with SO_REUSEPORT the
-workers of one ``bff run`` can all bind it.
+metrics listener serves it (and health) from prometheus-client's counters, and with SO_REUSEPORT
+the workers of one ``bff run`` can all bind it.
 """
 
 from __future__ import annotations
