@@ -231,7 +231,11 @@ def request_middleware() -> Callable[..., Awaitable[web.StreamResponse]]:
         finally:
             IN_FLIGHT.dec()
             route, kind = _route_of(request)
-            if isinstance(response, web.WebSocketResponse):
+            if kind == "proxy" and (
+                isinstance(response, web.WebSocketResponse)
+                # A WebSocket's handler may end cancelled when the browser's connection goes.
+                or (response is None and request.headers.get("Upgrade", "").lower() == "websocket")
+            ):
                 kind = "websocket"
             method = request.method
             key = (route, method if method in _METHODS else "other", status)

@@ -6,11 +6,13 @@ scrape before and after what it does, and uses label values no other test uses w
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -200,3 +202,73 @@ def test_processes_sharing_the_dir_are_summed_and_a_dead_ones_gauges_dropped(
         # Counters survive their process (no reset); live gauges only count live processes.
         assert sample(text, "bff_logouts_total", cause="mp_test") == 4
         assert sample(text, "bff_requests_in_flight") == 1
+
+
+async def test_open_streams_count_proxied_websockets_and_streamed_responses(
+    tmp_path: Path, aiohttp_client: MakeClient, aiohttp_server: Any
+) -> None:
+    release = asyncio.Event()
+
+    async def streamed(request: web.Request) -> web.StreamResponse:
+        out = web.StreamResponse()  # no Content-Length: bff streams it instead of buffering
+        await out.prepare(request)
+        await out.write(b"first ")
+        await release.wait()
+        await out.write(b"last")
+        await out.write_eof()
+        return out
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str(msg.data)
+        return ws
+
+    up = web.Application()
+    up.router.add_get("/s", streamed)
+    up.router.add_get("/ws", socket)
+    server = await aiohttp_server(up)
+    base = f"http://127.0.0.1:{server.port}"
+    app = create_app(
+        settings(
+            tmp_path,
+            f"upstreams: [{{path: /str, url: '{base}/s', token: none}},"
+            f" {{path: /sock, url: '{base}/ws', token: none, websocket: true}}]",
+        ),
+        store=MemoryStore(),
+    )
+    client = await aiohttp_client(app)
+
+    def open_now(kind: str) -> float:
+        return sample(render(), "bff_open_streams", kind=kind)
+
+    stream_before, ws_before = open_now("stream"), open_now("websocket")
+    resp = await client.get("/str", headers={"X-CSRF": "1"})
+    assert resp.status == 200
+    assert await resp.content.readexactly(6) == b"first "
+    assert open_now("stream") == stream_before + 1
+    release.set()
+    assert await resp.read() == b"last"
+    assert open_now("stream") == stream_before
+
+    hist = "bff_request_duration_seconds_count"
+    ws_timed = sample(render(), hist, kind="websocket")
+    ws = await client.ws_connect("/sock", headers={"Origin": "http://localhost:8080"})
+    await ws.send_str("ping")
+    assert (await ws.receive_str(timeout=10)) == "ping"
+    assert open_now("websocket") == ws_before + 1
+    await ws.close()
+
+    def ws_done() -> bool:
+        # The proxy notices the close on its own task; the middleware then times the request.
+        return open_now("websocket") == ws_before and sample(render(), hist, kind="websocket") == (
+            ws_timed + 1
+        )
+
+    for _ in range(200):  # bounded: 10 s at most
+        if ws_done():
+            break
+        await asyncio.sleep(0.05)
+    assert open_now("websocket") == ws_before
+    assert sample(render(), hist, kind="websocket") == ws_timed + 1
