@@ -168,3 +168,55 @@ async def test_one_scrape_sums_both_workers_and_counts_each_event_once(
             proc.terminate()  # SIGTERM: the parent exits cleanly and removes its directory
     # The parent removes the directory when it exits.
     assert not directory.exists()
+
+
+def mapped_metrics_dirs(pid: int) -> set[Path]:
+    """Directories of the metric files a process has memory-mapped (multiprocess mode)."""
+    found = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        path = line.split(maxsplit=5)[-1]
+        if path.endswith(".db") and "/bff-metrics-" in path:
+            found.add(Path(path).parent)
+    return found
+
+
+async def test_a_single_worker_run_uses_the_same_multiprocess_mode(
+    redis_server: RedisServer, oidc_op: OidcProvider, tmp_path: Path
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    client = await oidc_op.register_client(redirect_uris=[f"{url}/bff/callback"])
+    config = base_config(
+        public_url=url,
+        issuer=oidc_op.issuer,
+        client=client,
+        store=redis_server.url,
+        keys=[KEY],
+        static=tmp_path / "static",
+    )
+    proc = BffProcess(write_config(tmp_path, config), port=port, workers=1)
+    try:
+        await asyncio.to_thread(proc.start)
+        assert proc.pid is not None
+        async with aiohttp.ClientSession() as http:
+            before = 0.0
+            async with http.get(f"{proc.metrics_url}/metrics") as resp:
+                before = sample(
+                    await resp.text(), "bff_requests_total", route="/healthz", method="GET",
+                    status="200",
+                )  # fmt: skip
+            for _ in range(3):
+                async with http.get(f"{url}/healthz") as resp:
+                    assert resp.status == 200
+            async with http.get(f"{proc.metrics_url}/metrics") as resp:
+                text = await resp.text()
+        labels = {"route": "/healthz", "method": "GET", "status": "200"}
+        assert sample(text, "bff_requests_total", **labels) == before + 3
+        # The values come from the files, as with many workers: the in-process registry's
+        # python_gc_* and process_* collectors are not in a multiprocess scrape.
+        assert "python_gc_objects_collected_total" not in text
+        (directory,) = mapped_metrics_dirs(proc.pid)
+        assert any(directory.glob(f"counter_{proc.pid}.db"))
+    finally:
+        proc.terminate()
+    assert not directory.exists()
