@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import fakeredis
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -23,10 +24,13 @@ from bff.app import create_app
 from bff.errors import StoreUnavailable
 from bff.metrics import Metrics, render
 from bff.multiproc import ENV, metrics_dir, worker_exited
+from bff.sessions import lock_key
 from bff.store.instrumented import InstrumentedStore
 from bff.store.memory import MemoryStore
 from tests.support.scrape import sample, samples
+from tests.unit.fakes import FakeOp
 from tests.unit.test_metrics_listener import settings
+from tests.unit.test_refresh import Instance, _data
 
 MakeClient = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -272,3 +276,84 @@ async def test_open_streams_count_proxied_websockets_and_streamed_responses(
         await asyncio.sleep(0.05)
     assert open_now("websocket") == ws_before
     assert sample(render(), hist, kind="websocket") == ws_timed + 1
+
+
+async def test_refresh_lock_waits_are_timed_by_how_they_ended(
+    fake_redis_server: fakeredis.FakeServer,
+) -> None:
+    op = FakeOp()
+    op.delay = 0.1  # the holder is slow, so the other instance waits and then uses its result
+    a, b = Instance(fake_redis_server, op), Instance(fake_redis_server, op)
+    name = "bff_refresh_lock_wait_seconds_count"
+    acquired, joined = (
+        sample(render(), name, outcome="acquired"),
+        sample(render(), name, outcome="joined"),
+    )
+    try:
+        created = await a.sessions.create(_data())
+        on_a, on_b = await a.load(created), await b.load(created)
+        first = asyncio.create_task(a.refresher.access_token(on_a))
+        for _ in range(200):  # bounded: until a holds the lock
+            if await a.store.get(lock_key(created.id)) is not None:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.gather(first, b.refresher.access_token(on_b))
+    finally:
+        await a.store.close()
+        await b.store.close()
+    assert op.refreshes == 1
+    assert sample(render(), name, outcome="acquired") == acquired + 1
+    assert sample(render(), name, outcome="joined") == joined + 1
+
+
+class FakeProcess:
+    """Stands for a spawned worker: records that it ran and with which metrics directory."""
+
+    def __init__(self, pid: int, started: list[str | None]) -> None:
+        self.pid, self.exitcode, self._started = pid, 0, started
+
+    def start(self) -> None:
+        self._started.append(os.environ.get(ENV))
+
+    def is_alive(self) -> bool:
+        return False
+
+    def join(self) -> None:
+        pass
+
+
+def test_bff_run_gives_workers_a_directory_and_marks_each_exited_worker_dead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bff import cli
+
+    monkeypatch.delenv(ENV, raising=False)
+    started: list[str | None] = []
+    pids = iter((4101, 4102))
+
+    class Context:
+        def Process(self, **kwargs: object) -> FakeProcess:  # multiprocessing.Process, faked
+            return FakeProcess(next(pids), started)
+
+    dead: list[int] = []
+    monkeypatch.setattr(cli.multiprocessing, "get_context", lambda method: Context())
+    monkeypatch.setattr(cli, "worker_exited", dead.append)
+    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)  # keep pytest's handlers
+    store = "store: 'redis://127.0.0.1:1'"
+    path = tmp_path / "bff.yaml"
+    path.write_text(
+        "public_url: http://127.0.0.1:8080\n"
+        'oidc: {issuer: "http://127.0.0.1:1", client_id: c, client_secret: s}\n'
+        f'keys: ["{"k" * 43}"]\nsession: {{cookie: {{name: b, secure: false}}, {store}}}\n'
+    )
+    assert cli.main(["run", "--config", str(path), "--workers", "2"]) == 0
+    assert len(started) == 2 and started[0] is not None and started[0] == started[1]
+    assert "bff-metrics-" in started[0]
+    assert dead == [4101, 4102]
+    assert ENV not in os.environ and not os.path.exists(started[0])
+
+    seen: list[str | None] = []
+    monkeypatch.setattr(cli, "_run_worker", lambda *args: seen.append(os.environ.get(ENV)))
+    assert cli.main(["run", "--config", str(path), "--workers", "1"]) == 0
+    assert seen[0] is not None and "bff-metrics-" in seen[0]  # one worker: the same mode
+    assert ENV not in os.environ and not os.path.exists(seen[0])
