@@ -357,3 +357,22 @@ def test_bff_run_gives_workers_a_directory_and_marks_each_exited_worker_dead(
     assert cli.main(["run", "--config", str(path), "--workers", "1"]) == 0
     assert seen[0] is not None and "bff-metrics-" in seen[0]  # one worker: the same mode
     assert ENV not in os.environ and not os.path.exists(seen[0])
+
+
+async def test_a_cancelled_request_counts_as_499_and_leaves_nothing_in_flight() -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    app = web.Application()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        raise asyncio.CancelledError()  # what the server does to a handler whose client left
+
+    app.router.add_get("/cancel-test", handler)
+    request = make_mocked_request("GET", "/cancel-test", app=app)
+    request._match_info = await app.router.resolve(request)
+    labels = {"route": "/cancel-test", "method": "GET", "status": "499"}
+    before = sample(render(), "bff_requests_total", **labels)
+    with pytest.raises(asyncio.CancelledError):
+        await metrics.request_middleware()(request, handler)
+    assert sample(render(), "bff_requests_total", **labels) == before + 1
+    assert sample(render(), "bff_requests_in_flight") == 0
