@@ -290,7 +290,13 @@ def stream_closed(kind: str) -> None:
 
 def observe_upstream(route: str, started: float) -> None:
     """An upstream answered (headers in) for the route whose configured path is ``route``."""
-    UPSTREAM_SECONDS.labels(route).observe(time.perf_counter() - started)
+    child = _upstream_children.get(route)
+    if child is None:
+        child = _upstream_children[route] = UPSTREAM_SECONDS.labels(route)
+    child.observe(time.perf_counter() - started)
+
+
+_upstream_children: dict[str, Any] = {}  # one per configured route: bounded
 
 
 def observe_lock_wait(outcome: str, started: float) -> None:
