@@ -18,7 +18,7 @@ from bff.client_tokens import ClientTokens
 from bff.config import Settings
 from bff.cookies import CookiePolicy
 from bff.keys import Keyring
-from bff.metrics import Metrics, request_middleware
+from bff.metrics import Metrics, flush_ctx, request_middleware
 from bff.middlewares import error_middleware, security_headers
 from bff.oidc import OidcClient
 from bff.ratelimit import RateLimiter
@@ -108,6 +108,7 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
         await session_store.close()
 
     app.cleanup_ctx.append(services_ctx)
+    app.cleanup_ctx.append(flush_ctx)  # per-request metrics reach the shared files each second
     app.cleanup_ctx.append(upstreams.cleanup_ctx)  # one keep-alive pool per upstream
     endpoints.add_routes(app, settings.prefix)
     health.add_routes(app, metrics_public=settings.metrics.public)

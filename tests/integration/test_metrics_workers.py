@@ -115,9 +115,23 @@ async def test_one_scrape_sums_both_workers_and_counts_each_event_once(
                 ) as resp:
                     logout_status = resp.status
                     assert logout_status in (302, 303)
-                async with http.get(f"{proc.metrics_url}/metrics") as resp:
-                    assert resp.status == 200
-                    text = await resp.text()
+                # Each worker writes its per-request counts once a second (bff.metrics.flush):
+                # scrape until the other worker's last second is in, bounded.
+                deadline = time.monotonic() + 20
+                while True:
+                    async with http.get(f"{proc.metrics_url}/metrics") as resp:
+                        assert resp.status == 200
+                        text = await resp.text()
+                    done = sample(
+                        text, "bff_requests_total", route="/bff/logout", method="GET",
+                        status=str(logout_status),
+                    )  # fmt: skip
+                    api = sample(
+                        text, "bff_requests_total", route="/api", method="GET", status="200"
+                    )
+                    if (done, api) == (1, CALLS + 1) or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.2)
 
             seen = upstream.seen()
             # Every refresh gives a new access token, which the next upstream call carries.

@@ -172,7 +172,7 @@ WORKER = """
 import sys
 from bff import metrics
 metrics.Metrics().inc("bff_logouts_total", cause="mp_test")
-metrics.IN_FLIGHT.inc()
+metrics.stream_opened("mp_test")
 if sys.argv[1] == "render":
     print(metrics.render())
 """
@@ -195,17 +195,17 @@ def test_processes_sharing_the_dir_are_summed_and_a_dead_ones_gauges_dropped(
         _worker(path, "count")
         _worker(path, "count")
         text = _worker(path, "render")
-        # Three processes each counted once; the two that exited still hold an in-flight
-        # request as far as their files say, the one rendering holds its own.
+        # Three processes each counted once; the two that exited still hold an open stream
+        # as far as their files say, the one rendering holds its own.
         assert sample(text, "bff_logouts_total", cause="mp_test") == 3
-        assert sample(text, "bff_requests_in_flight") == 3
+        assert sample(text, "bff_open_streams", kind="mp_test") == 3
         for name in os.listdir(path):
             if name.startswith("gauge_livesum_"):
                 worker_exited(int(name.removesuffix(".db").rpartition("_")[2]))
         text = _worker(path, "render")
         # Counters survive their process (no reset); live gauges only count live processes.
         assert sample(text, "bff_logouts_total", cause="mp_test") == 4
-        assert sample(text, "bff_requests_in_flight") == 1
+        assert sample(text, "bff_open_streams", kind="mp_test") == 1
 
 
 async def test_open_streams_count_proxied_websockets_and_streamed_responses(
@@ -376,3 +376,23 @@ async def test_a_cancelled_request_counts_as_499_and_leaves_nothing_in_flight() 
         await metrics.request_middleware()(request, handler)
     assert sample(render(), "bff_requests_total", **labels) == before + 1
     assert sample(render(), "bff_requests_in_flight") == 0
+
+
+def test_a_flushed_batch_equals_one_observe_per_value() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    values = [0.001, 0.005, 0.0051, 0.3, 30.0, 31.0, 2.5]  # on a bound, just above, past the last
+    reference = CollectorRegistry()
+    direct = Histogram(
+        "ref_seconds", "ref", ["route"], buckets=metrics._LATENCY, registry=reference
+    )
+    for v in values:
+        direct.labels("/batch-test").observe(v)
+        metrics._observe(metrics._pending.upstreams, "/batch-test", v)
+    text = render()  # flushes
+    want = generate_latest(reference).decode()
+    for suffix in ("_bucket", "_count", "_sum"):
+        for (name, labels), value in samples(want).items():
+            if name == "ref_seconds" + suffix:
+                got = sample(text, "bff_upstream_duration_seconds" + suffix, **dict(labels))
+                assert got == pytest.approx(value), (suffix, labels)
