@@ -282,7 +282,9 @@ async def test_refresh_lock_waits_are_timed_by_how_they_ended(
     fake_redis_server: fakeredis.FakeServer,
 ) -> None:
     op = FakeOp()
-    op.delay = 0.1  # the holder is slow, so the other instance waits and then uses its result
+    # The holder is slow, so the other instance finds the lock taken, waits and uses its result
+    # (b tries the lock right after a takes it; a loop stalled this long would break that).
+    op.delay = 1.0
     a, b = Instance(fake_redis_server, op), Instance(fake_redis_server, op)
     name = "bff_refresh_lock_wait_seconds_count"
     acquired, joined = (
