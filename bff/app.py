@@ -18,7 +18,7 @@ from bff.client_tokens import ClientTokens
 from bff.config import Settings
 from bff.cookies import CookiePolicy
 from bff.keys import Keyring
-from bff.metrics import Metrics
+from bff.metrics import Metrics, flush_ctx, request_middleware
 from bff.middlewares import error_middleware, security_headers
 from bff.oidc import OidcClient
 from bff.peers import PEERS, Peers
@@ -27,6 +27,7 @@ from bff.refresh import TokenRefresher
 from bff.services import SERVICES, Services
 from bff.sessions import SessionManager
 from bff.store import SessionStore, open_store
+from bff.store.instrumented import InstrumentedStore
 
 __all__ = ["create_app"]
 
@@ -38,6 +39,7 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     app = web.Application(
         middlewares=[
             *tracing.middleware(settings.tracing),  # outermost: the server span sees every answer
+            request_middleware(),
             error_middleware(api_prefixes=(*api_prefixes, *private)),
         ],
         client_max_size=1024**2,  # for bff's own endpoints; proxied bodies stream instead
@@ -52,12 +54,13 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         tracing.start(settings.tracing)  # per worker, at start-up; a no-op unless enabled
         cfg = settings.session
-        session_store = (
+        raw = (
             store
             if store is not None
             else open_store(cfg.store, timeout=cfg.store_timeout, redis=cfg.redis)
         )
-        session_store = tracing.traced_store(session_store)  # itself unless tracing is on
+        # A span per operation (itself unless tracing is on), inside latency and error metrics.
+        session_store: SessionStore = InstrumentedStore(tracing.traced_store(raw))
         http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
             raise_for_status=False,
@@ -115,6 +118,7 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
         tracing.stop()
 
     app.cleanup_ctx.append(services_ctx)
+    app.cleanup_ctx.append(flush_ctx)  # per-request metrics reach the shared files each second
     app.cleanup_ctx.append(upstreams.cleanup_ctx)  # one keep-alive pool per upstream
     endpoints.add_routes(app, settings.prefix)
     health.add_routes(app, metrics_public=settings.metrics.public)

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from bff.config import ConfigError, Settings, dump_redacted, load_settings
+from bff.multiproc import metrics_dir, worker_exited
 
 __all__ = ["main"]
 
@@ -112,16 +113,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"bff: serving {settings.public_url} on {host}:{port} with {workers} worker(s); {where}",
         flush=True,
     )
+    with metrics_dir():  # one scrape sums every worker (bff.multiproc)
+        return _serve(args.config, host, port, workers, metrics_port)
+
+
+def _serve(config: str | None, host: str, port: int, workers: int, metrics_port: int | None) -> int:
     if workers == 1:
-        _run_worker(args.config, host, port, False, metrics_port)
+        _run_worker(config, host, port, False, metrics_port)
         return 0
     # One process per core, all bound to one port with SO_REUSEPORT; the kernel spreads
     # connections. They share nothing but the store, like instances behind a load balancer.
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(
-            target=_run_worker, args=(args.config, host, port, True, metrics_port), daemon=False
-        )
+        ctx.Process(target=_run_worker, args=(config, host, port, True, metrics_port), daemon=False)
         for _ in range(workers)
     ]
     for proc in procs:
@@ -136,6 +140,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     for proc in procs:
         proc.join()
+        if proc.pid is not None:
+            worker_exited(proc.pid)
     return max((p.exitcode or 0) for p in procs)
 
 

@@ -5,9 +5,9 @@
 next to the main app, however that app is run. ``metrics.public: true`` puts it back on the public
 listener too. ``/healthz`` and ``/readyz`` are on both: load balancers probe the public one.
 
-With several workers, each binds the metrics address with SO_REUSEPORT like the main listener, so
-a scrape reaches one worker and shows that worker's counters (see ``bff.metrics``); summing across
-workers is for a later change (prometheus-client's multiprocess mode).
+With several workers, each binds the metrics address with SO_REUSEPORT like the main listener; the
+worker a scrape reaches answers for all of them (prometheus-client's multiprocess mode, see
+``bff.metrics``).
 """
 
 from __future__ import annotations

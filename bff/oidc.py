@@ -35,7 +35,7 @@ from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, OKPKey, RSAKey
 
-from bff import tracing
+from bff import metrics, tracing
 from bff.errors import ProviderUnavailable
 
 if TYPE_CHECKING:
@@ -353,6 +353,7 @@ class OidcClient:
             form["scope"] = " ".join(scopes)
         return await self._token_request(form)
 
+    @metrics.op_call("revocation")
     async def revoke(self, token: str, hint: str) -> bool:
         """RFC 7009; best effort: False when the OP has no endpoint or did not confirm."""
         meta = await self.metadata()
@@ -379,6 +380,7 @@ class OidcClient:
             meta.userinfo_endpoint, headers={"Authorization": f"Bearer {access_token}"}
         )
 
+    @metrics.op_call("token")
     @tracing.traced("bff.oidc.token", kind="client")
     async def _token_request(
         self, form: dict[str, str], limits: aiohttp.ClientTimeout | None = None
@@ -460,6 +462,7 @@ class OidcClient:
             "client_assertion": assertion,
         }, {}
 
+    @metrics.op_call(metrics.get_endpoint)
     async def _get_json(self, url: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         try:
             async with self._http.get(url, headers=headers, timeout=self._timeout) as resp:

@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from bff import tracing
+from bff import metrics, tracing
 from bff.errors import ProviderUnavailable, SessionExpired, StoreUnavailable
 from bff.locks import StoreLock, poll_delays
 from bff.metrics import Metrics
@@ -180,6 +180,7 @@ class TokenRefresher:
         failed_key = refresh_failure_key(session.id)
         deadline = self._clock() + self.wait_timeout
         delays = poll_delays()
+        started = time.perf_counter()  # for bff_refresh_lock_wait_seconds
         failure_seen = await store.get(failed_key)
         wait = tracing.start_span("bff.refresh.lock_wait")  # ends with the lock or its result
         while True:
@@ -190,6 +191,7 @@ class TokenRefresher:
                 raise ProviderUnavailable("the OpenID Provider failed to refresh the token")
             if await lock.acquire():
                 tracing.end_span(wait)
+                metrics.observe_lock_wait("acquired", started)
                 work = self._spawn(self._refresh_then_release(lock, session, force))
                 try:
                     return await asyncio.wait_for(asyncio.shield(work), self.caller_timeout)
@@ -208,6 +210,7 @@ class TokenRefresher:
             fresh = await self._reload(session)
             if self._still_good(session, fresh, force):
                 tracing.end_span(wait)
+                metrics.observe_lock_wait("joined", started)
                 return fresh
             if self._clock() > deadline:
                 raise ProviderUnavailable("a token refresh is taking too long")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Final
 
@@ -17,7 +18,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from bff import tracing
+from bff import metrics, tracing
 from bff.errors import (
     BffError,
     InsufficientScope,
@@ -140,6 +141,7 @@ async def _exchange(
     http = route.http
     if http is None:
         raise UpstreamFailed("the upstream pool is not open")
+    started = time.perf_counter()  # for bff_upstream_duration_seconds
     try:
         async with asyncio.timeout(route.timeout) as timeout:
             deadline = _Deadline(timeout)
@@ -154,6 +156,7 @@ async def _exchange(
                     )
                     if span is not None:
                         span.set_attribute("http.response.status_code", resp.status)
+                metrics.observe_upstream(route.prefix, started)
                 length = resp.content_length
                 if (
                     length is not None
@@ -266,6 +269,7 @@ async def _stream(
 
     watch = SessionWatch(services, session, table.session_check_interval, end) if session else None
     broken = False
+    metrics.stream_opened("stream")
     try:
         try:
             await out.prepare(request)
@@ -284,6 +288,7 @@ async def _stream(
             except ConnectionError:
                 return out  # the browser left; finally closes the upstream connection
     finally:
+        metrics.stream_closed("stream")
         if watch is not None:
             watch.stop()
         if broken or ended or not resp.content.at_eof():

@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from yarl import URL
 
-from bff import tracing
+from bff import metrics, tracing
 from bff.errors import UpstreamFailed, UpstreamTimeout
 from bff.proxy.headers import upstream_headers
 from bff.proxy.routing import Route, UpstreamTable
@@ -78,6 +78,7 @@ async def forward_websocket(
         await browser.close(code=WS_SESSION_ENDED, message=b"session ended")
 
     watch = SessionWatch(services, session, table.session_check_interval, end) if session else None
+    metrics.stream_opened("websocket")
     try:
         await browser.prepare(request)
         to_upstream = asyncio.create_task(_pump(browser, upstream))
@@ -95,6 +96,7 @@ async def forward_websocket(
         else:
             await browser.close(code=upstream.close_code or 1000)
     finally:
+        metrics.stream_closed("websocket")
         if watch is not None:
             watch.stop()
         if not upstream.closed:
