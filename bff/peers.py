@@ -112,6 +112,13 @@ class Peers:
     def trusted(self, address: Address) -> bool:
         return any(address in network for network in self._networks)
 
+    def peer_trusted(self, request: web.Request) -> bool:
+        """Whether the TCP peer itself is a trusted proxy (what an edge's auth call needs)."""
+        if not self._networks:
+            return False
+        address = parse_node(request.remote or "")
+        return address is not None and self.trusted(address)
+
     def chain(self, request: web.Request) -> tuple[str, ...]:
         """The addresses from the client (first) to the TCP peer (last)."""
         peer = request.remote or ""

@@ -1,0 +1,104 @@
+"""Edge mode: ``<prefix>/authz``, the auth service an edge proxy asks before each API call.
+
+nginx ``auth_request``, ingress-nginx ``auth-url``, Traefik ``ForwardAuth`` and Caddy
+``forward_auth`` send a subrequest here carrying the original request's headers (its ``Cookie``,
+``X-CSRF``, ``Origin``, ``Sec-Fetch-Site``) plus where it was going. bff runs the very policy the
+direct proxy runs (:func:`bff.proxy.forward.authorize`: route match with the same normalisation
+and traversal refusal, methods, anti-forgery, token mode, scopes, refresh under the single
+flight) and answers 200 with ``Authorization: Bearer <token>`` for the edge to attach, or the same
+JSON error the direct proxy would give. Nothing is forwarded from here.
+
+Decisions:
+
+* Only a TCP peer in ``trusted_proxies`` is answered (else 403 ``untrusted_edge``): the
+  answer holds a bearer token, and the original-request headers are input only when an edge wrote
+  them. With the default empty ``trusted_proxies`` the endpoint refuses everyone.
+* Where the request was going: ``X-Original-URI`` (nginx ``$request_uri``), else
+  ``X-Original-URL`` (ingress-nginx, an absolute URL), else ``X-Forwarded-Uri`` (Traefik,
+  Caddy); the method from ``X-Original-Method``, else ``X-Forwarded-Method``. Missing, repeated or
+  malformed: 400 (a misconfigured edge shows at once instead of being guessed around).
+  ``X-Forwarded-Host``/``-Proto`` are not used for decisions: the origin is ``public_url``.
+* An edge must never let a browser reach this path (the shipped configs answer 404 for it): a
+  same-origin script could otherwise read its own session's token from the answer.
+* The direct proxy's retry after an upstream 401 has no counterpart here (bff does not see the
+  upstream's answer); the token handed out is refreshed ``refresh_skew`` before it expires.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from bff.errors import BadRequest, NotFound, UntrustedEdge
+from bff.proxy.forward import authorize
+from bff.services import SERVICES
+
+__all__ = ["AUTHZ_PATH", "authz", "original_request"]
+
+#: Under the configured prefix (``/bff/authz`` by default).
+AUTHZ_PATH: Final = "/authz"
+
+_TCHAR: Final = frozenset(
+    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+_NO_ORIGINAL: Final = "the edge did not say which request to check"
+
+
+def _one(request: web.Request, name: str) -> str | None:
+    values = request.headers.getall(name, ())
+    if len(values) > 1:
+        raise BadRequest(_NO_ORIGINAL)
+    return values[0] if values else None
+
+
+def original_request(request: web.Request) -> tuple[str, str]:
+    """The original request's method and raw target (path and query) as the edge reported them.
+
+    :class:`BadRequest` when the edge sent none, several, or one that is no origin-form target.
+    """
+    method = _one(request, "X-Original-Method") or _one(request, "X-Forwarded-Method")
+    target = _one(request, "X-Original-URI")
+    if target is None:
+        url = _one(request, "X-Original-URL")
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.path:
+                raise BadRequest(_NO_ORIGINAL)
+            target = parts.path + ("?" + parts.query if parts.query else "")
+        else:
+            target = _one(request, "X-Forwarded-Uri")
+    if not method or not all(c in _TCHAR for c in method):
+        raise BadRequest(_NO_ORIGINAL)
+    if (
+        target is None
+        or not target.startswith("/")
+        or not target.isascii()
+        or not target.isprintable()
+        or " " in target
+    ):
+        raise BadRequest(_NO_ORIGINAL)
+    return method, target
+
+
+async def authz(request: web.Request) -> web.Response:
+    """Any method: 200 (with the bearer when the route has one) or the direct proxy's error."""
+    services = request.app[SERVICES]
+    table = services.upstreams
+    if table is None:
+        raise NotFound()
+    if not table.peers.peer_trusted(request):
+        raise UntrustedEdge()
+    method, target = original_request(request)
+    route, _ = table.resolve(target)  # 400 for a traversal, 404 for no route: as the proxy
+    websocket = (
+        route.websocket
+        and method == "GET"
+        and request.headers.get("Upgrade", "").lower() == "websocket"
+    )
+    _, token, _ = await authorize(services, table, route, request, method, websocket=websocket)
+    headers = {"Cache-Control": "no-store"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return web.Response(status=200, headers=headers)
