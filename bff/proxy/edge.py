@@ -20,6 +20,11 @@ Decisions:
   ``X-Forwarded-Host``/``-Proto`` are not used for decisions: the origin is ``public_url``.
 * An edge must never let a browser reach this path (the shipped configs answer 404 for it): a
   same-origin script could otherwise read its own session's token from the answer.
+* nginx's ``auth_request`` passes on only 401 and 403 (anything else becomes its own 500) and
+  never the answer's body, so the shipped nginx config asks again from an ``error_page`` location
+  to give the browser bff's JSON error, marking that call ``X-Bff-Denied: 1``. Should that second
+  look allow the call (a session refreshed or a store back in between), it answers 503 with
+  ``Retry-After``, never an empty 200 the SPA would take for the API's answer.
 * The direct proxy's retry after an upstream 401 has no counterpart here (bff does not see the
   upstream's answer); the token handed out is refreshed ``refresh_skew`` before it expires.
 """
@@ -31,7 +36,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from bff.errors import BadRequest, NotFound, UntrustedEdge
+from bff.errors import BadRequest, NotFound, Unavailable, UntrustedEdge
 from bff.proxy.forward import authorize
 from bff.services import SERVICES
 
@@ -98,6 +103,8 @@ async def authz(request: web.Request) -> web.Response:
         and request.headers.get("Upgrade", "").lower() == "websocket"
     )
     _, token, _ = await authorize(services, table, route, request, method, websocket=websocket)
+    if request.headers.get("X-Bff-Denied") == "1":
+        raise Unavailable("the decision changed while the edge asked; retry")
     headers = {"Cache-Control": "no-store"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"

@@ -1,0 +1,402 @@
+"""Edge mode through real nginx and real Caddy running the shipped configs (issue 11, 1 and 2).
+
+For each edge: a real ``bff run`` (``trusted_proxies: [127.0.0.1/32]``, ``public_url`` = the
+edge's URL), the real OP and Redis, and an echo upstream that records what reached it. The
+browser talks only to the edge; the edge proxies the API itself after asking ``/bff/authz``.
+Every answer the "browser" gets is checked for every token the test saw: none may leak.
+
+The auth endpoint's own rules (who may ask, which headers say what) are tested against bff
+directly at the end, with the peer address trusted (127.0.0.1) or not (127.0.0.2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from bff.sessions import SessionData
+from tests.support.bff_procs import (
+    COOKIE_NAME,
+    BffProcess,
+    EchoUpstream,
+    base_config,
+    login,
+    read_session,
+    token_digest,
+    write_config,
+)
+from tests.support.edge_procs import Edge, edge_missing, make_edge
+from tests.support.procs import OidcProvider, RedisServer
+
+API = "/api"
+READ_ONLY = "/api/ro"  # a route with `methods: [GET]`
+CSRF = {"X-CSRF": "1"}
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: str
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+
+@dataclass(slots=True)
+class Setup:
+    kind: str
+    edge: Edge
+    bff: BffProcess
+    upstream: EchoUpstream
+    op: OidcProvider
+    redis: RedisServer
+    keys: list[str]
+    answers: list[Answer] = field(default_factory=list)
+    known_tokens: set[str] = field(default_factory=set)
+
+    async def call(
+        self,
+        cookie: str | None,
+        path: str = f"{API}/items?q=1",
+        *,
+        method: str = "GET",
+        headers: Mapping[str, str] = CSRF,
+        base: str | None = None,
+    ) -> Answer:
+        """One API call as the SPA makes it, through the edge (or ``base``)."""
+        sent = dict(headers)
+        if cookie is not None:
+            sent["Cookie"] = f"{COOKIE_NAME}={cookie}"
+        async with (
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
+            # encoded=True: the target goes out byte for byte (yarl would resolve "%2e%2e")
+            http.request(
+                method, URL((base or self.edge.url) + path, encoded=True), headers=sent
+            ) as resp,
+        ):
+            answer = Answer(resp.status, tuple(resp.headers.items()), await resp.text())
+        self.answers.append(answer)
+        return answer
+
+    async def session(self, cookie: str) -> SessionData | None:
+        data = await read_session(self.redis.url, self.keys, cookie)
+        if data is not None:
+            self.known_tokens.update(
+                t for t in (data.access_token, data.refresh_token, data.id_token) if t
+            )
+        return data
+
+
+def _register(op: OidcProvider, redirect_uri: str) -> dict[str, Any]:
+    client: dict[str, Any] = asyncio.run(op.register_client([redirect_uri]))
+    return client
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[EchoUpstream]:
+    with EchoUpstream() as echo:
+        yield echo
+
+
+@pytest.fixture(scope="module", params=["nginx", "caddy"])
+def env(
+    request: pytest.FixtureRequest,
+    redis_server: RedisServer,
+    oidc_op: OidcProvider,
+    upstream: EchoUpstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Setup]:
+    kind: str = request.param
+    missing = edge_missing(kind)
+    if missing is not None:
+        pytest.skip(missing)
+    edge = make_edge(kind)
+    workdir = tmp_path_factory.mktemp(f"edge-{kind}")
+    keys = [secrets.token_urlsafe(32)]
+    client = _register(oidc_op, f"{edge.url}/bff/callback")
+    config = base_config(
+        public_url=edge.url,
+        issuer=oidc_op.issuer,
+        client=client,
+        store=redis_server.url,
+        keys=keys,
+        static=workdir / "static",
+        upstreams=[
+            {"path": API, "url": upstream.url, "token": "user"},
+            {"path": READ_ONLY, "url": upstream.url, "token": "user", "methods": ["GET"]},
+        ],
+    )
+    config["trusted_proxies"] = ["127.0.0.1/32"]
+    bff = BffProcess(write_config(workdir, config))
+    try:
+        bff.start()
+        edge.configure(bff.port, upstream.port)
+        edge.start()
+        yield Setup(kind, edge, bff, upstream, oidc_op, redis_server, keys)
+    finally:
+        edge.close()
+        bff.close()
+
+
+@pytest.fixture
+async def setup(env: Setup) -> AsyncIterator[Setup]:
+    """The module's edge; after each test, no answer the browser got may hold a token."""
+    env.upstream.clear()
+    env.answers.clear()
+    yield env
+    tokens = {s.token for s in env.upstream.seen() if s.token} | env.known_tokens
+    for answer in env.answers:
+        text = answer.body + "".join(f"{k}: {v}\n" for k, v in answer.headers)
+        leaked = [t for t in tokens if t in text]
+        assert not leaked, f"a token reached the browser in a {answer.status} answer"
+
+
+async def logged_in(setup: Setup, user: str) -> tuple[str, SessionData]:
+    """A session made by a real login through the edge, and its record."""
+    cookie = await login(setup.edge.url, f"{user}-{setup.kind}")
+    data = await setup.session(cookie)
+    assert data is not None
+    return cookie, data
+
+
+async def refresh_grants(op: OidcProvider) -> int:
+    stats = await op.stats()
+    count: int = stats["token"]["refresh_token"]
+    return count
+
+
+# -------------------------------------------------------------------------------------------------
+# Through each edge
+
+
+async def test_a_call_reaches_the_upstream_with_the_bearer_and_without_the_cookie(
+    setup: Setup,
+) -> None:
+    cookie, data = await logged_in(setup, "alice")
+    forged = {**CSRF, "Authorization": "Bearer forged-by-the-browser"}
+    answer = await setup.call(cookie, f"{API}/items?q=1", headers=forged)
+
+    assert answer.status == 200, answer.body
+    assert answer.json()["bearer"] == token_digest(data.access_token)
+    [seen] = setup.upstream.seen()
+    assert seen.path == "/items?q=1"  # the edge maps the prefix as bff's route does
+    assert seen.header("Authorization") == [f"Bearer {data.access_token}"]
+    assert seen.header("Cookie") == []
+    assert answer.header("Set-Cookie") is None
+    assert answer.header("Authorization") is None
+
+
+async def test_without_a_session_the_edge_answers_bffs_401_and_nothing_reaches_the_upstream(
+    setup: Setup,
+) -> None:
+    answer = await setup.call(None)
+    assert answer.status == 401
+    assert answer.json()["error"] == "login_required"
+    assert setup.upstream.seen() == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"X-CSRF": "1", "Sec-Fetch-Site": "cross-site"}, {}],
+    ids=["cross-site", "no-x-csrf"],
+)
+async def test_a_forged_call_gets_bffs_403(setup: Setup, headers: dict[str, str]) -> None:
+    cookie, _ = await logged_in(setup, "mallory")
+    answer = await setup.call(cookie, headers=headers)
+    assert answer.status == 403
+    assert answer.json()["error"] == "csrf_failed"
+    assert setup.upstream.seen() == []
+
+
+async def test_a_method_the_route_refuses_gets_bffs_405(setup: Setup) -> None:
+    cookie, _ = await logged_in(setup, "ro")
+    answer = await setup.call(cookie, f"{READ_ONLY}/x", method="DELETE")
+    assert answer.status == 405
+    assert answer.json()["error"] == "method_not_allowed"
+    assert setup.upstream.seen() == []
+    assert (await setup.call(cookie, f"{READ_ONLY}/x")).status == 200
+
+
+@pytest.mark.parametrize("path", ["/bff/authz", "/bff//authz", "/bff/%61uthz", "/bff/authz?x=1"])
+async def test_the_browser_cannot_reach_the_auth_endpoint(setup: Setup, path: str) -> None:
+    cookie, _ = await logged_in(setup, "eve")
+    headers = {**CSRF, "X-Original-URI": f"{API}/x", "X-Original-Method": "GET",
+               "X-Forwarded-Uri": f"{API}/x", "X-Forwarded-Method": "GET"}  # fmt: skip
+    answer = await setup.call(cookie, path, headers=headers)
+    assert answer.status == 404
+    assert answer.header("Authorization") is None
+
+
+async def test_a_traversal_is_refused_by_bff_and_never_proxied(setup: Setup) -> None:
+    cookie, _ = await logged_in(setup, "trav")
+    answer = await setup.call(cookie, f"{API}/%2e%2e/admin")
+    assert answer.status in (400, 404), answer.body  # the edge may refuse before asking bff
+    assert setup.upstream.seen() == []
+
+
+async def test_a_burst_of_100_calls_at_expiry_makes_one_refresh(setup: Setup) -> None:
+    cookie, before = await logged_in(setup, "burst")
+    assert before.refresh_token and before.access_expires_at is not None
+    delay = before.access_expires_at + 0.2 - time.time()
+    assert delay < 10, "the OP's access tokens live longer than this test assumes"
+    await asyncio.sleep(max(0.0, delay))
+    await setup.op.reset_stats()
+
+    answers = await asyncio.gather(*(setup.call(cookie) for _ in range(100)))
+
+    bad = [(a.status, a.body[:200]) for a in answers if a.status != 200]
+    assert not bad, f"{len(bad)} of 100 calls failed, e.g. {bad[:3]}"
+    assert await refresh_grants(setup.op) == 1
+    after = await setup.session(cookie)
+    assert after is not None and after.access_token != before.access_token
+    assert {a.json()["bearer"] for a in answers} == {token_digest(after.access_token)}
+
+
+async def test_after_logout_the_next_call_is_401(setup: Setup) -> None:
+    cookie, _ = await logged_in(setup, "bye")
+    assert (await setup.call(cookie)).status == 200
+    me = await setup.call(cookie, "/bff/user")
+    assert me.status == 200
+    async with (
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
+        http.get(
+            setup.edge.url + me.json()["logout_url"],
+            headers={"Cookie": f"{COOKIE_NAME}={cookie}"},
+            allow_redirects=False,
+        ) as resp,
+    ):
+        assert resp.status == 302
+    # One bff process: its logout dropped the session from its own cache too. (Other
+    # instances see it within session.cache_ttl, 1 s here.)
+    setup.upstream.clear()
+    answer = await setup.call(cookie)
+    assert answer.status == 401
+    assert answer.json()["error"] == "session_expired"
+    assert setup.upstream.seen() == []
+
+
+# -------------------------------------------------------------------------------------------------
+# The auth endpoint itself, asked directly
+
+
+async def authz(
+    setup: Setup, headers: Mapping[str, str], *, peer: str = "127.0.0.1", method: str = "GET"
+) -> Answer:
+    connector = aiohttp.TCPConnector(local_addr=(peer, 0))
+    async with (
+        aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as http,
+        http.request(method, setup.bff.url + "/bff/authz", headers=dict(headers)) as resp,
+    ):
+        answer = Answer(resp.status, tuple(resp.headers.items()), await resp.text())
+    setup.answers.append(answer)
+    return answer
+
+
+def original(cookie: str, **extra: str) -> dict[str, str]:
+    return {"Cookie": f"{COOKIE_NAME}={cookie}", **CSRF, **extra}
+
+
+async def test_authz_answers_only_a_trusted_peer(setup: Setup) -> None:
+    if setup.kind != "nginx":
+        pytest.skip("the endpoint's own rules do not depend on the edge: tested once")
+    cookie, data = await logged_in(setup, "direct")
+    ask = original(cookie, **{"X-Original-URI": f"{API}/x", "X-Original-Method": "GET"})
+    trusted = await authz(setup, ask)
+    assert trusted.status == 200
+    assert trusted.header("Authorization") == f"Bearer {data.access_token}"
+    assert trusted.header("Cache-Control") == "no-store"
+    setup.answers.remove(trusted)  # the edge's answer holds the token by design
+
+    untrusted = await authz(setup, ask, peer="127.0.0.2")
+    assert untrusted.status == 403
+    assert untrusted.json()["error"] == "untrusted_edge"
+    assert untrusted.header("Authorization") is None
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"X-Forwarded-Uri": f"{API}/x", "X-Forwarded-Method": "GET"},  # Traefik, Caddy
+        {"X-Original-URL": f"https://app.example{API}/x?y=1", "X-Original-Method": "GET"},
+    ],
+    ids=["x-forwarded", "x-original-url"],
+)
+async def test_authz_reads_each_edges_headers(setup: Setup, where: dict[str, str]) -> None:
+    if setup.kind != "nginx":
+        pytest.skip("tested once")
+    cookie, data = await logged_in(setup, "hdrs")
+    answer = await authz(setup, original(cookie, **where), method="POST")
+    assert answer.status == 200
+    assert answer.header("Authorization") == f"Bearer {data.access_token}"
+    setup.answers.remove(answer)
+
+
+@pytest.mark.parametrize(
+    ("where", "status", "error"),
+    [
+        ({}, 400, "invalid_request"),
+        ({"X-Original-URI": f"{API}/x"}, 400, "invalid_request"),  # no method
+        ({"X-Original-URI": "api/x", "X-Original-Method": "GET"}, 400, "invalid_request"),
+        ({"X-Original-URI": f"{API}/a b", "X-Original-Method": "GET"}, 400, "invalid_request"),
+        ({"X-Original-URI": f"{API}/x", "X-Original-Method": "G(T"}, 400, "invalid_request"),
+        (
+            {"X-Original-URL": "javascript:alert(1)", "X-Original-Method": "GET"},
+            400,
+            "invalid_request",
+        ),
+        ({"X-Original-URI": f"{API}/%2e%2e/x", "X-Original-Method": "GET"}, 400, "invalid_path"),
+        ({"X-Original-URI": f"{API}/..;/x", "X-Original-Method": "GET"}, 400, "invalid_path"),
+        ({"X-Original-URI": "/elsewhere", "X-Original-Method": "GET"}, 404, "not_found"),
+        (
+            {"X-Original-URI": f"{READ_ONLY}/x", "X-Original-Method": "PUT"},
+            405,
+            "method_not_allowed",
+        ),
+        (
+            {"X-Original-URI": f"{API}/x", "X-Original-Method": "GET", "X-Bff-Denied": "1"},
+            503,
+            "temporarily_unavailable",
+        ),
+    ],  # fmt: skip
+)
+async def test_authz_refuses_what_the_proxy_refuses(
+    setup: Setup, where: dict[str, str], status: int, error: str
+) -> None:
+    if setup.kind != "nginx":
+        pytest.skip("tested once")
+    cookie, _ = await logged_in(setup, "bad")
+    answer = await authz(setup, original(cookie, **where))
+    assert (answer.status, answer.json()["error"]) == (status, error)
+    assert answer.header("Authorization") is None
+
+
+async def test_authz_refuses_a_repeated_original_uri(setup: Setup) -> None:
+    if setup.kind != "nginx":
+        pytest.skip("tested once")
+    cookie, _ = await logged_in(setup, "twice")
+    headers = [
+        ("Cookie", f"{COOKIE_NAME}={cookie}"),
+        ("X-CSRF", "1"),
+        ("X-Original-Method", "GET"),
+        ("X-Original-URI", f"{API}/x"),
+        ("X-Original-URI", "/elsewhere"),
+    ]
+    async with (
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
+        http.get(setup.bff.url + "/bff/authz", headers=headers) as resp,  # type: ignore[arg-type]
+    ):
+        assert resp.status == 400
+        assert "Authorization" not in resp.headers
