@@ -370,7 +370,7 @@ async def test_authz_reads_each_edges_headers(setup: Setup, where: dict[str, str
             503,
             "temporarily_unavailable",
         ),
-    ],  # fmt: skip
+    ],
 )
 async def test_authz_refuses_what_the_proxy_refuses(
     setup: Setup, where: dict[str, str], status: int, error: str

@@ -113,8 +113,12 @@ class CaddyEdge(Edge):
     def command(self) -> tuple[Sequence[str], Path, Mapping[str, str] | None]:
         argv = ["caddy", "run", "--config", "Caddyfile", "--adapter", "caddyfile"]
         # Caddy keeps state under $HOME/XDG dirs: the work directory, not the test user's.
-        env = {"HOME": str(self.workdir), "XDG_DATA_HOME": str(self.workdir / "data"),
-               "XDG_CONFIG_HOME": str(self.workdir / "config"), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}  # fmt: skip
+        env = {
+            "HOME": str(self.workdir),
+            "XDG_DATA_HOME": str(self.workdir / "data"),
+            "XDG_CONFIG_HOME": str(self.workdir / "config"),
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        }
         return argv, self.workdir, env
 
 
