@@ -135,7 +135,7 @@ def env(
         keys=keys,
         static=workdir / "static",
         upstreams=[
-            {"path": API, "url": upstream.url, "token": "user"},
+            {"path": API, "url": upstream.url, "token": "user", "websocket": True},
             {"path": READ_ONLY, "url": upstream.url, "token": "user", "methods": ["GET"]},
         ],
     )
@@ -285,6 +285,53 @@ async def test_after_logout_the_next_call_is_401(setup: Setup) -> None:
     answer = await setup.call(cookie)
     assert answer.status == 401
     assert answer.json()["error"] == "session_expired"
+    assert setup.upstream.seen() == []
+
+
+async def test_server_sent_events_stream_through_the_edge(setup: Setup) -> None:
+    cookie, data = await logged_in(setup, "sse")
+    headers = {"Cookie": f"{COOKIE_NAME}={cookie}", **CSRF}
+    try:
+        async with (
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
+            http.get(f"{setup.edge.url}{API}/__stream/events", headers=headers) as resp,
+        ):
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            # The upstream holds "last" until released: "first" arrives only if nothing buffers.
+            first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 20)
+            assert first == b"data: first\n\n"
+            setup.upstream.release_streams()
+            assert await asyncio.wait_for(resp.content.read(), 20) == b"data: last\n\n"
+    finally:
+        setup.upstream.release_streams()
+    [seen] = setup.upstream.seen()
+    assert seen.token == data.access_token
+    assert seen.header("Cookie") == []
+
+
+async def test_a_websocket_works_through_the_edge_with_the_bearer(setup: Setup) -> None:
+    cookie, data = await logged_in(setup, "ws")
+    headers = {"Cookie": f"{COOKIE_NAME}={cookie}", "Origin": setup.edge.url}
+    async with (
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
+        http.ws_connect(f"{setup.edge.url}{API}/__stream/ws", headers=headers) as ws,
+    ):
+        await ws.send_str("hello")
+        msg = await ws.receive(timeout=20)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.TEXT, "hello")
+    [seen] = setup.upstream.seen()
+    assert seen.token == data.access_token
+    assert seen.header("Cookie") == []
+
+
+async def test_a_websocket_from_another_origin_is_refused_at_the_edge(setup: Setup) -> None:
+    cookie, _ = await logged_in(setup, "wsx")
+    headers = {"Cookie": f"{COOKIE_NAME}={cookie}", "Origin": "http://evil.example"}
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(f"{setup.edge.url}{API}/__stream/ws", headers=headers)
+    assert refused.value.status == 403
     assert setup.upstream.seen() == []
 
 
