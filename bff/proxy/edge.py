@@ -13,10 +13,12 @@ Decisions:
 * Only a TCP peer in ``trusted_proxies`` is answered (else 403 ``untrusted_edge``): the
   answer holds a bearer token, and the original-request headers are input only when an edge wrote
   them. With the default empty ``trusted_proxies`` the endpoint refuses everyone.
-* Where the request was going: ``X-Original-URI`` (nginx ``$request_uri``), else
-  ``X-Original-URL`` (ingress-nginx, an absolute URL), else ``X-Forwarded-Uri`` (Traefik,
-  Caddy); the method from ``X-Original-Method``, else ``X-Forwarded-Method``. Missing, repeated or
-  malformed: 400 (a misconfigured edge shows at once instead of being guessed around).
+* Where the request was going: ``X-Original-URI`` (nginx ``$request_uri``), ``X-Original-URL``
+  (ingress-nginx, an absolute URL) or ``X-Forwarded-Uri`` (Traefik, Caddy); the method from
+  ``X-Original-Method`` or ``X-Forwarded-Method``. Exactly one of each family, once: each edge
+  overwrites the one it sets, but passes the browser's others through untouched, so believing
+  any order of precedence would let a browser name another route than the one it calls (another
+  route's scopes, methods or token). Two of them, a repeated one, none or a malformed one: 400.
   ``X-Forwarded-Host``/``-Proto`` are not used for decisions: the origin is ``public_url``.
 * An edge must never let a browser reach this path (the shipped configs answer 404 for it): a
   same-origin script could otherwise read its own session's token from the answer.
@@ -49,13 +51,21 @@ _TCHAR: Final = frozenset(
     "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 )
 _NO_ORIGINAL: Final = "the edge did not say which request to check"
+_TARGET_HEADERS: Final = ("X-Original-URI", "X-Original-URL", "X-Forwarded-Uri")
+_METHOD_HEADERS: Final = ("X-Original-Method", "X-Forwarded-Method")
 
 
-def _one(request: web.Request, name: str) -> str | None:
-    values = request.headers.getall(name, ())
-    if len(values) > 1:
+def _only(request: web.Request, names: tuple[str, ...]) -> tuple[str, str]:
+    """The one header of ``names`` that came, and its one value; else :class:`BadRequest`."""
+    found: tuple[str, str] | None = None
+    for name in names:
+        for value in request.headers.getall(name, ()):
+            if found is not None:
+                raise BadRequest(_NO_ORIGINAL)
+            found = (name, value)
+    if found is None:
         raise BadRequest(_NO_ORIGINAL)
-    return values[0] if values else None
+    return found
 
 
 def original_request(request: web.Request) -> tuple[str, str]:
@@ -63,22 +73,17 @@ def original_request(request: web.Request) -> tuple[str, str]:
 
     :class:`BadRequest` when the edge sent none, several, or one that is no origin-form target.
     """
-    method = _one(request, "X-Original-Method") or _one(request, "X-Forwarded-Method")
-    target = _one(request, "X-Original-URI")
-    if target is None:
-        url = _one(request, "X-Original-URL")
-        if url is not None:
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.path:
-                raise BadRequest(_NO_ORIGINAL)
-            target = parts.path + ("?" + parts.query if parts.query else "")
-        else:
-            target = _one(request, "X-Forwarded-Uri")
+    _, method = _only(request, _METHOD_HEADERS)
+    name, target = _only(request, _TARGET_HEADERS)
+    if name == "X-Original-URL":
+        parts = urlsplit(target)
+        if parts.scheme not in ("http", "https") or not parts.path:
+            raise BadRequest(_NO_ORIGINAL)
+        target = parts.path + ("?" + parts.query if parts.query else "")
     if not method or not all(c in _TCHAR for c in method):
         raise BadRequest(_NO_ORIGINAL)
     if (
-        target is None
-        or not target.startswith("/")
+        not target.startswith("/")
         or not target.isascii()
         or not target.isprintable()
         or " " in target

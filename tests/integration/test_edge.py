@@ -240,6 +240,18 @@ async def test_the_browser_cannot_reach_the_auth_endpoint(setup: Setup, path: st
     assert answer.header("Authorization") is None
 
 
+async def test_a_browser_naming_another_route_in_edge_headers_gets_400(setup: Setup) -> None:
+    cookie, _ = await logged_in(setup, "liar")
+    # The edge overwrites the headers of its own family; the others pass through as sent.
+    lies = {**CSRF, "X-Original-URI": f"{READ_ONLY}/x", "X-Forwarded-Uri": f"{READ_ONLY}/x",
+            "X-Original-URL": f"http://x{READ_ONLY}/x", "X-Original-Method": "GET",
+            "X-Forwarded-Method": "GET"}  # fmt: skip
+    answer = await setup.call(cookie, f"{API}/x", method="DELETE", headers=lies)
+    assert answer.status == 400
+    assert answer.json()["error"] == "invalid_request"
+    assert setup.upstream.seen() == []
+
+
 async def test_a_traversal_is_refused_by_bff_and_never_proxied(setup: Setup) -> None:
     cookie, _ = await logged_in(setup, "trav")
     answer = await setup.call(cookie, f"{API}/%2e%2e/admin")
@@ -396,6 +408,20 @@ async def test_authz_reads_each_edges_headers(setup: Setup, where: dict[str, str
     [
         ({}, 400, "invalid_request"),
         ({"X-Original-URI": f"{API}/x"}, 400, "invalid_request"),  # no method
+        (  # two families: which to believe is not bff's guess
+            {
+                "X-Original-URI": f"{API}/x",
+                "X-Forwarded-Uri": f"{API}/x",
+                "X-Original-Method": "GET",
+            },
+            400,
+            "invalid_request",
+        ),
+        (
+            {"X-Original-URI": f"{API}/x", "X-Original-Method": "GET", "X-Forwarded-Method": "GET"},
+            400,
+            "invalid_request",
+        ),
         ({"X-Original-URI": "api/x", "X-Original-Method": "GET"}, 400, "invalid_request"),
         ({"X-Original-URI": f"{API}/a b", "X-Original-Method": "GET"}, 400, "invalid_request"),
         ({"X-Original-URI": f"{API}/x", "X-Original-Method": "G(T"}, 400, "invalid_request"),
