@@ -34,12 +34,14 @@ from tests.support.bff_procs import (
     token_digest,
     write_config,
 )
-from tests.support.edge_procs import Edge, edge_missing, make_edge
+from tests.support.edge_procs import Edge, NginxEdge, edge_missing, make_edge
 from tests.support.procs import OidcProvider, RedisServer
 
 API = "/api"
 READ_ONLY = "/api/ro"  # a route with `methods: [GET]`
 CSRF = {"X-CSRF": "1"}
+# Longer than the shipped 1 s so that "right after a hit" is surely inside it on a busy machine.
+CACHE_SECONDS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +125,18 @@ def env(
     missing = edge_missing(kind)
     if missing is not None:
         pytest.skip(missing)
-    edge = make_edge(kind)
+    yield from _stack(kind, make_edge(kind), redis_server, oidc_op, upstream, tmp_path_factory)
+
+
+def _stack(
+    kind: str,
+    edge: Edge,
+    redis_server: RedisServer,
+    oidc_op: OidcProvider,
+    upstream: EchoUpstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Setup]:
+    """bff run behind ``edge``, both started; stopped after the module."""
     workdir = tmp_path_factory.mktemp(f"edge-{kind}")
     keys = [secrets.token_urlsafe(32)]
     client = _register(oidc_op, f"{edge.url}/bff/callback")
@@ -162,6 +175,28 @@ async def setup(env: Setup) -> AsyncIterator[Setup]:
         text = answer.body + "".join(f"{k}: {v}\n" for k, v in answer.headers)
         leaked = [t for t in tokens if t in text]
         assert not leaked, f"a token reached the browser in a {answer.status} answer"
+
+
+@pytest.fixture(scope="module")
+def cached_env(
+    redis_server: RedisServer,
+    oidc_op: OidcProvider,
+    upstream: EchoUpstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Setup]:
+    """nginx with the shipped config's optional auth cache on, for CACHE_SECONDS."""
+    missing = edge_missing("nginx")
+    if missing is not None:
+        pytest.skip(missing)
+    edge = NginxEdge(cache_seconds=CACHE_SECONDS)
+    yield from _stack("nginx-cache", edge, redis_server, oidc_op, upstream, tmp_path_factory)
+
+
+@pytest.fixture
+async def cached(cached_env: Setup) -> AsyncIterator[Setup]:
+    cached_env.upstream.clear()
+    cached_env.answers.clear()
+    yield cached_env
 
 
 async def logged_in(setup: Setup, user: str) -> tuple[str, SessionData]:
@@ -473,3 +508,78 @@ async def test_authz_refuses_a_repeated_original_uri(setup: Setup) -> None:
     ):
         assert resp.status == 400
         assert "Authorization" not in resp.headers
+
+
+# -------------------------------------------------------------------------------------------------
+# The optional auth cache of the shipped nginx.conf (issue 11, point 3)
+
+
+async def until_cached(setup: Setup, cookie: str, headers: Mapping[str, str] = CSRF) -> Answer:
+    """Call until the edge answered from its auth cache (bounded: 20 calls)."""
+    for _ in range(20):
+        answer = await setup.call(cookie, headers=headers)
+        assert answer.status == 200, answer.body
+        if answer.header("X-Test-Authz-Cache") == "HIT":
+            return answer
+    raise AssertionError("the edge never answered from its auth cache")
+
+
+async def test_the_auth_cache_answers_repeat_calls_each_session_with_its_own_token(
+    cached: Setup,
+) -> None:
+    alice, alice_data = await logged_in(cached, "cache-a")
+    bob, bob_data = await logged_in(cached, "cache-b")
+    first = await cached.call(alice)
+    assert first.header("X-Test-Authz-Cache") in ("MISS", "EXPIRED")
+    hit = await until_cached(cached, alice)
+    assert hit.json()["bearer"] == token_digest(alice_data.access_token)
+    # Another cookie is another key, even while alice's answer is cached.
+    other = await cached.call(bob)
+    assert other.header("X-Test-Authz-Cache") != "HIT"
+    assert other.json()["bearer"] == token_digest(bob_data.access_token)
+    assert {s.token for s in cached.upstream.seen()} == {
+        alice_data.access_token,
+        bob_data.access_token,
+    }
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"X-CSRF": "1", "Sec-Fetch-Site": "cross-site"}, {"X-CSRF": "1", "Origin": "http://x"}],
+    ids=["no-x-csrf", "cross-site", "foreign-origin"],
+)
+async def test_a_cached_yes_is_no_yes_for_a_forged_call(
+    cached: Setup, headers: dict[str, str]
+) -> None:
+    cookie, _ = await logged_in(cached, "cache-forged")
+    await until_cached(cached, cookie)  # the SPA's answer is cached right now
+    cached.upstream.clear()
+    forged = await cached.call(cookie, headers=headers)
+    assert forged.status == 403
+    assert forged.header("X-Test-Authz-Cache") is None  # no API answer at all
+    assert cached.upstream.seen() == []
+
+
+async def test_with_the_cache_a_logout_is_seen_once_the_cached_answer_ends(
+    cached: Setup,
+) -> None:
+    cookie, _ = await logged_in(cached, "cache-bye")
+    await until_cached(cached, cookie)
+    me = await cached.call(cookie, "/bff/user")
+    async with (
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
+        http.get(
+            cached.edge.url + me.json()["logout_url"],
+            headers={"Cookie": f"{COOKIE_NAME}={cookie}"},
+            allow_redirects=False,
+        ) as resp,
+    ):
+        assert resp.status == 302
+    # The cost of the cache: calls may pass until the cached answer ends (CACHE_SECONDS).
+    deadline = time.monotonic() + CACHE_SECONDS + 20
+    status = 200
+    while status == 200 and time.monotonic() < deadline:
+        status = (await cached.call(cookie)).status
+        if status == 200:
+            await asyncio.sleep(0.2)
+    assert status == 401

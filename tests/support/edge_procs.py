@@ -64,13 +64,35 @@ class Edge(ChildProcess):
 
 
 class NginxEdge(Edge):
+    """The shipped nginx.conf; with ``cache_seconds``, its optional auth cache switched on (the
+    ``#cache`` lines) for that long, and each API answer saying whether bff's answer came from
+    the cache (``X-Test-Authz-Cache``: MISS, HIT, ...), which only tests add."""
+
     name = "nginx"
     binary = "nginx"
 
+    def __init__(self, *, port: int | None = None, cache_seconds: int | None = None) -> None:
+        super().__init__(port=port)
+        self.cache_seconds = cache_seconds
+
     def write_config(self) -> None:
+        template = (EDGE_DIR / "nginx.conf").read_text()
+        extra: dict[str, str] = {}
+        if self.cache_seconds is not None:
+            if template.count("#cache ") < 5:
+                raise AssertionError("the shipped nginx.conf lost its #cache lines")
+            template = template.replace("#cache ", "")
+            status = "auth_request_set $bff_authorization $upstream_http_authorization;\n"
+            extra = {
+                "/run/nginx-bff-authz": str(self.workdir / "cache"),
+                "proxy_cache_valid 200 1s;": f"proxy_cache_valid 200 {self.cache_seconds}s;",
+                status: status + "            auth_request_set $bff_cache $upstream_cache_status;\n"
+                "            add_header X-Test-Authz-Cache $bff_cache always;\n",
+            }
         text = render(
-            (EDGE_DIR / "nginx.conf").read_text(),
+            template,
             {
+                **extra,
                 "listen 127.0.0.1:8000;": f"listen {HOST}:{self.port};",
                 "server 127.0.0.1:8080;": f"server {HOST}:{self.bff_port};",
                 "server 127.0.0.1:9000;": f"server {HOST}:{self.api_port};",
