@@ -10,7 +10,8 @@ Layout (all on 127.0.0.1, free ports):
 * nginx #2, the *baseline proxy*: ``proxy_pass`` to the upstream with a fixed Authorization header.
 * nginx #3, the *edge*: edge mode as ``deploy/edge/nginx.conf`` does it, ``auth_request`` to bff's
   ``/bff/authz`` (from 127.0.0.2, bff's only trusted proxy, so the direct runs stay untrusted)
-  and ``proxy_pass`` to the upstream with the bearer bff answered.
+  and ``proxy_pass`` to the upstream with the bearer bff answered; on a second port the same with
+  ``deploy/edge/nginx.conf``'s optional auth cache on (1 s, one session: nearly every call a hit).
 * bff (``bff run --workers N``, sessions in a real redis-server, encrypted), logged in once through
   the real OP (npm ``oidc-provider``), proxying ``/api`` to the same upstream with the session's
   token.
@@ -47,11 +48,56 @@ CHUNK = 256 * 1024
 # -- processes --------------------------------------------------------------------------------
 
 
+# deploy/edge/nginx.conf's optional auth cache: its key and its time.
+_AUTHZ_CACHE = """
+      proxy_cache bff_authz;
+      proxy_cache_key "$http_cookie|$request_method|$request_uri|$http_x_csrf|$http_origin\
+|$http_sec_fetch_site|$http_upgrade";
+      proxy_cache_valid 200 1s;
+      proxy_cache_lock on;
+      proxy_ignore_headers Cache-Control Expires;"""
+
+
+def _edge_server(port: int, *, cache: bool) -> str:
+    """An nginx server in edge mode as deploy/edge/nginx.conf has it, reduced to the API path."""
+    return f"""
+  server {{
+    listen 127.0.0.1:{port} reuseport;
+    location /api/ {{
+      auth_request /_bff_authz;
+      auth_request_set $bff_authorization $upstream_http_authorization;
+      proxy_pass http://api/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization $bff_authorization;
+      proxy_set_header Cookie "";
+      proxy_set_header X-Forwarded-For $remote_addr;
+    }}
+    location = /_bff_authz {{
+      internal;
+      proxy_pass http://bff/bff/authz;
+      proxy_bind 127.0.0.2;
+      proxy_http_version 1.1;
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length "";
+      proxy_set_header Connection "";
+      proxy_set_header X-Original-URI $request_uri;
+      proxy_set_header X-Original-Method $request_method;{_AUTHZ_CACHE if cache else ""}
+    }}
+  }}"""
+
+
 @contextmanager
 def nginx(
-    workdir: Path, upstream_port: int, proxy_port: int, edge_port: int, bff_port: int
+    workdir: Path,
+    upstream_port: int,
+    proxy_port: int,
+    edge_port: int,
+    cached_port: int,
+    bff_port: int,
 ) -> Iterator[None]:
     conf = workdir / "nginx.conf"
+    workdir.chmod(0o755)  # nginx's workers (nobody, when we are root) use the auth cache in it
     conf.write_text(
         f"""
 worker_processes 2;
@@ -83,30 +129,9 @@ http {{
     }}
   }}
   upstream bff {{ server 127.0.0.1:{bff_port}; keepalive 256; }}
-  server {{
-    listen 127.0.0.1:{edge_port} reuseport;
-    location /api/ {{
-      auth_request /_bff_authz;
-      auth_request_set $bff_authorization $upstream_http_authorization;
-      proxy_pass http://api/;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Authorization $bff_authorization;
-      proxy_set_header Cookie "";
-      proxy_set_header X-Forwarded-For $remote_addr;
-    }}
-    location = /_bff_authz {{
-      internal;
-      proxy_pass http://bff/bff/authz;
-      proxy_bind 127.0.0.2;
-      proxy_http_version 1.1;
-      proxy_pass_request_body off;
-      proxy_set_header Content-Length "";
-      proxy_set_header Connection "";
-      proxy_set_header X-Original-URI $request_uri;
-      proxy_set_header X-Original-Method $request_method;
-    }}
-  }}
+  proxy_cache_path {workdir}/authz keys_zone=bff_authz:10m inactive=10s use_temp_path=off;
+{_edge_server(edge_port, cache=False)}
+{_edge_server(cached_port, cache=True)}
 }}
 """
     )
@@ -336,7 +361,7 @@ def main() -> int:
         OidcProvider(access_ttl=3600) as op,
     ):
         work = Path(tmp)
-        upstream, baseline, edge, bff_port, stream_port = (free_port() for _ in range(5))
+        upstream, baseline, edge, cached, bff_port, stream_port = (free_port() for _ in range(6))
         public = f"http://127.0.0.1:{bff_port}"
         client = asyncio.run(op.register_client([f"{public}/bff/callback"]))
         config = work / "bff.yaml"
@@ -368,7 +393,7 @@ upstreams:
         )
         with (
             bff_server(config, bff_port, args.workers) as proc,
-            nginx(work, upstream, baseline, edge, bff_port),
+            nginx(work, upstream, baseline, edge, cached, bff_port),
         ):
             cookie = asyncio.run(login(public))
             auth = {"Cookie": cookie, "X-CSRF": "1"}
@@ -398,18 +423,22 @@ upstreams:
                 at_edge = measured(
                     f"http://127.0.0.1:{edge}/api/items", conns, auth, bff_pids + _nginx_workers()
                 )
-                rows.append((conns, direct, plain, ours, at_edge))
+                with_cache = measured(
+                    f"http://127.0.0.1:{cached}/api/items", conns, auth, bff_pids + _nginx_workers()
+                )
+                rows.append((conns, direct, plain, ours, at_edge, with_cache))
             print()
             print(
                 f"{'conns':>5} {'target':<12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
                 f"{'non-2xx':>8} {'CPU us/req':>11}"
             )
-            for conns, direct, plain, ours, at_edge in rows:
+            for conns, direct, plain, ours, at_edge, with_cache in rows:
                 named = (
                     ("upstream", direct),
                     ("nginx proxy", plain),
                     ("bff", ours),
                     ("edge mode", at_edge),
+                    ("edge cached", with_cache),
                 )
                 for name, r in named:
                     print(
@@ -422,7 +451,8 @@ upstreams:
                     f"p99 bff/nginx {ours['p99'] / plain['p99']:.1f}x; "
                     f"edge mode/nginx req/s {at_edge['rps'] / plain['rps']:.1%}, "
                     f"p99 {at_edge['p99'] / plain['p99']:.1f}x, "
-                    f"bff's share {at_edge['bff_cpu_us']:.1f} CPU us/req"
+                    f"bff's share {at_edge['bff_cpu_us']:.1f} CPU us/req; "
+                    f"edge cached/nginx req/s {with_cache['rps'] / plain['rps']:.1%}"
                 )
             print(
                 "(CPU us/req: the measured processes' own CPU time per request - nginx counts "
