@@ -39,6 +39,7 @@ from tests.support.procs import OidcProvider, RedisServer
 
 API = "/api"
 READ_ONLY = "/api/ro"  # a route with `methods: [GET]`
+OPEN = "/api/open"  # a route with `token: none`
 CSRF = {"X-CSRF": "1"}
 # Longer than the shipped 1 s so that "right after a hit" is surely inside it on a busy machine.
 CACHE_SECONDS = 5
@@ -150,6 +151,7 @@ def _stack(
         upstreams=[
             {"path": API, "url": upstream.url, "token": "user", "websocket": True},
             {"path": READ_ONLY, "url": upstream.url, "token": "user", "methods": ["GET"]},
+            {"path": OPEN, "url": upstream.url, "token": "none"},
         ],
     )
     config["trusted_proxies"] = ["127.0.0.1/32"]
@@ -232,6 +234,16 @@ async def test_a_call_reaches_the_upstream_with_the_bearer_and_without_the_cooki
     assert seen.header("Cookie") == []
     assert answer.header("Set-Cookie") is None
     assert answer.header("Authorization") is None
+
+
+async def test_on_a_route_without_a_token_the_browsers_authorization_never_passes(
+    setup: Setup,
+) -> None:
+    forged = {**CSRF, "Authorization": "Bearer forged-by-the-browser"}
+    answer = await setup.call(None, f"{OPEN}/x", headers=forged)
+    assert answer.status == 200, answer.body
+    [seen] = setup.upstream.seen()
+    assert seen.header("Authorization") == []
 
 
 async def test_without_a_session_the_edge_answers_bffs_401_and_nothing_reaches_the_upstream(

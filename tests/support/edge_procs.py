@@ -125,7 +125,7 @@ class CaddyEdge(Edge):
             (EDGE_DIR / "Caddyfile").read_text(),
             {
                 "http://127.0.0.1:8000 {": f"http://{HOST}:{self.port} {{",
-                "forward_auth 127.0.0.1:8080 {": f"forward_auth {HOST}:{self.bff_port} {{",
+                "reverse_proxy 127.0.0.1:8080 {": f"reverse_proxy {HOST}:{self.bff_port} {{",
                 "reverse_proxy 127.0.0.1:9000 {": f"reverse_proxy {HOST}:{self.api_port} {{",
                 "reverse_proxy 127.0.0.1:8080\n": f"reverse_proxy {HOST}:{self.bff_port}\n",
             },
