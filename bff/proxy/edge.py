@@ -15,10 +15,12 @@ Decisions:
   them. With the default empty ``trusted_proxies`` the endpoint refuses everyone.
 * Where the request was going: ``X-Original-URI`` (nginx ``$request_uri``), ``X-Original-URL``
   (ingress-nginx, an absolute URL) or ``X-Forwarded-Uri`` (Traefik, Caddy); the method from
-  ``X-Original-Method`` or ``X-Forwarded-Method``. Exactly one of each family, once: each edge
-  overwrites the one it sets, but passes the browser's others through untouched, so believing
-  any order of precedence would let a browser name another route than the one it calls (another
-  route's scopes, methods or token). Two of them, a repeated one, none or a malformed one: 400.
+  ``X-Original-Method`` or ``X-Forwarded-Method``. Every one of them that came must say the same
+  (ingress-nginx with ``auth-method`` sends both ``X-Original-URI`` and ``-URL``; many nginx
+  snippets set ``X-Forwarded-Uri`` too): each edge overwrites the ones it sets but passes the
+  browser's others through untouched, so believing any order of precedence would let a browser
+  name a route other than the one it calls (its scopes, methods or token). None, two that
+  disagree, or a malformed one: 400.
   ``X-Forwarded-Host``/``-Proto`` are not used for decisions: the origin is ``public_url``.
 * An edge must never let a browser reach this path (the shipped configs answer 404 for it): a
   same-origin script could otherwise read its own session's token from the answer.
@@ -55,14 +57,24 @@ _TARGET_HEADERS: Final = ("X-Original-URI", "X-Original-URL", "X-Forwarded-Uri")
 _METHOD_HEADERS: Final = ("X-Original-Method", "X-Forwarded-Method")
 
 
-def _only(request: web.Request, names: tuple[str, ...]) -> tuple[str, str]:
-    """The one header of ``names`` that came, and its one value; else :class:`BadRequest`."""
-    found: tuple[str, str] | None = None
+def _target_of_url(url: str) -> str:
+    """The path and query of an absolute ``X-Original-URL``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.path:
+        raise BadRequest(_NO_ORIGINAL)
+    return parts.path + ("?" + parts.query if parts.query else "")
+
+
+def _agreed(request: web.Request, names: tuple[str, ...]) -> str:
+    """The one value every header of ``names`` that came agrees on; else :class:`BadRequest`."""
+    found: str | None = None
     for name in names:
         for value in request.headers.getall(name, ()):
-            if found is not None:
+            if name == "X-Original-URL":
+                value = _target_of_url(value)
+            if found is not None and value != found:
                 raise BadRequest(_NO_ORIGINAL)
-            found = (name, value)
+            found = value
     if found is None:
         raise BadRequest(_NO_ORIGINAL)
     return found
@@ -71,15 +83,10 @@ def _only(request: web.Request, names: tuple[str, ...]) -> tuple[str, str]:
 def original_request(request: web.Request) -> tuple[str, str]:
     """The original request's method and raw target (path and query) as the edge reported them.
 
-    :class:`BadRequest` when the edge sent none, several, or one that is no origin-form target.
+    :class:`BadRequest` when the edge sent none, ones that disagree, or no origin-form target.
     """
-    _, method = _only(request, _METHOD_HEADERS)
-    name, target = _only(request, _TARGET_HEADERS)
-    if name == "X-Original-URL":
-        parts = urlsplit(target)
-        if parts.scheme not in ("http", "https") or not parts.path:
-            raise BadRequest(_NO_ORIGINAL)
-        target = parts.path + ("?" + parts.query if parts.query else "")
+    method = _agreed(request, _METHOD_HEADERS)
+    target = _agreed(request, _TARGET_HEADERS)
     if not method or not all(c in _TCHAR for c in method):
         raise BadRequest(_NO_ORIGINAL)
     if (

@@ -448,8 +448,14 @@ async def test_authz_answers_only_a_trusted_peer(direct: Setup) -> None:
     [
         {"X-Forwarded-Uri": f"{API}/x", "X-Forwarded-Method": "GET"},  # Traefik, Caddy
         {"X-Original-URL": f"https://app.example{API}/x?y=1", "X-Original-Method": "GET"},
+        {  # ingress-nginx with auth-method: both, from the same $request_uri
+            "X-Original-URL": f"https://app.example{API}/x?y=1",
+            "X-Original-URI": f"{API}/x?y=1",
+            "X-Original-Method": "GET",
+            "X-Forwarded-Method": "GET",
+        },
     ],
-    ids=["x-forwarded", "x-original-url"],
+    ids=["x-forwarded", "x-original-url", "agreeing-families"],
 )
 async def test_authz_reads_each_edges_headers(direct: Setup, where: dict[str, str]) -> None:
     cookie, data = await logged_in(direct, "hdrs")
@@ -464,17 +470,30 @@ async def test_authz_reads_each_edges_headers(direct: Setup, where: dict[str, st
     [
         ({}, 400, "invalid_request"),
         ({"X-Original-URI": f"{API}/x"}, 400, "invalid_request"),  # no method
-        (  # two families: which to believe is not bff's guess
+        (  # two that disagree: which to believe is not bff's guess
             {
                 "X-Original-URI": f"{API}/x",
-                "X-Forwarded-Uri": f"{API}/x",
+                "X-Forwarded-Uri": f"{READ_ONLY}/x",
                 "X-Original-Method": "GET",
             },
             400,
             "invalid_request",
         ),
         (
-            {"X-Original-URI": f"{API}/x", "X-Original-Method": "GET", "X-Forwarded-Method": "GET"},
+            {
+                "X-Original-URI": f"{API}/x",
+                "X-Original-URL": f"http://h{READ_ONLY}/x",
+                "X-Original-Method": "GET",
+            },
+            400,
+            "invalid_request",
+        ),
+        (
+            {
+                "X-Original-URI": f"{API}/x",
+                "X-Original-Method": "GET",
+                "X-Forwarded-Method": "DELETE",
+            },
             400,
             "invalid_request",
         ),
