@@ -8,6 +8,10 @@ Layout (all on 127.0.0.1, free ports):
 
 * nginx #1, the *upstream*: answers ``200 ok`` to everything, keep-alive.
 * nginx #2, the *baseline proxy*: ``proxy_pass`` to the upstream with a fixed Authorization header.
+* nginx #3, the *edge*: edge mode as ``deploy/edge/nginx.conf`` does it, ``auth_request`` to bff's
+  ``/bff/authz`` (from 127.0.0.2, bff's only trusted proxy, so the direct runs stay untrusted)
+  and ``proxy_pass`` to the upstream with the bearer bff answered; on a second port the same with
+  ``deploy/edge/nginx.conf``'s optional auth cache on (1 s, one session: nearly every call a hit).
 * bff (``bff run --workers N``, sessions in a real redis-server, encrypted), logged in once through
   the real OP (npm ``oidc-provider``), proxying ``/api`` to the same upstream with the session's
   token.
@@ -44,9 +48,56 @@ CHUNK = 256 * 1024
 # -- processes --------------------------------------------------------------------------------
 
 
+# deploy/edge/nginx.conf's optional auth cache: its key and its time.
+_AUTHZ_CACHE = """
+      proxy_cache bff_authz;
+      proxy_cache_key "$http_cookie|$request_method|$request_uri|$http_x_csrf|$http_origin\
+|$http_sec_fetch_site|$http_upgrade";
+      proxy_cache_valid 200 1s;
+      proxy_cache_lock on;
+      proxy_ignore_headers Cache-Control Expires;"""
+
+
+def _edge_server(port: int, *, cache: bool) -> str:
+    """An nginx server in edge mode as deploy/edge/nginx.conf has it, reduced to the API path."""
+    return f"""
+  server {{
+    listen 127.0.0.1:{port} reuseport;
+    location /api/ {{
+      auth_request /_bff_authz;
+      auth_request_set $bff_authorization $upstream_http_authorization;
+      proxy_pass http://api/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization $bff_authorization;
+      proxy_set_header Cookie "";
+      proxy_set_header X-Forwarded-For $remote_addr;
+    }}
+    location = /_bff_authz {{
+      internal;
+      proxy_pass http://bff/bff/authz;
+      proxy_bind 127.0.0.2;
+      proxy_http_version 1.1;
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length "";
+      proxy_set_header Connection "";
+      proxy_set_header X-Original-URI $request_uri;
+      proxy_set_header X-Original-Method $request_method;{_AUTHZ_CACHE if cache else ""}
+    }}
+  }}"""
+
+
 @contextmanager
-def nginx(workdir: Path, upstream_port: int, proxy_port: int) -> Iterator[None]:
+def nginx(
+    workdir: Path,
+    upstream_port: int,
+    proxy_port: int,
+    edge_port: int,
+    cached_port: int,
+    bff_port: int,
+) -> Iterator[None]:
     conf = workdir / "nginx.conf"
+    workdir.chmod(0o755)  # nginx's workers (nobody, when we are root) use the auth cache in it
     conf.write_text(
         f"""
 worker_processes 2;
@@ -77,6 +128,10 @@ http {{
       proxy_set_header X-Forwarded-For $remote_addr;
     }}
   }}
+  upstream bff {{ server 127.0.0.1:{bff_port}; keepalive 256; }}
+  proxy_cache_path {workdir}/authz keys_zone=bff_authz:10m inactive=10s use_temp_path=off;
+{_edge_server(edge_port, cache=False)}
+{_edge_server(cached_port, cache=True)}
 }}
 """
     )
@@ -306,7 +361,7 @@ def main() -> int:
         OidcProvider(access_ttl=3600) as op,
     ):
         work = Path(tmp)
-        upstream, baseline, bff_port, stream_port = (free_port() for _ in range(4))
+        upstream, baseline, edge, cached, bff_port, stream_port = (free_port() for _ in range(6))
         public = f"http://127.0.0.1:{bff_port}"
         client = asyncio.run(op.register_client([f"{public}/bff/callback"]))
         config = work / "bff.yaml"
@@ -326,6 +381,7 @@ session:
 keys: ["{KEY}"]
 log: {{level: warning}}
 rate_limits: {{enabled: false}}  # 1,000 logins from one address are the point here
+trusted_proxies: [127.0.0.2/32]  # the edge's auth calls come from there
 upstreams:
   - {{path: /api, url: "http://127.0.0.1:{upstream}", token: user}}
   - {{path: /stream, url: "http://127.0.0.1:{stream_port}", token: user, timeout: 10m}}
@@ -335,20 +391,28 @@ upstreams:
             f"bench: {os.cpu_count()} cores, bff with {args.workers} workers, wrk -t2, "
             f"{args.seconds}s per run, all on loopback"
         )
-        with nginx(work, upstream, baseline), bff_server(config, bff_port, args.workers) as proc:
+        with (
+            bff_server(config, bff_port, args.workers) as proc,
+            nginx(work, upstream, baseline, edge, cached, bff_port),
+        ):
             cookie = asyncio.run(login(public))
             auth = {"Cookie": cookie, "X-CSRF": "1"}
             # Warm up pools and caches so the first measured run is not a cold start.
             wrk(f"{public}/api/items", 32, 2, auth)
             bff_pids = _descendants(proc.pid)
 
+            wrk(f"http://127.0.0.1:{edge}/api/items", 32, 2, auth)
+
             def measured(
                 url: str, conns: int, headers: dict[str, str], pids: list[int]
             ) -> dict[str, float]:
                 before = _cpu_seconds(pids)
+                before_bff = _cpu_seconds(bff_pids)
                 result = wrk(url, conns, args.seconds, headers)
                 spent = _cpu_seconds(pids) - before
-                result["cpu_us"] = spent / max(1.0, result["rps"] * args.seconds) * 1e6
+                requests = max(1.0, result["rps"] * args.seconds)
+                result["cpu_us"] = spent / requests * 1e6
+                result["bff_cpu_us"] = (_cpu_seconds(bff_pids) - before_bff) / requests * 1e6
                 return result
 
             rows = []
@@ -356,14 +420,27 @@ upstreams:
                 direct = measured(f"http://127.0.0.1:{upstream}/items", conns, {}, _nginx_workers())
                 plain = measured(f"http://127.0.0.1:{baseline}/items", conns, {}, _nginx_workers())
                 ours = measured(f"{public}/api/items", conns, auth, bff_pids)
-                rows.append((conns, direct, plain, ours))
+                at_edge = measured(
+                    f"http://127.0.0.1:{edge}/api/items", conns, auth, bff_pids + _nginx_workers()
+                )
+                with_cache = measured(
+                    f"http://127.0.0.1:{cached}/api/items", conns, auth, bff_pids + _nginx_workers()
+                )
+                rows.append((conns, direct, plain, ours, at_edge, with_cache))
             print()
             print(
                 f"{'conns':>5} {'target':<12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
                 f"{'non-2xx':>8} {'CPU us/req':>11}"
             )
-            for conns, direct, plain, ours in rows:
-                for name, r in (("upstream", direct), ("nginx proxy", plain), ("bff", ours)):
+            for conns, direct, plain, ours, at_edge, with_cache in rows:
+                named = (
+                    ("upstream", direct),
+                    ("nginx proxy", plain),
+                    ("bff", ours),
+                    ("edge mode", at_edge),
+                    ("edge cached", with_cache),
+                )
+                for name, r in named:
                     print(
                         f"{conns:>5} {name:<12} {r['rps']:>9.0f} {r['p50']:>8.2f} "
                         f"{r['p99']:>8.2f} {r['non2xx']:>8.0f} {r['cpu_us']:>11.1f}"
@@ -371,11 +448,15 @@ upstreams:
                 print(
                     f"{conns:>5} ratios: bff/nginx req/s {ours['rps'] / plain['rps']:.1%}, "
                     f"bff/direct {ours['rps'] / direct['rps']:.1%}, "
-                    f"p99 bff/nginx {ours['p99'] / plain['p99']:.1f}x"
+                    f"p99 bff/nginx {ours['p99'] / plain['p99']:.1f}x; "
+                    f"edge mode/nginx req/s {at_edge['rps'] / plain['rps']:.1%}, "
+                    f"p99 {at_edge['p99'] / plain['p99']:.1f}x, "
+                    f"bff's share {at_edge['bff_cpu_us']:.1f} CPU us/req; "
+                    f"edge cached/nginx req/s {with_cache['rps'] / plain['rps']:.1%}"
                 )
             print(
                 "(CPU us/req: the measured processes' own CPU time per request - nginx counts "
-                "both its servers; bff its workers only)"
+                "all its servers; bff its workers only; edge mode counts nginx and bff)"
             )
 
             # Streaming: 1 GiB down and 1 GiB up through bff, watching the workers' peak RSS.

@@ -122,6 +122,8 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     app.cleanup_ctx.append(upstreams.cleanup_ctx)  # one keep-alive pool per upstream
     endpoints.add_routes(app, settings.prefix)
     health.add_routes(app, metrics_public=settings.metrics.public)
+    # Edge mode: the auth service an edge proxy asks (any method: edges differ).
+    app.router.add_route("*", settings.prefix + proxy.AUTHZ_PATH, proxy.authz)
     proxy.add_routes(app, upstreams)  # before the SPA's catch-all
     spa.add_routes(app, settings.static, reserved=(*api_prefixes, *private))
     app.on_response_prepare.append(

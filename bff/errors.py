@@ -12,6 +12,7 @@
         SessionExpired          401     session_expired
       Forbidden                 403     csrf_failed
         InsufficientScope       403     insufficient_scope
+        UntrustedEdge           403     untrusted_edge
       NotFound                  404     not_found
       MethodNotAllowed          405     method_not_allowed
       RateLimited               429     rate_limited (+ Retry-After)
@@ -93,6 +94,11 @@ class Forbidden(BffError):
 class InsufficientScope(Forbidden):
     error = "insufficient_scope"
     description = "the session lacks a scope this route needs"
+
+
+class UntrustedEdge(Forbidden):
+    error = "untrusted_edge"
+    description = "only a proxy in trusted_proxies may ask this"
 
 
 class NotFound(BffError):

@@ -97,7 +97,7 @@ def _for_value(address: str) -> str:
 class Peers:
     """The trusted networks and the public origin, built once at start-up (see ``app.py``)."""
 
-    __slots__ = ("_host", "_memo", "_networks", "_proto", "_suffix")
+    __slots__ = ("_host", "_memo", "_networks", "_peer_memo", "_proto", "_suffix")
 
     def __init__(self, trusted_proxies: Iterable[str], public_url: str) -> None:
         self._networks: tuple[Network, ...] = tuple(
@@ -108,9 +108,28 @@ class Peers:
         self._host = parts.netloc
         self._suffix = f";host={_forwarded_value(self._host)};proto={self._proto}"
         self._memo: dict[tuple[str, ...], tuple[tuple[str, str], ...]] = {}
+        self._peer_memo: dict[str, bool] = {}
 
     def trusted(self, address: Address) -> bool:
         return any(address in network for network in self._networks)
+
+    def peer_trusted(self, request: web.Request) -> bool:
+        """Whether the TCP peer itself is a trusted proxy (what an edge's auth call needs).
+
+        An edge asks on every API call from a handful of addresses: the answer is kept per
+        address (bounded), since parsing one costs more than the rest of the check.
+        """
+        if not self._networks:
+            return False
+        peer = request.remote or ""
+        known = self._peer_memo.get(peer)
+        if known is None:
+            address = parse_node(peer)
+            known = address is not None and self.trusted(address)
+            if len(self._peer_memo) >= _MEMO_MAX:
+                self._peer_memo.pop(next(iter(self._peer_memo)))
+            self._peer_memo[peer] = known
+        return known
 
     def chain(self, request: web.Request) -> tuple[str, ...]:
         """The addresses from the client (first) to the TCP peer (last)."""

@@ -20,6 +20,7 @@ The modules:
 * :mod:`~bff.proxy.forward` -- the HTTP handler: credentials, the exchange under its deadline,
   the 401 retry, streaming.
 * :mod:`~bff.proxy.websocket` -- the WebSocket proxy.
+* :mod:`~bff.proxy.edge` -- edge mode: the auth endpoint an edge proxy asks, same policy.
 * :mod:`~bff.proxy.session_watch` -- ends a long-lived exchange once its session ends.
 
 Decisions worth knowing:
@@ -44,13 +45,15 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
-from bff.proxy.forward import SMALL_BODY, add_routes, forward
+from bff.proxy.edge import AUTHZ_PATH, authz
+from bff.proxy.forward import SMALL_BODY, add_routes, authorize, forward
 from bff.proxy.headers import HOP_BY_HOP, downstream_headers, upstream_headers
 from bff.proxy.routing import Route, UpstreamTable, normalise_path
 from bff.proxy.session_watch import SESSION_CHECK_INTERVAL
 from bff.proxy.websocket import WS_SESSION_ENDED
 
 __all__ = [
+    "AUTHZ_PATH",
     "HOP_BY_HOP",
     "SESSION_CHECK_INTERVAL",
     "SMALL_BODY",
@@ -58,6 +61,8 @@ __all__ = [
     "Route",
     "UpstreamTable",
     "add_routes",
+    "authorize",
+    "authz",
     "downstream_headers",
     "forward",
     "normalise_path",

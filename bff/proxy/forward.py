@@ -1,7 +1,8 @@
 """The HTTP handler: credentials, the exchange under its deadline, one 401 retry, streaming.
 
-``forward`` is registered for every configured prefix; it resolves the route, checks method and
-anti-forgery, attaches the bearer, and hands a WebSocket upgrade to :mod:`bff.proxy.websocket`.
+``forward`` is registered for every configured prefix; it resolves the route, runs
+:func:`authorize` (methods, anti-forgery, credentials: the policy the edge's auth endpoint shares),
+attaches the bearer, and hands a WebSocket upgrade to :mod:`bff.proxy.websocket`.
 A small response (:data:`SMALL_BODY`) is read whole and sent in one write; anything else streams
 chunk by chunk as it arrives, watched by :class:`SessionWatch` on a session-bound route.
 """
@@ -38,7 +39,7 @@ from bff.proxy.websocket import forward_websocket
 from bff.services import SERVICES, Services
 from bff.sessions import Session
 
-__all__ = ["SMALL_BODY", "add_routes", "forward"]
+__all__ = ["SMALL_BODY", "add_routes", "authorize", "forward"]
 
 log = logging.getLogger("bff.proxy")  # one logger name for the whole proxy package
 
@@ -64,11 +65,10 @@ async def forward(request: web.Request) -> web.StreamResponse:
     if not target.startswith("/"):  # absolute-form request target
         target = request.rel_url.raw_path_qs
     route, upstream_target = table.resolve(target)
-    if route.methods is not None and request.method not in route.methods:
-        raise MethodNotAllowed()
     websocket = route.websocket and request.headers.get("Upgrade", "").lower() == "websocket"
-    check_anti_forgery(request, table.public_url, websocket=websocket)
-    session, token, fresh = await _credentials(services, route, request)
+    session, token, fresh = await authorize(
+        services, table, route, request, request.method, websocket=websocket
+    )
     if websocket:
         return await forward_websocket(
             request, services, table, route, upstream_target, session, token
@@ -76,10 +76,27 @@ async def forward(request: web.Request) -> web.StreamResponse:
     return await _http(request, services, table, route, upstream_target, session, token, fresh)
 
 
-async def _credentials(
-    services: Services, route: Route, request: web.Request
+async def authorize(
+    services: Services,
+    table: UpstreamTable,
+    route: Route,
+    request: web.Request,
+    method: str,
+    *,
+    websocket: bool,
 ) -> tuple[Session | None, str | None, bool]:
-    """The session (if any), the bearer to attach, and whether it was just obtained."""
+    """The one policy of a call to ``route``: the direct proxy and the edge's auth endpoint
+    (:mod:`bff.proxy.edge`) both run it, so the two modes cannot drift apart.
+
+    ``method`` is the original request's (for the edge, what it says it was); ``request``'s
+    headers are the original request's (an edge passes them on to its auth call). Raises 405 for
+    a method not in ``methods:``, 403 for a forgery or a missing scope, 401 without a live session
+    on a ``user`` route, 503 when the store or the OP is down; else returns the session (if any),
+    the bearer to attach, and whether it was just obtained (refreshed under the single flight).
+    """
+    if route.methods is not None and method not in route.methods:
+        raise MethodNotAllowed()
+    check_anti_forgery(request, table.public_url, websocket=websocket)
     mode = route.mode
     if mode == "none":
         return None, None, False

@@ -24,6 +24,7 @@ refresh future and the session cache with its siblings, which hides exactly the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import threading
@@ -325,6 +326,7 @@ class _EchoState:
     seen: list[Seen] = field(default_factory=list)
     reject: set[str] = field(default_factory=set)  # bearer tokens answered with 401
     lock: threading.Lock = field(default_factory=threading.Lock)
+    release: threading.Event = field(default_factory=threading.Event)  # ends held event streams
 
 
 class EchoUpstream:
@@ -332,6 +334,10 @@ class EchoUpstream:
 
     Answers every request with 200 JSON ``{"ok": true, "method", "path", "bearer": <digest>}``
     (``bearer`` null when no ``Authorization: Bearer`` came), or 401 for tokens in ``reject``.
+    Two paths stream instead: ``/__stream/events`` sends the server-sent event ``first`` at once
+    and ``last`` only after ``release_streams()`` (at most 10 s later), so a client that got
+    ``first`` before that proves nothing buffered the stream; ``/__stream/ws`` is a WebSocket
+    that echoes text messages.
     """
 
     def __init__(self, port: int | None = None) -> None:
@@ -358,9 +364,52 @@ class EchoUpstream:
         with self._state.lock:
             self._state.reject.add(token)
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    def release_streams(self) -> None:
+        """Let held ``/__stream/events`` responses send their last event and end."""
+        self._state.release.set()
+
+    def _record(self, request: web.Request, token: str | None, status: int) -> None:
+        with self._state.lock:
+            self._state.seen.append(
+                Seen(
+                    request.method,
+                    request.path_qs,
+                    token,
+                    status,
+                    tuple(request.headers.items()),
+                    request.raw_headers,
+                )
+            )
+
+    @staticmethod
+    def _bearer(request: web.Request) -> str | None:
         auth = request.headers.get("Authorization", "")
-        token = auth[7:] if auth.startswith("Bearer ") else None
+        return auth[7:] if auth.startswith("Bearer ") else None
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        self._state.release.clear()
+        self._record(request, self._bearer(request), 200)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        loop = asyncio.get_running_loop()
+        if await loop.run_in_executor(None, self._state.release.wait, 10):
+            with contextlib.suppress(ConnectionError):
+                await response.write(b"data: last\n\n")
+                await response.write_eof()
+        return response
+
+    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        self._record(request, self._bearer(request), 101)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await ws.send_str(msg.data)
+        return ws
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        token = self._bearer(request)
         await request.read()
         with self._state.lock:
             status = 401 if token is not None and token in self._state.reject else 200
@@ -397,6 +446,8 @@ class EchoUpstream:
             loop = asyncio.new_event_loop()
             self._loop = loop
             app = web.Application()
+            app.router.add_get("/__stream/events", self._events)
+            app.router.add_get("/__stream/ws", self._ws)
             app.router.add_route("*", "/{tail:.*}", self._handle)
             runner = web.AppRunner(app, access_log=None)
             try:

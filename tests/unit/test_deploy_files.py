@@ -728,3 +728,161 @@ def test_systemd_analyze_security_rates_the_unit_ok(tmp_path: Path) -> None:
         .replace("[Unit]", "[Unit]\nDescription=weak")
     )
     assert run_systemd_analyze("security", "--offline=true", "--threshold=20", str(weak)).returncode
+
+
+# --- deploy/edge: edge mode on Kubernetes (ingress-nginx, Traefik) ------------------------------
+# The nginx and Caddy configs run for real in tests/integration/test_edge.py; these two cannot
+# (no cluster in CI), so their structure and their agreement with the Kubernetes base are checked.
+
+EDGE = DEPLOY / "edge"
+_NGINX = "nginx.ingress.kubernetes.io/"
+
+
+def _authz_url() -> str:
+    """Where an in-cluster edge reaches bff's auth endpoint: the base's Service, its port."""
+    service = by_kind()["Service"]
+    (port,) = service["spec"]["ports"]
+    suffix = "" if port["port"] == 80 else f":{port['port']}"
+    return f"http://{service['metadata']['name']}.default.svc.cluster.local{suffix}/bff/authz"
+
+
+def _upstream(config: Mapping[str, Any], prefix: str) -> dict[str, Any] | None:
+    return next((u for u in config["upstreams"] if u["path"] == prefix), None)
+
+
+def _mirrors(config: Mapping[str, Any], prefix: str, service: str, port: int) -> list[str]:
+    """Problems unless ``prefix`` is a bff route whose upstream is ``service:port``."""
+    upstream = _upstream(config, prefix)
+    if upstream is None:
+        return [f"{prefix} is no route in bff's upstreams:"]
+    url = urlsplit(upstream["url"])
+    if (url.hostname, url.port) != (service, port):
+        return [f"{prefix} goes to {service}:{port}, bff's route to {url.netloc}"]
+    return []
+
+
+def ingress_nginx_problems(docs: list[dict[str, Any]], config: Mapping[str, Any]) -> list[str]:
+    problems: list[str] = []
+    hosts = {rule["host"] for doc in docs for rule in doc["spec"]["rules"]}
+    if len(hosts) != 1:
+        problems.append("the Ingresses must serve one host")
+    api = [d for d in docs if _NGINX + "auth-url" in d["metadata"].get("annotations", {})]
+    if not api:
+        problems.append("no Ingress asks bff (auth-url)")
+    closed = False
+    for doc in docs:
+        annotations = doc["metadata"].get("annotations", {})
+        snippet = annotations.get(_NGINX + "configuration-snippet", "")
+        paths = [p for rule in doc["spec"]["rules"] for p in rule["http"]["paths"]]
+        if doc in api:
+            if annotations[_NGINX + "auth-url"] != _authz_url():
+                problems.append("auth-url is not the bff Service's /bff/authz")
+            headers = annotations.get(_NGINX + "auth-response-headers", "").split(",")
+            if "Authorization" not in [h.strip() for h in headers]:
+                problems.append("auth-response-headers must copy Authorization")
+            if 'proxy_set_header Cookie "";' not in snippet:
+                problems.append("the API Ingress must clear the Cookie header")
+            for path in paths:
+                prefix = re.split(r"[(\[]", path["path"], maxsplit=1)[0]
+                backend = path["backend"]["service"]
+                problems += _mirrors(config, prefix, backend["name"], backend["port"]["number"])
+                upstream = _upstream(config, prefix) or {"url": "http://x"}
+                target = annotations.get(_NGINX + "rewrite-target", "")
+                if not target.startswith(urlsplit(upstream["url"]).path + "/"):
+                    problems.append(f"{prefix}: rewrite-target does not map it as bff does")
+        elif any(p["path"] == "/bff/authz" and p["pathType"] == "Exact" for p in paths):
+            closed = "return 404;" in snippet
+    if not closed:
+        problems.append("/bff/authz must answer the browser 404")
+    return problems
+
+
+def test_the_ingress_nginx_edge_matches_the_kubernetes_schema() -> None:
+    for doc in load_all(EDGE / "ingress-nginx.yaml"):
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_the_ingress_nginx_edge_asks_bff_and_mirrors_its_routes(k8s_config: dict[str, Any]) -> None:
+    docs = load_all(EDGE / "ingress-nginx.yaml")
+    assert ingress_nginx_problems(docs, k8s_config) == []
+
+
+def test_the_ingress_nginx_checker_notices_broken_files(k8s_config: dict[str, Any]) -> None:
+    docs = load_all(EDGE / "ingress-nginx.yaml")
+    broken = copy.deepcopy(docs)
+    for doc in broken:
+        doc["metadata"].get("annotations", {}).pop(_NGINX + "configuration-snippet", None)
+    found = ingress_nginx_problems(broken, k8s_config)
+    assert "the API Ingress must clear the Cookie header" in found
+    assert "/bff/authz must answer the browser 404" in found
+    moved = copy.deepcopy(docs)
+    moved[0]["spec"]["rules"][0]["http"]["paths"][0]["path"] = "/api/other(/|$)(.*)"
+    assert "/api/other is no route in bff's upstreams:" in ingress_nginx_problems(moved, k8s_config)
+
+
+def traefik_problems(docs: list[dict[str, Any]], config: Mapping[str, Any]) -> list[str]:
+    problems: list[str] = []
+    if any(d["apiVersion"] != "traefik.io/v1alpha1" for d in docs):
+        problems.append("Traefik v3 resources are traefik.io/v1alpha1")
+    middlewares = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Middleware"}
+    auth = [n for n, m in middlewares.items() if "forwardAuth" in m]
+    strip = [
+        n for n, m in middlewares.items() if m.get("headers", {}).get("customRequestHeaders", {})
+        == {"Cookie": ""}
+    ]  # fmt: skip
+    for name in auth:
+        forward = middlewares[name]["forwardAuth"]
+        if forward.get("address") != _authz_url():
+            problems.append("forwardAuth.address is not the bff Service's /bff/authz")
+        if forward.get("authResponseHeaders") != ["Authorization"]:
+            problems.append("forwardAuth must copy Authorization (and only it)")
+        if forward.get("trustForwardHeader") is not False:
+            problems.append("forwardAuth must not trust the browser's X-Forwarded-*")
+    (route_doc,) = [d for d in docs if d["kind"] == "IngressRoute"]
+    closed = asked = False
+    for route in route_doc["spec"]["routes"]:
+        names = [m["name"] for m in route.get("middlewares", [])]
+        prefix = re.search(r"PathPrefix\(`([^`]+)`\)", route["match"])
+        if prefix is not None:
+            asked = True
+            if not names or names[0] not in auth:
+                problems.append(f"{prefix.group(1)}: bff's forwardAuth must come first")
+            at = next((i for i, n in enumerate(names) if n in auth), len(names))
+            if not any(n in strip for n in names[at + 1 :]):
+                problems.append(f"{prefix.group(1)}: the Cookie header must go after forwardAuth")
+            (service,) = route["services"]
+            problems += _mirrors(config, prefix.group(1), service["name"], service["port"])
+        if "Path(`/bff/authz`)" in route["match"]:
+            closed = any(
+                middlewares.get(n, {}).get("replacePath", {}).get("path", "/bff/authz")
+                != "/bff/authz"
+                for n in names
+            )
+    if not asked:
+        problems.append("no route asks bff")
+    if not closed:
+        problems.append("/bff/authz must not reach bff from the browser")
+    return problems
+
+
+def test_the_traefik_edge_asks_bff_and_mirrors_its_routes(k8s_config: dict[str, Any]) -> None:
+    assert traefik_problems(load_all(EDGE / "traefik.yaml"), k8s_config) == []
+
+
+def test_the_traefik_checker_notices_broken_files(k8s_config: dict[str, Any]) -> None:
+    docs = load_all(EDGE / "traefik.yaml")
+    swapped = copy.deepcopy(docs)
+    route = next(d for d in swapped if d["kind"] == "IngressRoute")["spec"]["routes"][0]
+    route["middlewares"].reverse()
+    found = traefik_problems(swapped, k8s_config)
+    assert "/api/orders: bff's forwardAuth must come first" in found
+    assert "/api/orders: the Cookie header must go after forwardAuth" in found
+    trusting = copy.deepcopy(docs)
+    trusting[0]["spec"]["forwardAuth"]["trustForwardHeader"] = True
+    del trusting[0]["spec"]["forwardAuth"]["authResponseHeaders"]
+    found = traefik_problems(trusting, k8s_config)
+    assert "forwardAuth must not trust the browser's X-Forwarded-*" in found
+    assert "forwardAuth must copy Authorization (and only it)" in found
+    opened = [d for d in docs if d["metadata"]["name"] != "bff-authz-closed"]
+    assert "/bff/authz must not reach bff from the browser" in traefik_problems(opened, k8s_config)

@@ -255,3 +255,35 @@ def test_trusted_networks_hold_their_whole_range() -> None:
 
 def test_an_untrusted_dual_stack_peer_is_named_by_its_ipv4_address() -> None:
     assert TRUSTED.client_address(request("::ffff:203.0.113.9")) == "203.0.113.9"
+
+
+# -- whether the peer itself is trusted (edge mode's /bff/authz) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("peer", "trusted"),
+    [
+        ("10.0.0.1", True),
+        ("::ffff:10.0.0.1", True),
+        ("2001:db8:ffff::1", True),
+        ("198.51.100.7", False),
+        ("garbage", False),
+        (None, False),
+    ],
+)
+def test_peer_trusted_asks_only_about_the_tcp_peer(peer: str | None, trusted: bool) -> None:
+    peers = Peers(["10.0.0.0/8", "2001:db8:ffff::/48"], PUBLIC)
+    # A client's own forwarding headers make no peer trusted.
+    assert peers.peer_trusted(request(peer, [("X-Forwarded-For", "10.0.0.2")])) is trusted
+
+
+def test_without_trusted_proxies_no_peer_is_trusted() -> None:
+    assert Peers((), PUBLIC).peer_trusted(request("127.0.0.1")) is False
+
+
+def test_peer_trusted_parses_an_address_once() -> None:
+    peers = Peers(["10.0.0.0/8"], PUBLIC)
+    assert peers.peer_trusted(request("10.0.0.1")) is True
+    with mock.patch("bff.peers.parse_node", side_effect=AssertionError("parsed again")):
+        assert peers.peer_trusted(request("10.0.0.1")) is True
+    assert peers.peer_trusted(request("10.0.0.9")) is True
