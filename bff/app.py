@@ -18,6 +18,7 @@ from bff.client_tokens import ClientTokens
 from bff.config import Settings
 from bff.cookies import CookiePolicy
 from bff.keys import Keyring
+from bff.lifecycle import LIFECYCLE, Lifecycle
 from bff.metrics import Metrics
 from bff.middlewares import error_middleware, security_headers
 from bff.oidc import OidcClient
@@ -46,6 +47,7 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     )
     keyring = Keyring([k.get() for k in settings.keys])
     peers = Peers(settings.trusted_proxies, settings.public_url)
+    app[LIFECYCLE] = Lifecycle()  # draining flag and open WebSockets, for bff.worker
     app[PEERS] = peers  # bff.peers.client_address(request) for rate limits and logs
     upstreams = proxy.UpstreamTable(settings.upstreams, public_url=settings.public_url, peers=peers)
 
