@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from bff.config import ConfigError, Settings, dump_redacted, load_settings
+from bff.supervisor import available_cpus
 
 __all__ = ["main"]
 
@@ -37,8 +38,6 @@ def _worker_count(settings: Settings, flag: int | None) -> tuple[int, str]:
         return flag, "set by --workers"
     if settings.workers is not None:
         return settings.workers, "set by workers: in the config"
-    from bff.supervisor import available_cpus
-
     return available_cpus(), "the default: one per CPU this process may use"
 
 
@@ -55,8 +54,7 @@ def _check_workers(settings: Settings, source: str, workers: int, why: str) -> N
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bff import log
-    from bff.supervisor import Supervisor, bind_slots, read_config
+    from bff.supervisor import read_config
 
     path = args.config or os.environ.get("BFF_CONFIG")
     if not path:
@@ -73,17 +71,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         if metrics is not None
         else "no metrics listener"
     )
+    print(
+        f"bff: serving {settings.public_url} on {host}:{port} with {workers} worker(s); {where}",
+        flush=True,
+    )
+    return _supervise(path, text, settings, host, port, workers, metrics_port)
+
+
+def _supervise(
+    path: str,
+    text: str,
+    settings: Settings,
+    host: str,
+    port: int,
+    workers: int,
+    metrics_port: int | None,
+) -> int:
+    """Bind the sockets and run the workers under the supervisor until SIGTERM (even one
+    worker: restarts and SIGHUP reloads work the same). The workers share nothing but the store,
+    like instances behind a load balancer."""
+    from bff import log
+    from bff.supervisor import Supervisor, bind_slots
+
     log.configure(settings)
     try:
         socks = bind_slots(host, port, workers)
     except OSError as exc:
         raise ConfigError([f"cannot listen on {host}:{port}: {exc.strerror or exc}"]) from None
-    print(
-        f"bff: serving {settings.public_url} on {host}:{port} with {workers} worker(s); {where}",
-        flush=True,
-    )
-    # The workers share nothing but the store, like instances behind a load balancer; the
-    # parent only supervises them (bff/supervisor.py: restarts, SIGTERM drain, SIGHUP reload).
     supervisor = Supervisor(path, text, settings, socks, metrics_port=metrics_port)
     return asyncio.run(supervisor.run())
 

@@ -1,0 +1,107 @@
+"""The ``bff run`` parent's decisions that need no process: worker count and restart backoff."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bff import supervisor
+from bff.config import parse_settings
+from bff.supervisor import Supervisor, _Worker, available_cpus
+
+CONFIG = f"""\
+public_url: http://127.0.0.1:8080
+oidc: {{issuer: "http://127.0.0.1:1", client_id: c, client_secret: s}}
+keys: ["{"k" * 43}"]
+"""
+
+
+@pytest.fixture
+def affinity(monkeypatch: pytest.MonkeyPatch) -> Any:
+    def set_cpus(n: int) -> None:
+        monkeypatch.setattr(supervisor.os, "sched_getaffinity", lambda pid: set(range(n)))
+
+    return set_cpus
+
+
+def test_the_affinity_mask_counts_not_the_host(affinity: Any, tmp_path: Path) -> None:
+    affinity(3)
+    assert available_cpus(tmp_path) == 3  # no cgroup files: the mask alone
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [
+        ("max 100000\n", 8),  # no quota
+        ("200000 100000\n", 2),
+        ("150000 100000\n", 2),  # 1.5 CPUs round up
+        ("50000 100000\n", 1),  # never 0
+        ("1600000 100000\n", 8),  # a quota above the mask: the mask
+    ],
+)
+def test_a_cgroup_v2_quota_caps_the_count(
+    affinity: Any, tmp_path: Path, cpu_max: str, expected: int
+) -> None:
+    affinity(8)
+    (tmp_path / "cpu.max").write_text(cpu_max)
+    assert available_cpus(tmp_path) == expected
+
+
+@pytest.mark.parametrize(("quota", "expected"), [("-1", 8), ("300000", 3), ("250000", 3)])
+def test_a_cgroup_v1_cfs_quota_caps_the_count(
+    affinity: Any, tmp_path: Path, quota: str, expected: int
+) -> None:
+    affinity(8)
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text(quota + "\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cpus(tmp_path) == expected
+
+
+class _Proc:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.code: int | None = None
+
+    def poll(self) -> int | None:
+        return self.code
+
+
+def test_a_crash_loop_backs_off_and_a_stable_worker_restarts_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(supervisor.time, "monotonic", lambda: now[0])
+    settings = parse_settings(CONFIG)
+    with socket.socket() as sock:
+        sup = Supervisor("bff.yaml", CONFIG, settings, [sock])
+        procs: list[_Proc] = []
+
+        def start(slot: int) -> None:
+            proc = _Proc(len(procs) + 1)
+            procs.append(proc)
+            sup.slots[slot] = _Worker(slot, proc, started=now[0])  # type: ignore[arg-type]
+
+        monkeypatch.setattr(sup, "_start", start)
+        start(0)
+        delays = []
+        for _ in range(9):  # each worker dies 1 s after it started
+            now[0] += 1
+            procs[-1].code = 1
+            sup._reap()
+            due = sup.restart_at[0]
+            assert due is not None
+            delays.append(due - now[0])
+            now[0] = due
+            sup._reap()  # restarts it
+        assert delays == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
+        assert sup.restarts == 9 and len(procs) == 10
+        now[0] += supervisor.STABLE_AFTER  # this one lived long enough: not a loop
+        procs[-1].code = -9
+        sup._reap()
+        assert sup.restart_at[0] == now[0]
+        sup._reap()
+        assert len(procs) == 11
