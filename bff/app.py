@@ -14,6 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from bff import endpoints, health, proxy, spa, tracing
+from bff.access import access_middleware, request_id_header
 from bff.client_tokens import ClientTokens
 from bff.config import Settings
 from bff.cookies import CookiePolicy
@@ -38,6 +39,7 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     private = () if settings.metrics.public else (health.METRICS_PATH,)
     app = web.Application(
         middlewares=[
+            access_middleware(enabled=settings.log.access),  # request id; one line per request
             *tracing.middleware(settings.tracing),  # outermost: the server span sees every answer
             error_middleware(api_prefixes=(*api_prefixes, *private)),
         ],
@@ -122,6 +124,7 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     health.add_routes(app, metrics_public=settings.metrics.public)
     proxy.add_routes(app, upstreams)  # before the SPA's catch-all
     spa.add_routes(app, settings.static, reserved=(*api_prefixes, *private))
+    app.on_response_prepare.append(request_id_header)
     app.on_response_prepare.append(
         security_headers(
             csp=settings.security.content_security_policy,

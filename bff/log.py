@@ -28,6 +28,7 @@ __all__ = [
     "SENSITIVE_HEADERS",
     "JsonFormatter",
     "RedactingFilter",
+    "TextFormatter",
     "configure",
     "redact",
     "setup_logging",
@@ -116,6 +117,10 @@ class RedactingFilter(logging.Filter):
         self._names = _Names(cookie_names, (*SENSITIVE_HEADERS, *header_names))
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.__dict__.pop("trusted", False):
+            # Built by bff.access from numbers and fixed-shape text: nothing to redact, and it
+            # is one line per request, so it skips the regexes.
+            return True
         names = self._names
         for key, value in list(vars(record).items()):
             if key not in _STANDARD:
@@ -139,6 +144,27 @@ class RedactingFilter(logging.Filter):
         elif record.exc_text:
             record.exc_text = names(redact(record.exc_text))
         return True
+
+
+class TextFormatter(logging.Formatter):
+    """``log.format: text``: the message, then each structured field as ``key=value``."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = " ".join(
+            f"{key}={_text_value(value)}"
+            for key, value in vars(record).items()
+            if key not in _STANDARD and key != "event"
+        )
+        return f"{line} {fields}" if fields else line
+
+
+def _text_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return json.dumps(text) if (not text or " " in text or '"' in text) else text
 
 
 class JsonFormatter(logging.Formatter):
@@ -175,14 +201,13 @@ def setup_logging(
     """
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactingFilter(cookie_names, header_names))
-    handler.setFormatter(
-        JsonFormatter()
-        if fmt == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
-    )
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Library warnings (redis' Retry, DeprecationWarnings...) become records of logger
+    # py.warnings, formatted and redacted like every other line, instead of raw text on stderr.
+    logging.captureWarnings(True)
     # aiohttp's access log would print full URLs (the callback's code and state): keep it off.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Final
 
@@ -18,6 +19,7 @@ from aiohttp import web
 from yarl import URL
 
 from bff import tracing
+from bff.access import UPSTREAM
 from bff.errors import (
     BffError,
     InsufficientScope,
@@ -145,6 +147,7 @@ async def _exchange(
             deadline = _Deadline(timeout)
             try:
                 with tracing.upstream_span(request.method, route.prefix, route.origin) as span:
+                    sent = time.perf_counter()
                     resp = await http.request(
                         request.method,
                         url,
@@ -152,6 +155,7 @@ async def _exchange(
                         data=_body(body, deadline, route.timeout) if body is not None else None,
                         allow_redirects=False,
                     )
+                    request[UPSTREAM] = (resp.status, time.perf_counter() - sent)
                     if span is not None:
                         span.set_attribute("http.response.status_code", resp.status)
                 length = resp.content_length
