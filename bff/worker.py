@@ -43,19 +43,20 @@ _PR_SET_PDEATHSIG: Final = 1
 READY_WAIT: Final = 10.0
 
 
-def die_with_parent(parent: int) -> None:
-    """SIGTERM this process when ``parent`` dies (a SIGKILLed ``bff run`` leaves no orphans).
+def die_with_parent(parent: int) -> bool:
+    """SIGTERM this process when ``parent`` dies (a SIGKILLed ``bff run`` leaves no orphans);
+    False when the kernel cannot do it, and :func:`_watch_parent` must.
 
     ``prctl(PR_SET_PDEATHSIG)`` is kernel-enforced and costs nothing; it is set after exec, so a
-    parent that died in between is caught by the pid check. Elsewhere a thread-free fallback
-    (:func:`_watch_parent`) polls the parent pid.
+    parent that died in between is caught by the pid check.
     """
+    armed = False
     if sys.platform == "linux":
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        armed = int(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)) == 0
     if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGTERM)
+    return armed
 
 
 async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
@@ -87,7 +88,8 @@ async def serve_worker(
     ready_fd: int | None = None,
     parent: int | None = None,
 ) -> None:
-    """Serve ``app`` on the inherited ``sock`` until told to stop, then stop as the module says."""
+    """Serve ``app`` on the inherited ``sock`` until told to stop, then stop as the module says;
+    ``parent``: a pid to watch when :func:`die_with_parent` could not arm the kernel."""
     from bff.server import FrontDoorRunner
 
     loop = asyncio.get_running_loop()
@@ -95,11 +97,7 @@ async def serve_worker(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGUSR2, retire.set)
-    watcher = (
-        asyncio.create_task(_watch_parent(parent, stop))
-        if parent is not None and sys.platform != "linux"
-        else None
-    )
+    watcher = asyncio.create_task(_watch_parent(parent, stop)) if parent is not None else None
     grace = settings.shutdown.grace
     runner = FrontDoorRunner(app, limits=settings.limits, shutdown_timeout=grace)
     await runner.setup()
@@ -174,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, help="override metrics.listen.port")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a terminal hangup reaches the whole group
-    die_with_parent(args.parent)
+    armed = die_with_parent(args.parent)
     text = sys.stdin.read()
     try:
         settings = parse_settings(text, args.source, base_dir=Path(args.source).absolute().parent)
@@ -195,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         add_metrics_listener(app, metrics.host, port, reuse_port=True)
     sock = socket.socket(fileno=args.fd)
     _tune_gc()
-    asyncio.run(serve_worker(app, settings, sock, ready_fd=args.ready_fd, parent=args.parent))
+    watch = None if armed else args.parent
+    asyncio.run(serve_worker(app, settings, sock, ready_fd=args.ready_fd, parent=watch))
     return 0
 
 

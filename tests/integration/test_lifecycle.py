@@ -51,9 +51,17 @@ class NamedUpstream:
             self.in_flight -= 1
         return web.json_response({"up": self.name, "slow": True})
 
+    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str(f"{self.name}:{msg.data}")
+        return ws
+
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/up/x", self._x)
+        app.router.add_get("/up/ws", self._ws)
         app.router.add_get("/up/slow", self._slow)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
@@ -95,7 +103,9 @@ async def configure(
             store=redis_server.url,
             keys=[KEY],
             static=tmp_path / "static",
-            upstreams=[{"path": "/api", "url": f"{upstream}/up", "token": "none"}],
+            upstreams=[
+                {"path": "/api", "url": f"{upstream}/up", "token": "none", "websocket": True}
+            ],
         )
         config.update(extra)
         return write_config(tmp_path, config)
@@ -190,6 +200,33 @@ async def test_sigterm_drains_then_lets_50_slow_calls_finish(
             assert step in steps
         assert steps.count("shutdown.done") == 3  # both workers and the parent
         assert steps.index("shutdown.draining") < steps.index("shutdown.stopped_accepting")
+    finally:
+        await asyncio.to_thread(proc.close)
+
+
+async def test_sigterm_closes_websockets_with_1001(
+    configure: Any, upstreams: tuple[NamedUpstream, NamedUpstream]
+) -> None:
+    a, _ = upstreams
+    port = free_port()
+    path = await configure(port, a.url, shutdown={"drain": "1s", "grace": "20s"})
+    proc = BffProcess(path, port=port, workers=1)
+    try:
+        await asyncio.to_thread(proc.start)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(f"{proc.url}/api/ws", origin=proc.url) as ws,
+        ):
+            await ws.send_str("hi")
+            assert (await ws.receive(timeout=30)).data == "A:hi"
+            assert proc.pid is not None
+            os.kill(proc.pid, signal.SIGTERM)
+            msg = await ws.receive(timeout=60)
+            assert msg.type is aiohttp.WSMsgType.CLOSE, msg
+            assert ws.close_code == 1001
+        assert await asyncio.to_thread(proc.wait_exit, 60) == 0
+        stopped = logged(proc, "shutdown.stopped_accepting")
+        assert [e["websockets"] for e in stopped] == [1]
     finally:
         await asyncio.to_thread(proc.close)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ import pytest
 from bff import supervisor
 from bff.config import parse_settings
 from bff.supervisor import Supervisor, _Worker, available_cpus
+from bff.worker import _watch_parent
 
 CONFIG = f"""\
 public_url: http://127.0.0.1:8080
@@ -105,3 +109,18 @@ def test_a_crash_loop_backs_off_and_a_stable_worker_restarts_at_once(
         assert sup.restart_at[0] == now[0]
         sup._reap()
         assert len(procs) == 11
+
+
+async def test_without_pdeathsig_a_worker_notices_its_parent_is_gone() -> None:
+    stop = asyncio.Event()
+    await asyncio.wait_for(_watch_parent(-1, stop), 5)  # -1 is nobody's parent
+    assert stop.is_set()
+
+
+def test_pdeathsig_is_armed_on_linux() -> None:
+    """In a child of its own: the setting would stay on the test process."""
+    code = "import os; from bff.worker import die_with_parent; print(die_with_parent(os.getppid()))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert out.strip() == str(sys.platform == "linux")
