@@ -287,6 +287,14 @@ class Supervisor:
                        "problems": exc.problems, "detail": "nothing changed"},
             )  # fmt: skip
             return
+        if settings.session.store == "memory://" and len(self.socks) > 1:
+            log.error(
+                "reload.refused",
+                extra={"event": "reload.refused", "config": self.path, "detail": "nothing changed",
+                       "problems": [f"session.store: memory:// holds sessions in one process, "
+                                    f"but bff runs {len(self.socks)} workers"]},
+            )  # fmt: skip
+            return
         old = self.settings
         needs_restart = [
             name

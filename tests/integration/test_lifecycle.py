@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 
 from tests.integration.test_proxy import KEY
@@ -257,7 +258,8 @@ async def test_sighup_under_load_switches_the_upstream_without_a_failed_request(
         old = workers_of(proc)
         load = [asyncio.create_task(client()) for _ in range(4)]
         await wait_for("load", lambda: len(outcomes) >= 50, proc)
-        await configure(port, b.url)
+        csp = "default-src 'none'; script-src 'self'"
+        await configure(port, b.url, security={"content_security_policy": csp})
         assert proc.pid is not None
         os.kill(proc.pid, signal.SIGHUP)
         await wait_for("reload.done", lambda: bool(logged(proc, "reload.done")), proc, 120)
@@ -273,6 +275,8 @@ async def test_sighup_under_load_switches_the_upstream_without_a_failed_request(
         assert failed == [], f"{len(failed)} failed of {len(outcomes)}: {failed[:5]}"
         assert {o for o in outcomes[mark:]} == {(200, "B")}
         assert workers_of(proc).isdisjoint(old)
+        async with aiohttp.ClientSession() as http, http.get(f"{proc.url}/") as resp:
+            assert resp.headers["Content-Security-Policy"] == csp  # the new security: too
     finally:
         done.set()
         await asyncio.to_thread(proc.close)
@@ -299,6 +303,31 @@ async def test_a_broken_file_on_sighup_changes_nothing(
         async with aiohttp.ClientSession() as http:
             assert await get_json(http, f"{proc.url}/api/x") == (200, {"up": "A"})
         assert not logged(proc, "reload.done")
+    finally:
+        await asyncio.to_thread(proc.close)
+
+
+async def test_a_memory_store_on_sighup_with_two_workers_changes_nothing(
+    configure: Any, upstreams: tuple[NamedUpstream, NamedUpstream]
+) -> None:
+    a, b = upstreams
+    port = free_port()
+    path = await configure(port, a.url)
+    proc = BffProcess(path, port=port, workers=2)
+    try:
+        await asyncio.to_thread(proc.start)
+        await wait_for("two workers", lambda: len(workers_of(proc)) == 2, proc)
+        before = workers_of(proc)
+        config = yaml.safe_load((await configure(port, b.url)).read_text())
+        config["session"]["store"] = "memory://"
+        path.write_text(yaml.safe_dump(config))
+        assert proc.pid is not None
+        os.kill(proc.pid, signal.SIGHUP)
+        await wait_for("reload.refused", lambda: bool(logged(proc, "reload.refused")), proc)
+        assert "memory://" in logged(proc, "reload.refused")[0]["problems"][0]
+        assert workers_of(proc) == before
+        async with aiohttp.ClientSession() as http:
+            assert await get_json(http, f"{proc.url}/api/x") == (200, {"up": "A"})
     finally:
         await asyncio.to_thread(proc.close)
 
