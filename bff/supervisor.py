@@ -101,8 +101,17 @@ def read_config(path: str) -> tuple[str, Settings]:
 
 
 def bind_slots(host: str, port: int, count: int) -> list[socket.socket]:
-    """``count`` listening sockets on ``host:port`` (SO_REUSEPORT when more than one)."""
+    """``count`` listening sockets on ``host:port`` (SO_REUSEPORT when more than one).
+
+    First a plain bind, without SO_REUSEPORT, which fails while anything listens there: a second
+    ``bff run`` on the same port must be refused, not served beside the first with another
+    config (SO_REUSEPORT alone would let it in).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+        probe.bind((host, port))
+        port = probe.getsockname()[1]
     socks: list[socket.socket] = []
     try:
         for _ in range(count):
@@ -114,8 +123,6 @@ def bind_slots(host: str, port: int, count: int) -> list[socket.socket]:
             sock.bind((host, port))
             sock.listen(1024)
             sock.setblocking(False)
-            if port == 0:
-                port = sock.getsockname()[1]
     except BaseException:
         for sock in socks:
             sock.close()

@@ -371,3 +371,22 @@ async def test_sigkill_of_the_parent_takes_the_workers_down(
         await wait_for("workers gone", lambda: all(gone(p) for p in workers), proc)
     finally:
         await asyncio.to_thread(proc.close)
+
+
+async def test_a_second_bff_run_on_a_taken_port_is_refused(
+    configure: Any, upstreams: tuple[NamedUpstream, NamedUpstream]
+) -> None:
+    a, _ = upstreams
+    port = free_port()
+    path = await configure(port, a.url)
+    first = BffProcess(path, port=port, workers=2)
+    second = BffProcess(path, port=port, workers=2)
+    try:
+        await asyncio.to_thread(first.start)
+        second.spawn()
+        assert await asyncio.to_thread(second.wait_exit, 60) == 2
+        err = (second.workdir / "stderr.log").read_text()
+        assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+    finally:
+        await asyncio.to_thread(second.close)
+        await asyncio.to_thread(first.close)

@@ -13,7 +13,7 @@ import pytest
 
 from bff import supervisor
 from bff.config import parse_settings
-from bff.supervisor import Supervisor, _Worker, available_cpus
+from bff.supervisor import Supervisor, _Worker, available_cpus, bind_slots
 from bff.worker import _watch_parent
 
 CONFIG = f"""\
@@ -124,3 +124,19 @@ def test_pdeathsig_is_armed_on_linux() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     ).stdout
     assert out.strip() == str(sys.platform == "linux")
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_second_bff_run_on_the_same_port_is_refused(count: int) -> None:
+    first = bind_slots("127.0.0.1", 0, count)
+    try:
+        port = first[0].getsockname()[1]
+        assert {s.getsockname()[1] for s in first} == {port} and len(first) == count
+        with pytest.raises(OSError):
+            bind_slots("127.0.0.1", port, count)
+    finally:
+        for sock in first:
+            sock.close()
+    again = bind_slots("127.0.0.1", port, count)  # free again once the first has closed
+    for sock in again:
+        sock.close()
