@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -166,6 +167,9 @@ class Supervisor:
         self.failures = [0] * len(socks)  # consecutive early deaths per slot (backoff)
         self.restart_at: list[float | None] = [None] * len(socks)
         self.restarts = 0  # workers restarted after they died, since start
+        # Called with the pid of every worker that ended, whatever the cause (e.g. for metrics
+        # kept per process, which must be told when one is gone).
+        self.on_exit: list[Callable[[int], None]] = []
         self.stopping = False
         self._reload: asyncio.Task[None] | None = None
         self._reload_again = False
@@ -233,6 +237,7 @@ class Supervisor:
             code = old.proc.poll()
             if code is not None:
                 self.retiring.remove(old)
+                self._exited(old.pid)
                 log.info(
                     "worker.retired",
                     extra={"event": "worker.retired", "slot": old.slot, "pid": old.pid,
@@ -254,6 +259,7 @@ class Supervisor:
             n = self.failures[slot]
             delay = 0.0 if n == 0 else min(BACKOFF_FIRST * 2 ** (n - 1), BACKOFF_MAX)
             self.slots[slot] = None
+            self._exited(worker.pid)
             self.restart_at[slot] = now + delay
             log.error(
                 "worker.died",
@@ -261,6 +267,13 @@ class Supervisor:
                        "status": _exit_text(code), "lived_seconds": round(lived, 3),
                        "restart_in": delay, "restarts": self.restarts + 1},
             )  # fmt: skip
+
+    def _exited(self, pid: int) -> None:
+        for hook in self.on_exit:
+            try:
+                hook(pid)
+            except Exception:  # a hook must not take the supervisor down
+                log.exception("worker.exit_hook_failed", extra={"event": "worker.exit_hook_failed"})
 
     def _live(self) -> list[_Worker]:
         return [w for w in (*self.slots, *self.retiring, self.pending) if w is not None]
@@ -328,6 +341,7 @@ class Supervisor:
                 self.pending = None
                 worker.proc.kill()
                 await asyncio.to_thread(worker.proc.wait)
+                self._exited(worker.pid)
                 if replaced == 0:
                     self.text = previous_text  # restarts keep running the old config
                 log.error(
@@ -393,6 +407,7 @@ class Supervisor:
                 log.error("shutdown.kill", extra={"event": "shutdown.kill", "pid": worker.pid})
                 worker.proc.kill()
             status = await asyncio.to_thread(worker.proc.wait)
+            self._exited(worker.pid)
             if status != 0:
                 code = 1
         for sock in self.socks:

@@ -90,6 +90,8 @@ def test_a_crash_loop_backs_off_and_a_stable_worker_restarts_at_once(
             sup.slots[slot] = _Worker(slot, proc, started=now[0])  # type: ignore[arg-type]
 
         monkeypatch.setattr(sup, "_start", start)
+        ended: list[int] = []
+        sup.on_exit.append(ended.append)
         start(0)
         delays = []
         for _ in range(9):  # each worker dies 1 s after it started
@@ -103,6 +105,7 @@ def test_a_crash_loop_backs_off_and_a_stable_worker_restarts_at_once(
             sup._reap()  # restarts it
         assert delays == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
         assert sup.restarts == 9 and len(procs) == 10
+        assert ended == list(range(1, 10))  # every dead worker's pid, once
         now[0] += supervisor.STABLE_AFTER  # this one lived long enough: not a loop
         procs[-1].code = -9
         sup._reap()
