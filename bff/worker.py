@@ -163,6 +163,10 @@ def _install_fast_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def _exit_before_serving(signum: int, frame: object) -> None:
+    os._exit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bff-worker")
     parser.add_argument("--source", required=True, help="the config file's path (messages, base)")
@@ -172,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, help="override metrics.listen.port")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a terminal hangup reaches the whole group
+    # Told to stop before serving (nothing accepted yet, nothing to finish): a clean exit, not
+    # death by the signal, which the parent would report as a failure. serve_worker takes over.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+        signal.signal(signum, _exit_before_serving)
     armed = die_with_parent(args.parent)
     text = sys.stdin.read()
     try:

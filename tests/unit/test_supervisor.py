@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +146,30 @@ def test_a_second_bff_run_on_the_same_port_is_refused(count: int) -> None:
     again = bind_slots("127.0.0.1", port, count)  # free again once the first has closed
     for sock in again:
         sock.close()
+
+
+def _catches(pid: int, signum: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_a_worker_told_to_stop_before_it_serves_exits_cleanly() -> None:
+    """Not death by SIGTERM, which the parent would count as a failed stop."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bff.worker", "--source", "bff.yaml", "--fd", "0",
+         "--parent", str(os.getpid())],
+        stdin=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not _catches(proc.pid, signal.SIGTERM):  # it now waits for its config on stdin
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
