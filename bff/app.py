@@ -14,10 +14,12 @@ import aiohttp
 from aiohttp import web
 
 from bff import endpoints, health, proxy, spa, tracing
+from bff.access import access_middleware, request_id_header
 from bff.client_tokens import ClientTokens
 from bff.config import Settings
 from bff.cookies import CookiePolicy
 from bff.keys import Keyring
+from bff.lifecycle import LIFECYCLE, Lifecycle
 from bff.metrics import Metrics, flush_ctx, request_middleware
 from bff.middlewares import error_middleware, security_headers
 from bff.oidc import OidcClient
@@ -38,7 +40,8 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     private = () if settings.metrics.public else (health.METRICS_PATH,)
     app = web.Application(
         middlewares=[
-            *tracing.middleware(settings.tracing),  # outermost: the server span sees every answer
+            access_middleware(enabled=settings.log.access),  # request id; one line per request
+            *tracing.middleware(settings.tracing),  # the server span sees every answer
             request_middleware(),
             error_middleware(api_prefixes=(*api_prefixes, *private)),
         ],
@@ -48,6 +51,7 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     )
     keyring = Keyring([k.get() for k in settings.keys])
     peers = Peers(settings.trusted_proxies, settings.public_url)
+    app[LIFECYCLE] = Lifecycle()  # draining flag and open WebSockets, for bff.worker
     app[PEERS] = peers  # bff.peers.client_address(request) for rate limits and logs
     upstreams = proxy.UpstreamTable(settings.upstreams, public_url=settings.public_url, peers=peers)
 
@@ -126,6 +130,7 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     app.router.add_route("*", settings.prefix + proxy.AUTHZ_PATH, proxy.authz)
     proxy.add_routes(app, upstreams)  # before the SPA's catch-all
     spa.add_routes(app, settings.static, reserved=(*api_prefixes, *private))
+    app.on_response_prepare.append(request_id_header)
     app.on_response_prepare.append(
         security_headers(
             csp=settings.security.content_security_policy,

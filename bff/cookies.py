@@ -22,6 +22,7 @@ from aiohttp import web
 # request.cookies keeps only the last of a name and reads only the first Cookie line.
 from aiohttp._cookie_helpers import parse_cookie_header
 
+from bff.access import SESSION_SECRET
 from bff.keys import Keyring, SessionSecret
 
 __all__ = ["CookiePolicy", "session_cookie_names"]
@@ -58,7 +59,10 @@ class CookiePolicy:
 
     def session_secret(self, request: web.Request) -> SessionSecret | None:
         """The verified secret of the session cookie; None when absent, tampered or foreign."""
-        return self._read(request, self.name, "session")
+        secret = self._read(request, self.name, "session")
+        if secret is not None:
+            request[SESSION_SECRET] = secret  # the access log's session handle (bff.access)
+        return secret
 
     def browser_secret(self, request: web.Request) -> SessionSecret | None:
         return self._read(request, self.tx_name, "login")

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from bff.errors import BffError
+from bff.lifecycle import LIFECYCLE
 from bff.server import FrontDoorRunner  # the same hardened parser and fixed refusals
 from bff.services import SERVICES
 
@@ -37,6 +38,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def _readiness(app: web.Application) -> web.Response:
+    lifecycle = app.get(LIFECYCLE)
+    if lifecycle is not None and lifecycle.draining:  # SIGTERM: tell the load balancer first
+        return web.json_response(
+            {"status": "draining", "checks": {}}, status=503, headers={"Retry-After": "5"}
+        )
     services = app[SERVICES]
     checks: dict[str, str] = {}
     try:

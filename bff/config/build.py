@@ -37,6 +37,7 @@ from bff.config.settings import (
     SecuritySettings,
     SessionSettings,
     Settings,
+    ShutdownSettings,
     TracingSettings,
     is_dev_url,
     is_loopback_host,
@@ -90,6 +91,11 @@ class _Builder(Reader):
         log = LogSettings(
             level=self.get(log_data, ("log",), "level", "info"),
             format=self.get(log_data, ("log",), "format", "json"),
+            access=self.get(log_data, ("log",), "access", True),
+        )
+        sd, sdp = self.section(data, "shutdown"), ("shutdown",)
+        shutdown = ShutdownSettings(
+            drain=self.duration(sd, sdp, "drain", 5.0), grace=self.duration(sd, sdp, "grace", 25.0)
         )
         metrics = self.metrics(self.section(data, "metrics"), listen)
         workers = self.get(data, (), "workers", None)
@@ -119,6 +125,7 @@ class _Builder(Reader):
             workers=workers,
             limits=limits,
             tracing=tracing,
+            shutdown=shutdown,
         )
 
     def public_url(self, data: dict[str, Any]) -> str | None:

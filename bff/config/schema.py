@@ -158,8 +158,10 @@ SCHEMA: Final[dict[str, Any]] = {
                 {
                     "level": {"enum": ["debug", "info", "warning", "error", "critical"]},
                     "format": {"enum": ["json", "text"]},
+                    "access": _BOOL,
                 }
             ),
+            "shutdown": _obj({"drain": _DURATION, "grace": _DURATION}),
             "metrics": _obj(
                 {
                     "listen": {**_obj(_LISTEN), "type": ["object", "null"]},

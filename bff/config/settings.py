@@ -230,6 +230,15 @@ class LogSettings:
 
     level: LogLevel = "info"  # minimum level logged
     format: LogFormat = "json"  # one JSON object per line, or human-readable text
+    access: bool = True  # one access-log line per request (logger bff.access)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShutdownSettings:
+    """How `bff run` stops on SIGTERM (and how an old worker leaves on SIGHUP)."""
+
+    drain: float = 5.0  # seconds: /readyz answers 503 while requests are still accepted
+    grace: float = 25.0  # seconds: then in-flight requests may finish before they are cut
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -265,6 +274,7 @@ class Settings:
     tracing: TracingSettings = TracingSettings()  # OpenTelemetry traces, off by default
     workers: int | None = None  # worker processes; None = one per core; `bff run --workers` wins
     limits: LimitSettings = LimitSettings()  # request size limits of the HTTP parser
+    shutdown: ShutdownSettings = ShutdownSettings()  # drain and grace on SIGTERM
     dev: bool = field(init=False)  # derived: public_url is http:// on a loopback host
 
     def __post_init__(self) -> None:

@@ -32,7 +32,7 @@ from bff.redirects import is_navigation, with_error
 from bff.services import SERVICES
 from bff.sessions import LoginTooSlow, SessionData
 
-__all__ = ["OP_ERRORS", "back_to_app", "handle"]
+__all__ = ["OP_ERRORS", "back_to_app", "handle", "log_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ async def handle(request: web.Request) -> web.Response:
         await enforce(request, "callback")
         return await _finish(request, attempt)
     except BffError as exc:
+        log_failure("callback", exc)
         if not is_navigation(request.headers):
             raise
         if isinstance(exc, LoginTooSlow):
@@ -85,6 +86,15 @@ async def handle(request: web.Request) -> web.Response:
             raise
         log.exception("request.failed", extra={"event": "request.failed", "path": request.path})
         return back_to_app(attempt.return_to, "server_error")
+
+
+def log_failure(step: str, exc: BffError) -> None:
+    """A failed login or callback, with its reason (an error code and bff's own description)."""
+    log.warning(
+        "login.failed",
+        extra={"event": "login.failed", "step": step, "status": exc.status,
+               "reason": exc.error, "detail": exc.error_description},
+    )  # fmt: skip
 
 
 def back_to_app(return_to: str | None, code: str) -> web.Response:

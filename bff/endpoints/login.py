@@ -14,7 +14,7 @@ import time
 from aiohttp import web
 
 from bff import tracing
-from bff.endpoints.callback import back_to_app
+from bff.endpoints.callback import back_to_app, log_failure
 from bff.errors import BffError, InvalidReturnTo
 from bff.keys import new_secret, store_id
 from bff.oidc import new_pkce_pair
@@ -30,6 +30,7 @@ async def handle(request: web.Request) -> web.Response:
         await enforce(request, "login")
         return await _start(request)
     except BffError as exc:
+        log_failure("login", exc)
         if not is_navigation(request.headers):
             raise
         return back_to_app(request.query.get("returnTo"), exc.error)

@@ -20,6 +20,7 @@ from aiohttp import web
 from yarl import URL
 
 from bff import metrics, tracing
+from bff.access import UPSTREAM
 from bff.errors import (
     BffError,
     InsufficientScope,
@@ -171,6 +172,7 @@ async def _exchange(
                         data=_body(body, deadline, route.timeout) if body is not None else None,
                         allow_redirects=False,
                     )
+                    request[UPSTREAM] = (resp.status, time.perf_counter() - started)
                     if span is not None:
                         span.set_attribute("http.response.status_code", resp.status)
                 metrics.observe_upstream(route.prefix, started)

@@ -30,6 +30,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from bff.access import REQUEST_ID
+
 __all__ = [
     "CLIENT_ADDRESS",
     "HOP_BY_HOP",
@@ -173,13 +175,14 @@ _DROP_PREFIXES: Final = (
     "x-pomerium-",
 )
 #: To the upstream: also the browser's credentials, its Host (the upstream's comes from the URL),
-#: Expect (aiohttp answered it already) and bff's own anti-forgery header.
+#: Expect (aiohttp answered it already), bff's own anti-forgery header and the request id
+#: (replaced by the one bff vouches for, see bff.access).
 REQUEST_DROP: Final = (
     HOP_BY_HOP
     | CLIENT_ADDRESS
     | OVERRIDES
     | IDENTITY
-    | {"cookie", "authorization", "host", "expect", "x-csrf"}
+    | {"cookie", "authorization", "host", "expect", "x-csrf", "x-request-id"}
 )
 #: The browser's handshake headers; aiohttp makes the upstream handshake's own.
 WS_HANDSHAKE: Final = frozenset(
@@ -233,6 +236,9 @@ def upstream_headers(
     if token is not None:
         out.append(("Authorization", "Bearer " + token))
     out.extend(forwarded)
+    rid = request.get(REQUEST_ID)
+    if rid is not None:  # the browser's when well-formed, else bff's own (bff.access)
+        out.append(("X-Request-ID", rid))
     return out
 
 

@@ -17,6 +17,7 @@ from yarl import URL
 
 from bff import metrics, tracing
 from bff.errors import UpstreamFailed, UpstreamTimeout
+from bff.lifecycle import LIFECYCLE
 from bff.proxy.headers import upstream_headers
 from bff.proxy.routing import Route, UpstreamTable
 from bff.proxy.session_watch import SessionWatch
@@ -79,8 +80,11 @@ async def forward_websocket(
 
     watch = SessionWatch(services, session, table.session_check_interval, end) if session else None
     metrics.stream_opened("websocket")
+    lifecycle = request.app.get(LIFECYCLE)
     try:
         await browser.prepare(request)
+        if lifecycle is not None:
+            lifecycle.websockets.add(browser)  # closed with 1001 when the worker stops
         to_upstream = asyncio.create_task(_pump(browser, upstream))
         to_browser = asyncio.create_task(_pump(upstream, browser))
         done, pending = await asyncio.wait(
@@ -97,6 +101,8 @@ async def forward_websocket(
             await browser.close(code=upstream.close_code or 1000)
     finally:
         metrics.stream_closed("websocket")
+        if lifecycle is not None:
+            lifecycle.websockets.discard(browser)
         if watch is not None:
             watch.stop()
         if not upstream.closed:

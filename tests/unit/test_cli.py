@@ -31,10 +31,11 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, ...]]:
     """Records what ``bff run`` would serve, instead of serving it."""
     calls: list[tuple[object, ...]] = []
 
-    def fake_worker(*args: object) -> None:
+    def fake_supervise(*args: object) -> int:
         calls.append(args)
+        return 0
 
-    monkeypatch.setattr(cli, "_run_worker", fake_worker)
+    monkeypatch.setattr(cli, "_supervise", fake_supervise)
     return calls
 
 
@@ -64,9 +65,9 @@ def test_run_refuses_the_default_store_with_the_default_worker_count(
     capsys: pytest.CaptureFixture[str],
     served: list[tuple[object, ...]],
 ) -> None:
-    monkeypatch.setattr(cli.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(cli, "available_cpus", lambda: 4)
     code = cli.main(["run", "--config", config(tmp_path)])  # store: left out, no --workers
-    assert "one per core of this machine" in assert_refused(capsys, code, 4)
+    assert "one per CPU this process may use" in assert_refused(capsys, code, 4)
     assert served == []
 
 
@@ -100,12 +101,12 @@ def test_run_serves_a_memory_store_with_one_worker(
     argv: list[str],
     extra: str,
 ) -> None:
-    monkeypatch.setattr(cli.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(cli, "available_cpus", lambda: 4)
     assert cli.main(["run", "--config", config(tmp_path, extra), *argv]) == 0
     assert "with 1 worker(s); /metrics on 127.0.0.1:9464" in capsys.readouterr().out
     assert len(served) == 1
-    _config, _host, _port, reuse_port, _metrics_port = served[0]
-    assert reuse_port is False  # one worker binds its ports alone
+    _path, _text, _settings, _host, _port, workers, _metrics_port = served[0]
+    assert workers == 1  # still under the supervisor: restarts and reloads work the same
 
 
 def test_run_refuses_zero_workers(
@@ -119,12 +120,12 @@ def test_run_refuses_zero_workers(
 def test_check_config_refuses_memory_when_this_machine_would_run_several_workers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(cli.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(cli, "available_cpus", lambda: 8)
     code = cli.main(["check-config", "--offline", config(tmp_path)])
     out, err = capsys.readouterr()
     assert code == 2
     assert "configuration is valid" not in out
-    assert "one per core of this machine" in err
+    assert "one per CPU this process may use" in err
     assert "Set session.store to a redis:// URL, or run --workers 1" in err
     assert "Traceback" not in out + err
 
@@ -143,7 +144,7 @@ def test_check_config_accepts_memory_with_one_worker(
     cores: int,
     extra: str,
 ) -> None:
-    monkeypatch.setattr(cli.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(cli, "available_cpus", lambda: cores)
     assert cli.main(["check-config", "--offline", config(tmp_path, extra)]) == 0
     assert "configuration is valid" in capsys.readouterr().out
 
@@ -151,7 +152,7 @@ def test_check_config_accepts_memory_with_one_worker(
 def test_check_config_accepts_redis_with_every_core(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(cli.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(cli, "available_cpus", lambda: 8)
     path = config(tmp_path, store="redis://127.0.0.1:6379/0")
     assert cli.main(["check-config", "--offline", path]) == 0
     assert "configuration is valid" in capsys.readouterr().out
@@ -163,7 +164,7 @@ def test_run_metrics_port_flag_overrides_the_config(
     path = config(tmp_path, "metrics: {listen: {host: 127.0.0.2, port: 9500}}\n")
     assert cli.main(["run", "--config", path, "--workers", "1", "--metrics-port", "9999"]) == 0
     assert "/metrics on 127.0.0.2:9999" in capsys.readouterr().out
-    assert served[0][4] == 9999
+    assert served[0][6] == 9999
 
 
 # --- issue 10, point 8: one shape for every command ---------------------------------------------

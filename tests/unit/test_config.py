@@ -29,6 +29,7 @@ from bff.config import (
     SecuritySettings,
     SessionSettings,
     Settings,
+    ShutdownSettings,
     TracingSettings,
     Upstream,
     dump_redacted,
@@ -153,7 +154,8 @@ def test_defaults() -> None:
     assert s.upstreams == ()
     assert s.security == SecuritySettings(content_security_policy=DEFAULT_CSP, hsts=True)
     assert "frame-ancestors 'none'" in s.security.content_security_policy
-    assert s.log == LogSettings(level="info", format="json")
+    assert s.log == LogSettings(level="info", format="json", access=True)
+    assert s.shutdown == ShutdownSettings(drain=5.0, grace=25.0)
     assert s.dev is False
     o = s.oidc
     assert o.token_endpoint_auth_method == "client_secret_basic"
@@ -198,6 +200,7 @@ def test_dataclass_defaults_match_loader_defaults() -> None:
     assert s.tracing == TracingSettings()
     assert s.session == SessionSettings()
     assert s.log == LogSettings()
+    assert s.shutdown == ShutdownSettings()
     assert s.security == SecuritySettings()
     assert s.rate_limits == RateLimitSettings()
     bare = OidcSettings(issuer="https://idp.example.com", client_id="shop")
@@ -1559,6 +1562,28 @@ def test_metrics_listener_and_workers() -> None:
     ],
 )
 def test_metrics_and_workers_problems(text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse(MINIMAL + text)
+    assert needle in str(err.value), str(err.value)
+
+
+def test_shutdown_and_access_log() -> None:
+    s = parse(MINIMAL + "shutdown: {drain: 15s, grace: 1m}\nlog: {access: false, format: text}\n")
+    assert s.shutdown == ShutdownSettings(drain=15.0, grace=60.0)
+    assert s.log == LogSettings(level="info", format="text", access=False)
+    assert parse(MINIMAL + "shutdown: {drain: 0s}\n").shutdown == ShutdownSettings(drain=0.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("shutdown: {drain: soon}\n", "shutdown.drain"),
+        ("shutdown: {grace: -5s}\n", "shutdown.grace"),
+        ("shutdown: {timeout: 5s}\n", "shutdown.timeout: unknown key"),
+        ("log: {access: maybe}\n", "log.access: expected true or false"),
+    ],
+)
+def test_shutdown_and_access_log_problems(text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse(MINIMAL + text)
     assert needle in str(err.value), str(err.value)

@@ -27,7 +27,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from bff.config import ConfigError, load_settings
+from bff.config import ConfigError, ShutdownSettings, load_settings, parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEPLOY = ROOT / "deploy"
@@ -55,8 +55,15 @@ DUMMY_ENV = {
 }
 # The oldest Kubernetes minor the base targets, and the newest kubernetes-validate knows.
 K8S_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
-# bff today: on SIGTERM, aiohttp gives in-flight requests this long (bff/cli.py shutdown_timeout).
-SHUTDOWN_TIMEOUT_S = 5
+
+
+def stop_seconds(config: Mapping[str, Any]) -> float:
+    """How long bff may take to stop after SIGTERM with this config: shutdown.drain + grace."""
+    shutdown = config.get("shutdown") or {}
+    defaults = ShutdownSettings()
+    drain = parse_duration(shutdown["drain"]) if "drain" in shutdown else defaults.drain
+    grace = parse_duration(shutdown["grace"]) if "grace" in shutdown else defaults.grace
+    return drain + grace
 
 
 def load_all(path: Path) -> list[Any]:
@@ -262,6 +269,9 @@ def test_compose_runs_redis_two_bffs_behind_a_balancer_the_op_and_the_api(
         assert svc["depends_on"]["op"] == {"condition": "service_healthy"}
         assert "./compose/bff.yaml:/etc/bff/bff.yaml:ro" in svc["volumes"]
         assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"]
+        # docker compose stop: SIGKILL after stop_grace_period, which must outlast the drain.
+        stop = stop_seconds(load_one(DEPLOY / "compose" / "bff.yaml"))
+        assert parse_duration(svc["stop_grace_period"]) > stop
     ports = {int(svc["environment"]["BFF_PORT"]) for svc in bffs}
     assert len(ports) == 2, "the two instances share a network namespace: distinct ports"
     nginx = (DEPLOY / "compose" / "nginx.conf").read_text()
@@ -386,8 +396,10 @@ def deployment_problems(deployment: Mapping[str, Any], config: Mapping[str, Any]
     command = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
     if len(command) != 2 or command[0] != "sleep" or not command[1].isdigit():
         problems.append("preStop must be a plain sleep")
-    elif int(command[1]) + SHUTDOWN_TIMEOUT_S >= pod.get("terminationGracePeriodSeconds", 30):
-        problems.append("terminationGracePeriodSeconds leaves no room after preStop + shutdown")
+    elif int(command[1]) + stop_seconds(config) >= pod.get("terminationGracePeriodSeconds", 30):
+        problems.append(
+            "terminationGracePeriodSeconds leaves no room after preStop + drain + grace"
+        )
     if pod.get("enableServiceLinks") is not False:
         problems.append("enableServiceLinks must be false: the Service bff would set BFF_PORT")
     mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
@@ -418,7 +430,7 @@ def test_the_deployment_checker_notices_broken_manifests(k8s_config: dict[str, A
     container["readinessProbe"]["httpGet"]["port"] = "web"
     container["securityContext"]["readOnlyRootFilesystem"] = False
     del container["securityContext"]["capabilities"]
-    pod["terminationGracePeriodSeconds"] = 12
+    pod["terminationGracePeriodSeconds"] = 35  # preStop 5 + drain 5 + grace 25: no margin
     pod["securityContext"]["seccompProfile"]["type"] = "Unconfined"
     del pod["enableServiceLinks"]
     assert len(deployment_problems(deployment, k8s_config)) == 6
@@ -666,15 +678,16 @@ def test_the_unit_runs_the_installed_bff_on_the_installed_config() -> None:
     assert svc["User"] == "bff" and "useradd --system" in readme
 
 
-def test_the_unit_stops_within_the_grace_and_reloads_only_when_bff_can() -> None:
+def test_the_unit_stops_after_drain_and_grace_and_reloads_with_sighup() -> None:
     svc = service_keys()
     assert svc["KillMode"] == "mixed", "SIGTERM to the parent, which tells its workers"
     timeout = int(svc["TimeoutStopSec"].removesuffix("s"))
-    assert SHUTDOWN_TIMEOUT_S < timeout <= 30
-    sighup_handled = any("SIGHUP" in p.read_text() for p in (ROOT / "bff").rglob("*.py"))
-    if "ExecReload" in svc:
-        assert sighup_handled, "ExecReload sends SIGHUP, which kills a bff run that ignores it"
-        assert svc["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    # The unit runs /etc/bff/bff.yaml, which the README makes from bff.example.yaml.
+    stop = stop_seconds(load_one(DEPLOY / "bff.example.yaml"))
+    assert stop < timeout <= stop + 15, "SIGKILL only after drain + grace, with a small margin"
+    # bff run's parent reloads on SIGHUP (bff/supervisor.py; tests/integration/test_lifecycle.py).
+    assert "signal.SIGHUP, self._request_reload" in (ROOT / "bff" / "supervisor.py").read_text()
+    assert svc["ExecReload"] == "/bin/kill -HUP $MAINPID"
 
 
 def test_the_unit_is_hardened() -> None:

@@ -114,7 +114,7 @@ def test_ordinary_values_are_left_alone(output: Output) -> None:
     log.info("GET /api/orders?page=2 -> %d", 200)
     text = output.getvalue()
     assert MASK not in text
-    assert text.count("abc123") == (2 if output.fmt == "json" else 1)
+    assert text.count("abc123") == 2  # the text format keeps the fields too (issue 10, point 5)
     assert "the state parameter is missing" in text
     assert "/api/orders?page=2 -> 200" in text
 
@@ -226,3 +226,47 @@ def test_configure_learns_the_names_from_the_settings() -> None:
     assert text.count(MASK) == 3, text
     assert COOKIE_VALUE not in text and API_KEY not in text
     json.loads(text.splitlines()[0])
+
+
+def test_a_library_warning_is_a_log_record_not_raw_text(output: Output) -> None:
+    """Issue 10, point 5: warnings (redis' Retry, deprecations) go through logging."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            # pytest records warnings per test, which undid what setup_logging installed.
+            logging.captureWarnings(False)
+            logging.captureWarnings(True)
+            warnings.warn(f"retry with {JWT} in a library", UserWarning, stacklevel=1)
+    finally:
+        logging.captureWarnings(False)
+    lines = output.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    assert JWT not in lines[0]  # redacted like any other record
+    if output.fmt == "json":
+        record = json.loads(lines[0])
+        assert record["logger"] == "py.warnings"
+        assert "UserWarning" in record["msg"] and "in a library" in record["msg"]
+    else:
+        assert " WARNING py.warnings " in lines[0]
+
+
+def test_the_text_format_keeps_the_fields(output: Output) -> None:
+    logging.getLogger("bff.access").info(
+        "access", extra={"event": "access", "route": "/api", "status": 200, "session": "-"}
+    )
+    line = output.getvalue().strip()
+    if output.fmt == "text":
+        assert line.endswith(" access route=/api status=200 session=-"), line
+    else:
+        assert json.loads(line)["route"] == "/api"
+
+
+def test_trusted_access_records_skip_redaction_but_never_show_the_marker(output: Output) -> None:
+    logging.getLogger("bff.access").info(
+        "access", extra={"event": "access", "trusted": True, "request_id": "abc.def"}
+    )
+    line = output.getvalue()
+    assert "trusted" not in line
+    assert "abc.def" in line
