@@ -606,6 +606,6 @@ def test_a_signal_stops_bff_run_cleanly(bff: BffProcess, signum: int) -> None:
                 time.sleep(0.05)
             assert not proc.is_running(), "bff run did not stop"
             assert proc._proc is not None and proc._proc.returncode == 0, proc.logs()
-            assert "Traceback" not in proc.logs()
+            assert "Traceback" not in proc.full_logs()
         finally:
             proc.close()

@@ -158,7 +158,7 @@ async def test_a_dead_store_makes_login_a_503_not_a_500_and_the_limiter_fails_op
                 assert headers["Retry-After"].isdigit()
     finally:
         redis_server.restart()
-    logs = one_bff.logs()
+    logs = one_bff.full_logs()
     assert "ratelimit.fail_open" in logs
     assert "request.failed" not in logs and "Traceback" not in logs
     # Redis is back (empty): logins start again, limited again, with no restart of bff.

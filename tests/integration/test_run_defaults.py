@@ -49,7 +49,7 @@ async def test_bff_run_refuses_a_memory_store_with_several_workers(
         code = await asyncio.to_thread(proc.wait_exit, 60)
         stderr = (proc.workdir / "stderr.log").read_text()
         assert code == 2, proc.logs()
-        assert "Traceback" not in proc.logs()
+        assert "Traceback" not in proc.full_logs()
         assert "session.store: memory://" in stderr
         assert f"{expected} workers" in stderr
         assert "Set session.store to a redis:// URL, or run --workers 1" in stderr

@@ -227,7 +227,7 @@ async def test_eight_second_tokens_cost_one_refresh_per_burst_and_per_half_lifet
     assert elapsed / 8 - 1 <= grants <= elapsed / 4 + 2, (grants, elapsed, calls)
 
     # Each instance that saw a token said once that the OP's tokens outlive no skew.
-    logs = "".join(p.logs() for p in setup.cluster)
+    logs = "".join(p.full_logs() for p in setup.cluster)
     assert "oidc.short_lived_access_tokens" in logs
 
 
@@ -361,7 +361,7 @@ async def test_an_op_with_revocation_only_in_rfc8414_metadata_gets_the_logout_re
         await logout(setup, 0, cookie)
         assert await wait_until_dead(op, "ada") == {"RefreshToken": 0, "AccessToken": 0}
         assert (await op.stats())["revocations"] == 2
-        assert "oidc.no_revocation_endpoint" not in setup.cluster[0].logs()
+        assert "oidc.no_revocation_endpoint" not in setup.cluster[0].full_logs()
 
 
 async def test_an_op_without_a_revocation_endpoint_is_reported_once_at_start_up(
@@ -370,7 +370,7 @@ async def test_an_op_without_a_revocation_endpoint_is_reported_once_at_start_up(
     with OidcProvider(revocation_in="none") as op:
         setup = await setup_factory(op, 1)
         await login(setup.cluster.urls[0], "bob")
-        logs = setup.cluster[0].logs()
+        logs = setup.cluster[0].full_logs()
         warned = [line for line in logs.splitlines() if "oidc.no_revocation_endpoint" in line]
         assert len(warned) == 1, warned
         assert "logout cannot revoke" in logs

@@ -178,6 +178,15 @@ class ChildProcess:
         except FileNotFoundError:
             return ""
 
+    def full_logs(self) -> str:
+        """Everything the process wrote to stderr and stdout, in every run: for assertions about
+        what was (or was never) logged, which the tails of ``logs()`` may have scrolled past."""
+        text = []
+        for name in ("stderr.log", "stdout.log"):
+            with contextlib.suppress(FileNotFoundError):
+                text.append((self.workdir / name).read_bytes().decode(errors="replace"))
+        return "\n".join(text)
+
     def logs(self) -> str:
         """The tails of stderr and stdout, for failure messages."""
         return (
