@@ -87,6 +87,10 @@ _CHARSETS: Final = frozenset({"utf-8", "us-ascii"})
 _CHARSET_PARAM: Final = re.compile(
     r'charset(?:[ \t]*=[ \t]*(?:"([^"\\]*)"|([^;," \t]*))[ \t]*(?=;|$))?'
 )
+#: A boundary every parser reads alike (browsers', curl's and aiohttp's all are): RFC 2046's
+#: characters without the space, comma, quote, ``=`` and the rest that some parsers end it at
+#: (PHP cuts ``boundary=abc, xyz`` to ``abc``, then finds its delimiter inside aiohttp's).
+_PLAIN_BOUNDARY: Final = re.compile(rb"--[0-9A-Za-z'()+_.-]{1,70}")
 #: Content-Transfer-Encodings a part may have: the identity ones (RFC 7578 deprecates the rest,
 #: and a parser that decodes base64 or quoted-printable would read what this scan did not).
 _IDENTITY_TRANSFER: Final = frozenset({"7bit", "8bit", "binary"})
@@ -430,6 +434,13 @@ async def _multipart_pieces(request: web.Request) -> AsyncIterator[bytes]:
         max_headers=_MAX_PART_HEADERS,
     )
     boundary = reader._boundary  # b"--" + boundary, as the parser matches it
+    if not _PLAIN_BOUNDARY.fullmatch(boundary):
+        raise BadRequest("the multipart boundary is not plain")
+    # "boundary" once, as the parameter's name (Chrome's value has "Boundary" in it too): PHP
+    # takes the first "boundary" anywhere, then the text after the next "=".
+    in_value = boundary.lower().count(b"boundary")
+    if request.headers["Content-Type"].lower().count("boundary") - in_value != 1:
+        raise BadRequest("a Content-Type has one boundary")
     tap.count(boundary)
     parts = 0
     held = b""
@@ -507,8 +518,8 @@ def body_scanner(request: web.Request, chunks: AsyncIterator[bytes]) -> AsyncIte
         raise BadRequest("a body with a Content-Encoding cannot be checked on this route")
     if types:
         _check_charset(types[0])
-        if types[0].lower().count("boundary") > 1:  # PHP takes the first "boundary" it finds
-            raise BadRequest("a Content-Type has one boundary")
+        if not multipart and types[0].lower().count("boundary") > 1:
+            raise BadRequest("a Content-Type has one boundary")  # multipart's: see there
     if multipart:
         return _scanned_multipart(request)
     return _scanned(chunks, _FormScanner() if form else _JsonScanner())
