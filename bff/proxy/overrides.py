@@ -26,7 +26,28 @@ The choices, and why:
   Multipart bodies are read with aiohttp's own multipart parser; a part without a name, a
   malformed body, the boundary anywhere but at the delimiters that parser saw (where a looser
   parser could find a part it did not), or a form body with a ``Content-Encoding`` (it cannot
-  be scanned, and some servers decompress) is refused too.
+  be scanned, and some servers decompress) is refused too. Whatever that parser raises on the
+  browser's bytes (``ValueError``, ``RuntimeError``, ``LookupError``, ...) is a 400, never an
+  upstream error; a part header it would warn about is refused before it warns (the warning's
+  text quotes the request).
+* **Everywhere a looser or different reader could see another body, refuse.** On those same
+  routes: a declared ``charset`` other than UTF-8 or US-ASCII (any case, quoted or not), two
+  of them, or ``charset`` anywhere but as a parameter is refused with 400
+  ``unsupported_charset`` before anything is forwarded (Spring and ASP.NET Core honour a
+  UTF-16 or EBCDIC form, where ``_\x00m\x00...`` is ``_method``; none is fine: UTF-8). A
+  multipart ``Content-Type`` must have ``boundary`` once outside the boundary's own value (PHP
+  takes the first ``boundary`` anywhere, even ``xboundary=`` or one inside another value), and
+  a boundary of plain characters only (PHP ends ``abc, xyz`` at the comma). A part needs
+  exactly one ``form-data`` Content-Disposition with one ``name`` (or ``name*``) parameter; a
+  part named ``_charset_`` (RFC 7578 4.6: it sets the other parts' charset), nested multipart,
+  a part whose Content-Type has another charset, and a part with a Content-Transfer-Encoding
+  other than 7bit/8bit/binary or a Content-Encoding (RFC 7578 deprecates them; some parsers
+  decode base64 or quoted-printable) are refused. Browsers send none of these.
+* **Every byte kept is bounded**, so a scanned body never makes bff hold more than a few
+  dozen KiB however long it is: a form parameter name (``MAX_NAME``), the raw JSON key
+  (64 bytes), a multipart preamble (``MAX_PREAMBLE``, browsers send none) and epilogue
+  (``MAX_EPILOGUE``), a part's boundary line and headers (``MAX_PART_HEAD``, 8 lines), and the
+  parser's look-ahead for one content chunk; a longer one is refused with 400 as it arrives.
 """
 
 from __future__ import annotations
