@@ -522,7 +522,9 @@ def body_scanner(request: web.Request, chunks: AsyncIterator[bytes]) -> AsyncIte
     """``chunks`` (the request body), scanned for override parameters when it is a form.
 
     Raises :class:`BadRequest` at once for a form whose kind is ambiguous (several
-    ``Content-Type`` lines) or that cannot be scanned (a ``Content-Encoding``).
+    ``Content-Type`` lines, ``boundary`` twice in a form's or JSON's) or that cannot be scanned
+    (a ``Content-Encoding``), and :class:`UnsupportedCharset` for a charset other than UTF-8
+    or ASCII; a multipart body's boundary and parts are checked as they are read.
     """
     types = request.headers.getall("Content-Type", ())
     if len(types) > 1:
