@@ -121,7 +121,8 @@ def upstream_errors(bff: BffProcess) -> float:
     with urllib.request.urlopen(f"{bff.metrics_url}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     return sum(
-        sample(text, "bff_upstream_errors_total", kind=kind) for kind in ("failed", "timeout", "reset")
+        sample(text, "bff_upstream_errors_total", kind=kind)
+        for kind in ("failed", "timeout", "reset")
     )
 
 
