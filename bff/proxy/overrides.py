@@ -39,7 +39,8 @@ The choices, and why:
   takes the first ``boundary`` anywhere, even ``xboundary=`` or one inside another value), and
   a boundary of plain characters only (PHP ends ``abc, xyz`` at the comma). A part needs
   exactly one ``form-data`` Content-Disposition with one ``name`` (or ``name*``) parameter; a
-  part named ``_charset_`` (RFC 7578 4.6: it sets the other parts' charset), nested multipart,
+  form field or part named ``_charset_`` (HTML's name for the form's encoding; RFC 7578 4.6
+  makes it the other parts' charset, Sling decodes a form by it), nested multipart,
   a part whose Content-Type has another charset, and a part with a Content-Transfer-Encoding
   other than 7bit/8bit/binary or a Content-Encoding (RFC 7578 deprecates them; some parsers
   decode base64 or quoted-printable) are refused. Browsers send none of these.
@@ -182,6 +183,13 @@ class _FormScanner:
         self._name.clear()
         if is_override_param(name):
             raise MethodOverrideRefused()
+        if "charset" in name.lower() and _is_charset_param(name):
+            raise UnsupportedCharset()  # servers that honour it (Sling) decode the rest by it
+
+
+def _is_charset_param(raw_name: str) -> bool:
+    """Whether ``raw_name`` is ``_charset_`` (HTML's field naming the form's encoding)."""
+    return unquote_plus(raw_name, encoding="latin-1").strip().lower() == "_charset_"
 
 
 class _JsonScanner:
@@ -403,7 +411,7 @@ def _check_part_headers(headers: CIMultiDictProxy[str]) -> None:
     name = params[keys[0]]
     if is_override_param(name):
         raise MethodOverrideRefused()
-    if name.strip().lower() == "_charset_":
+    if _is_charset_param(name):
         raise UnsupportedCharset()
     types = headers.getall("Content-Type", ())
     if len(types) > 1:

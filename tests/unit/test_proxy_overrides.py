@@ -529,3 +529,16 @@ async def test_multipart_mixed_is_scanned_alike() -> None:
     mixed = f"multipart/mixed; boundary={BOUNDARY}"
     got, refused = await drain(request([("Content-Type", mixed)], [body]))
     assert isinstance(refused, MethodOverrideRefused) and got == b""
+
+
+@pytest.mark.parametrize(
+    "body", [b"_charset_=UTF-16&%5F%00m%00=1", b"a=1&%5Fcharset%5F=x", b"_CHARSET_"]
+)
+async def test_a_form_naming_its_own_charset_is_refused(body: bytes) -> None:
+    """HTML's ``_charset_`` field: a server that honours it would decode the other names by it."""
+    for chunks in splits(body):
+        got, refused = await drain(request([("Content-Type", FORM)], chunks))
+        assert isinstance(refused, UnsupportedCharset), chunks
+        assert len(got) < len(body)
+    got, refused = await drain(request([("Content-Type", FORM)], [b"a=_charset_&charset=1"]))
+    assert refused is None
