@@ -8,6 +8,7 @@
         LoginFailed             400     login_failed (state, code, iss, ID token problems)
         PathRejected            400     invalid_path
         MethodOverrideRefused   400     method_override
+        UnsupportedCharset      400     unsupported_charset
       NoSession                 401     login_required
         SessionExpired          401     session_expired
       Forbidden                 403     csrf_failed
@@ -72,6 +73,11 @@ class PathRejected(BadRequest):
 class MethodOverrideRefused(BadRequest):
     error = "method_override"
     description = "a method override parameter is not accepted on this route"
+
+
+class UnsupportedCharset(BadRequest):
+    error = "unsupported_charset"
+    description = "a body checked on this route must be UTF-8 (or ASCII) and say so only once"
 
 
 class NoSession(BffError):

@@ -26,7 +26,29 @@ The choices, and why:
   Multipart bodies are read with aiohttp's own multipart parser; a part without a name, a
   malformed body, the boundary anywhere but at the delimiters that parser saw (where a looser
   parser could find a part it did not), or a form body with a ``Content-Encoding`` (it cannot
-  be scanned, and some servers decompress) is refused too.
+  be scanned, and some servers decompress) is refused too. Whatever that parser raises on the
+  browser's bytes (``ValueError``, ``RuntimeError``, ``LookupError``, ...) is a 400, never an
+  upstream error; a part header it would warn about is refused before it warns (the warning's
+  text quotes the request).
+* **Everywhere a looser or different reader could see another body, refuse.** On those same
+  routes: a declared ``charset`` other than UTF-8 or US-ASCII (any case, quoted or not), two
+  of them, or ``charset`` anywhere but as a parameter is refused with 400
+  ``unsupported_charset`` before anything is forwarded (Spring and ASP.NET Core honour a
+  UTF-16 or EBCDIC form, where ``_\x00m\x00...`` is ``_method``; none is fine: UTF-8). A
+  multipart ``Content-Type`` must have ``boundary`` once outside the boundary's own value (PHP
+  takes the first ``boundary`` anywhere, even ``xboundary=`` or one inside another value), and
+  a boundary of plain characters only (PHP ends ``abc, xyz`` at the comma). A part needs
+  exactly one ``form-data`` Content-Disposition with one ``name`` (or ``name*``) parameter; a
+  form field or part named ``_charset_`` (HTML's name for the form's encoding; RFC 7578 4.6
+  makes it the other parts' charset, Sling decodes a form by it), nested multipart,
+  a part whose Content-Type has another charset, and a part with a Content-Transfer-Encoding
+  other than 7bit/8bit/binary or a Content-Encoding (RFC 7578 deprecates them; some parsers
+  decode base64 or quoted-printable) are refused. Browsers send none of these.
+* **Every byte kept is bounded**, so a scanned body never makes bff hold more than a few
+  dozen KiB however long it is: a form parameter name (``MAX_NAME``), the raw JSON key
+  (64 bytes), a multipart preamble (``MAX_PREAMBLE``, browsers send none) and epilogue
+  (``MAX_EPILOGUE``), a part's boundary line and headers (``MAX_PART_HEAD``, 8 lines), and the
+  parser's look-ahead for one content chunk; a longer one is refused with 400 as it arrives.
 """
 
 from __future__ import annotations
@@ -35,13 +57,14 @@ import json
 import re
 import warnings
 from collections.abc import AsyncIterator
-from typing import Final, cast
+from typing import Any, Final, cast
 from urllib.parse import unquote_plus
 
-from aiohttp import MultipartReader, StreamReader, web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
+from aiohttp.multipart import parse_content_disposition
+from multidict import CIMultiDictProxy
 
-from bff.errors import BadRequest, MethodOverrideRefused
+from bff.errors import BadRequest, BffError, MethodOverrideRefused, UnsupportedCharset
 
 __all__ = ["body_scanner", "drop_override_params", "is_override_param"]
 
@@ -65,6 +88,34 @@ MAX_NAME: Final = 1024
 _MAX_JSON_KEY: Final = 64
 #: Bytes allowed after a multipart body's closing boundary (browsers send none).
 MAX_EPILOGUE: Final = 4096
+#: Bytes allowed before a multipart body's first boundary (browsers send none).
+MAX_PREAMBLE: Final = 4096
+#: Bytes of a multipart part's boundary line and header block (a browser's are a few hundred;
+#: a long file name, percent-encoded, a few thousand).
+MAX_PART_HEAD: Final = 16384
+#: Header lines in a multipart part (browsers send at most two).
+_MAX_PART_HEADERS: Final = 8
+#: Bytes the multipart parser may pull from the browser for one content chunk: its chunks are
+#: 8 KiB, and it reads up to two, plus the boundary, to find the delimiter.
+_MAX_CHUNK_PULL: Final = 4 * 8192
+#: The most bytes held between two releases to the upstream: the preamble, a part's head and
+#: its first content chunk.
+_MAX_PULLED: Final = MAX_PREAMBLE + MAX_PART_HEAD + _MAX_CHUNK_PULL
+#: The only charsets a checked body may declare: the scan reads names as UTF-8 or ASCII, and a
+#: server that honours a declared UTF-16 or EBCDIC would read names this scan never saw.
+_CHARSETS: Final = frozenset({"utf-8", "us-ascii"})
+#: Every ``charset`` in a Content-Type: the parameter, its value, and whether a ``;`` or the end
+#: follows (group 2 is empty for ``charset`` anywhere else, e.g. inside another value).
+_CHARSET_PARAM: Final = re.compile(
+    r'charset(?:[ \t]*=[ \t]*(?:"([^"\\]*)"|([^;," \t]*))[ \t]*(?=;|$))?'
+)
+#: A boundary every parser reads alike (browsers', curl's and aiohttp's all are): RFC 2046's
+#: characters without the space, comma, quote, ``=`` and the rest that some parsers end it at
+#: (PHP cuts ``boundary=abc, xyz`` to ``abc``, then finds its delimiter inside aiohttp's).
+_PLAIN_BOUNDARY: Final = re.compile(rb"--[0-9A-Za-z'()+_.-]{1,70}")
+#: Content-Transfer-Encodings a part may have: the identity ones (RFC 7578 deprecates the rest,
+#: and a parser that decodes base64 or quoted-printable would read what this scan did not).
+_IDENTITY_TRANSFER: Final = frozenset({"7bit", "8bit", "binary"})
 
 
 def is_override_param(raw_name: str) -> bool:
@@ -132,6 +183,13 @@ class _FormScanner:
         self._name.clear()
         if is_override_param(name):
             raise MethodOverrideRefused()
+        if "charset" in name.lower() and _is_charset_param(name):
+            raise UnsupportedCharset()  # servers that honour it (Sling) decode the rest by it
+
+
+def _is_charset_param(raw_name: str) -> bool:
+    """Whether ``raw_name`` is ``_charset_`` (HTML's field naming the form's encoding)."""
+    return unquote_plus(raw_name, encoding="latin-1").strip().lower() == "_charset_"
 
 
 class _JsonScanner:
@@ -210,8 +268,8 @@ class _JsonScanner:
                 pos = quote + 1
 
     def _keep(self, data: bytes) -> None:
-        if not self._too_long:
-            self._string += data
+        if not self._too_long:  # at most one byte past the bound, however long the chunk
+            self._string += data[: _MAX_JSON_KEY + 1 - len(self._string)]
             self._too_long = len(self._string) > _MAX_JSON_KEY
 
     def close(self) -> None:
@@ -248,9 +306,15 @@ async def _scanned(
 class _Tap:
     """The request body as aiohttp's multipart parser reads it, with every byte it pulls from
     the browser kept (once, in order) to be forwarded as it came, and the times the boundary
-    occurs in those bytes counted."""
+    occurs in those bytes counted.
 
-    __slots__ = ("_back", "_needle", "_new", "_source", "_tail", "hits")
+    What the parser may pull is bounded, so no body makes it hold more whatever its lines:
+    ``MAX_PREAMBLE`` before the first boundary, then what ``limit_to`` allows for the step the
+    parser is about to take (a part's head, a content chunk, the epilogue). Lines are read with
+    at most the room left, so one endless line is cut short too.
+    """
+
+    __slots__ = ("_back", "_budget", "_needle", "_new", "_source", "_tail", "hits")
 
     def __init__(self, source: StreamReader) -> None:
         self._source = source
@@ -258,18 +322,34 @@ class _Tap:
         self._new = bytearray()  # pulled from the browser since the last take()
         self._needle = b""
         self._tail = b""  # the last len(needle) - 1 bytes pulled: a boundary split by a chunk
+        self._budget = 0  # bytes the parser may still pull in this step
         self.hits = 0
 
     def count(self, needle: bytes) -> None:
         """Count ``needle`` in every byte pulled from now on."""
         self._needle = needle
 
+    def limit_to(self, size: int) -> None:
+        """Let the parser pull at most ``size`` bytes from now on."""
+        self._budget = size
+
+    def _room(self) -> int:
+        if not self.hits:  # the preamble, and the first boundary line after it
+            return min(self._budget, MAX_PREAMBLE + len(self._needle) + 4 - len(self._new))
+        return self._budget
+
     def _pulled(self, data: bytes) -> None:
         self._new += data
+        self._budget -= len(data)
         if self._needle and data:
             window = self._tail + data
-            self.hits += window.count(self._needle)
+            hits = window.count(self._needle)
+            if hits and not self.hits:  # the first boundary: the part's head starts here
+                self._budget = MAX_PART_HEAD
+            self.hits += hits
             self._tail = window[1 - len(self._needle) :]
+        if self._room() < 0:
+            raise BadRequest("the multipart body's preamble or a part's head is too long")
 
     def take(self) -> bytes:
         out = bytes(self._new)
@@ -286,10 +366,11 @@ class _Tap:
                 return line
             head = bytes(self._back)
             self._back.clear()
-        if max_line_length is None:
-            data = await self._source.readline()
-        else:
-            data = await self._source.readline(max_line_length=max_line_length)
+        # At most the room left (and at least 1: StreamReader reads 0 as "its default").
+        limit = max(1, self._room())
+        if max_line_length is not None:
+            limit = min(limit, max_line_length)
+        data = await self._source.readline(max_line_length=limit)
         self._pulled(data)
         return head + data
 
@@ -310,49 +391,113 @@ class _Tap:
         return not self._back and self._source.at_eof()
 
 
+def _check_part_headers(headers: CIMultiDictProxy[str]) -> None:
+    """Refuses a part another parser could read differently from aiohttp's: without exactly
+    one clean ``form-data`` Content-Disposition with one ``name`` (or ``name*``) parameter,
+    named with an override or ``_charset_`` (RFC 7578 4.6: it sets the charset of the other
+    parts), with more than one Content-Type, one with a charset other than UTF-8 or ASCII, or
+    a Content-Transfer-Encoding or Content-Encoding that some parser decodes."""
+    dispositions = headers.getall("Content-Disposition", ())
+    if len(dispositions) != 1:
+        raise BadRequest("a multipart part has no name")
+    # Synchronous, so no other task runs while the warnings are caught; a header that makes
+    # aiohttp warn is refused here, before its parser warns about it (quoting the request).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kind, params = parse_content_disposition(dispositions[0])
+    keys = [k for k in params if k.startswith("name")]
+    if caught or kind != "form-data" or len(keys) != 1 or keys[0] not in ("name", "name*"):
+        raise BadRequest("a multipart part has no name")
+    name = params[keys[0]]
+    if is_override_param(name):
+        raise MethodOverrideRefused()
+    if _is_charset_param(name):
+        raise UnsupportedCharset()
+    types = headers.getall("Content-Type", ())
+    if len(types) > 1:
+        raise BadRequest("a multipart part has one Content-Type")
+    if types:
+        _check_charset(types[0])
+    transfer = headers.getall("Content-Transfer-Encoding", ())
+    encoding = headers.getall("Content-Encoding", ())
+    if any(t.strip().lower() not in _IDENTITY_TRANSFER for t in transfer) or any(
+        e.strip().lower() != "identity" for e in encoding
+    ):
+        raise BadRequest("an encoded multipart part cannot be checked on this route")
+
+
+class _CheckedPart(BodyPartReader):
+    """A part, its headers checked before aiohttp's reader looks at them (MultipartReader.next()
+    parses the first part's Content-Disposition itself, for ``_charset_``)."""
+
+    def __init__(
+        self, boundary: bytes, headers: CIMultiDictProxy[str], content: StreamReader, **kw: Any
+    ) -> None:
+        _check_part_headers(headers)
+        super().__init__(boundary, headers, content, **kw)
+
+
+class _Reader(MultipartReader):
+    part_reader_cls = _CheckedPart
+
+
 async def _scanned_multipart(request: web.Request) -> AsyncIterator[bytes]:
-    tap = _Tap(request.content)
+    # aiohttp's parser raises whatever its helpers raise on odd bytes (RuntimeError,
+    # LookupError, UnicodeDecodeError, ...): anything it raises is the browser's malformed body.
     try:
-        # The parser reads through the tap: it is duck-typed on StreamReader's read methods.
-        reader = MultipartReader(request.headers, cast(StreamReader, tap))
-    except (ValueError, AssertionError, KeyError):
+        async for piece in _multipart_pieces(request):
+            yield piece
+    except (BffError, OSError):
+        raise  # a refusal, or the browser's connection gone
+    except Exception:
         raise BadRequest("the multipart body is malformed") from None
+
+
+async def _multipart_pieces(request: web.Request) -> AsyncIterator[bytes]:
+    tap = _Tap(request.content)
+    # The parser reads through the tap: it is duck-typed on StreamReader's read methods.
+    reader = _Reader(
+        request.headers,
+        cast(StreamReader, tap),
+        max_field_size=MAX_PART_HEAD,
+        max_headers=_MAX_PART_HEADERS,
+    )
     boundary = reader._boundary  # b"--" + boundary, as the parser matches it
+    if not _PLAIN_BOUNDARY.fullmatch(boundary):
+        raise BadRequest("the multipart boundary is not plain")
+    # "boundary" once, as the parameter's name (Chrome's value has "Boundary" in it too): PHP
+    # takes the first "boundary" anywhere, then the text after the next "=".
+    in_value = boundary.lower().count(b"boundary")
+    if request.headers["Content-Type"].lower().count("boundary") - in_value != 1:
+        raise BadRequest("a Content-Type has one boundary")
     tap.count(boundary)
     parts = 0
     held = b""
-    try:
+    while True:
+        tap.limit_to(MAX_PART_HEAD)
+        part = await reader.next()
+        if part is None:
+            break
+        parts += 1
+        if isinstance(part, MultipartReader):
+            raise BadRequest("nested multipart bodies are not accepted on this route")
         while True:
-            part = await reader.next()
-            if part is None:
+            tap.limit_to(_MAX_CHUNK_PULL)
+            chunk = await part.read_chunk()
+            new = tap.take()
+            if new:
+                if held:
+                    yield held
+                held = new
+            if not chunk:
                 break
-            parts += 1
-            if isinstance(part, MultipartReader):
-                raise BadRequest("nested multipart bodies are not accepted on this route")
-            with warnings.catch_warnings():  # their text would quote the request
-                warnings.simplefilter("ignore")
-                name = part.name
-            if name is None:
-                raise BadRequest("a multipart part has no name")
-            if is_override_param(name):
-                raise MethodOverrideRefused()
-            while True:
-                chunk = await part.read_chunk()
-                new = tap.take()
-                if new:
-                    if held:
-                        yield held
-                    held = new
-                if not chunk:
-                    break
-        # After the closing boundary the parser has read up to two lines of epilogue itself.
-        epilogue = list(reader._unread)
-        size = sum(map(len, epilogue))
-        while size <= MAX_EPILOGUE and (more := await tap.read(MAX_EPILOGUE + 1)):
-            epilogue.append(more)
-            size += len(more)
-    except (ValueError, AssertionError, HttpProcessingError):
-        raise BadRequest("the multipart body is malformed") from None
+    # After the closing boundary the parser has read up to two lines of epilogue itself.
+    epilogue = list(reader._unread)
+    size = sum(map(len, epilogue))
+    tap.limit_to(2 * MAX_EPILOGUE + 2)
+    while size <= MAX_EPILOGUE and (more := await tap.read(MAX_EPILOGUE + 1)):
+        epilogue.append(more)
+        size += len(more)
     # The boundary occurs only where this parser saw a delimiter: once per part and once to
     # close. Anywhere else (after a bare LF, which PHP takes for a line end; inside a part
     # whose Content-Length this parser believed; in the preamble or epilogue) another parser
@@ -364,11 +509,30 @@ async def _scanned_multipart(request: web.Request) -> AsyncIterator[bytes]:
         yield rest
 
 
+def _check_charset(content_type: str) -> None:
+    """Refuses a Content-Type that names a charset other than UTF-8 or US-ASCII, or names one
+    more than once, or has ``charset`` anywhere but as a parameter (a loose reader could take
+    it from inside another value). No charset at all is UTF-8 (or ASCII) for every reader."""
+    lowered = content_type.lower()
+    if "charset" not in lowered:
+        return
+    matches = list(_CHARSET_PARAM.finditer(lowered))
+    if len(matches) > 1:
+        raise UnsupportedCharset()
+    match = matches[0]
+    value = match.group(1) if match.group(1) is not None else match.group(2)
+    before = lowered[: match.start()].rstrip(" \t")
+    if value not in _CHARSETS or not before.endswith(";"):
+        raise UnsupportedCharset()
+
+
 def body_scanner(request: web.Request, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """``chunks`` (the request body), scanned for override parameters when it is a form.
 
     Raises :class:`BadRequest` at once for a form whose kind is ambiguous (several
-    ``Content-Type`` lines) or that cannot be scanned (a ``Content-Encoding``).
+    ``Content-Type`` lines, ``boundary`` twice in a form's or JSON's) or that cannot be scanned
+    (a ``Content-Encoding``), and :class:`UnsupportedCharset` for a charset other than UTF-8
+    or ASCII; a multipart body's boundary and parts are checked as they are read.
     """
     types = request.headers.getall("Content-Type", ())
     if len(types) > 1:
@@ -383,6 +547,10 @@ def body_scanner(request: web.Request, chunks: AsyncIterator[bytes]) -> AsyncIte
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding != "identity":
         raise BadRequest("a body with a Content-Encoding cannot be checked on this route")
+    if types:
+        _check_charset(types[0])
+        if not multipart and types[0].lower().count("boundary") > 1:
+            raise BadRequest("a Content-Type has one boundary")  # multipart's: see there
     if multipart:
         return _scanned_multipart(request)
     return _scanned(chunks, _FormScanner() if form else _JsonScanner())

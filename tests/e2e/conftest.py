@@ -145,6 +145,10 @@ upstreams:
   - path: /api/demo
     url: {demo_api.url}
     token: user
+  - path: /api/checked
+    url: {demo_api.url}
+    token: user
+    methods: [GET, POST]
 """,
         source="<e2e>",
     )
