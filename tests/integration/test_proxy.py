@@ -1041,3 +1041,16 @@ async def test_two_session_cookies_make_an_anonymous_request(
     # On the user_or_none route the two-cookie calls went out anonymous.
     maybe = [s for s in bff.upstream.seen if s.path.startswith("/up/maybe")]
     assert len(maybe) == 5 and all("authorization" not in s.headers for s in maybe)
+    # Quotes do not hide a cookie (the review's header strings): browsers split on ";" with no
+    # quoted strings, so a planted valid session next to the victim's is still two sessions.
+    async with browser_session(bff.url) as attacker:
+        await bff.login(attacker)
+        planted = cookie_header(bff, attacker)["Cookie"]
+    assert (await raw_lines(bff.url, [start, "X-CSRF: 1", f"Cookie: {planted}"]))[0] == 200
+    for line in (
+        f'Cookie: {planted}; a="x\\"; {good}; y="',
+        f'Cookie: {planted}; a="x; {good}"',
+        f'Cookie: a="x\\"; {good}; y="; {planted}',
+    ):
+        status, body = await raw_lines(bff.url, [start, "X-CSRF: 1", line])
+        assert status == 401, (line, body)
