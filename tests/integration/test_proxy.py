@@ -784,6 +784,56 @@ async def test_a_websocket_without_a_session_is_refused(bff: Bff) -> None:
     assert bff.upstream.seen == []
 
 
+WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+@pytest.mark.parametrize(
+    ("method", "connection", "key", "version"),
+    [
+        ("GET", "Upgrade", "MARKws1", "13"),
+        ("GET", "Upgrade", WS_KEY, "MARKws2"),
+        ("GET", "MARKws3", WS_KEY, "13"),
+        ("GET", "Upgrade", WS_KEY, "8"),
+        ("GET", "Upgrade", WS_KEY + "!MARKws4", "13"),
+        ("GET", "Upgrade", None, "13"),
+        ("POST", "Upgrade", WS_KEY, "13"),
+    ],
+    ids=["bad-key", "bad-version", "no-connection-upgrade", "v8", "junk-key", "no-key", "post"],
+)
+async def test_a_bad_websocket_handshake_is_a_fixed_400_before_any_upstream_socket(
+    bff: Bff,
+    browser: aiohttp.ClientSession,
+    method: str,
+    connection: str,
+    key: str | None,
+    version: str,
+) -> None:
+    """RFC 6455 4.1. aiohttp's prepare() would answer a text page quoting the bad header (the
+    review's MARKws markers), after the upstream socket, with the bearer, had been opened."""
+    await bff.login(browser)
+    lines = [f"{method} /api/ws/chat HTTP/1.1", f"Origin: {bff.url}", "Upgrade: websocket"]
+    lines += [f"Connection: {connection}, close", f"Sec-WebSocket-Version: {version}"]
+    lines += [f"Cookie: {cookie_header(bff, browser)['Cookie']}", "Content-Length: 0"]
+    if key is not None:
+        lines.append(f"Sec-WebSocket-Key: {key}")
+    host, port = bff.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        ("\r\n".join([lines[0], f"Host: {host}:{port}", *lines[1:]]) + "\r\n\r\n").encode()
+    )
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)  # bff closes: the request said close
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 400 "), data[:200]
+    assert b"MARKws" not in data
+    assert b"content-type: application/json" in data.lower()
+    assert json.loads(data.partition(b"\r\n\r\n")[2]) == {
+        "error": "invalid_request",
+        "error_description": "not a valid WebSocket handshake",
+    }
+    assert bff.upstream.seen == []  # no upstream handshake at all
+
+
 async def test_a_websocket_to_a_dead_upstream_gives_502(
     bff: Bff, browser: aiohttp.ClientSession
 ) -> None:
