@@ -168,7 +168,8 @@ IDENTITY: Final = frozenset(
         "cf-access-jwt-assertion",
         "cf-access-authenticated-user-email",
         # The client certificate as TLS-terminating proxies pass it on (nginx, Apache mod_ssl,
-        # HAProxy, F5, IIS ARR, Traefik): bff ends TLS itself, so a browser's copy is a forgery
+        # HAProxy, F5, IIS ARR, Traefik): an upstream behind bff that trusts one would take it
+        # for an mTLS-verified identity; bff's word is the token, so no copy is passed on
         # (Envoy's x-forwarded-client-cert and Traefik's x-forwarded-tls-client-cert go with the
         # x-forwarded family).
         "x-ssl-client-cert",
