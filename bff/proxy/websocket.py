@@ -42,6 +42,17 @@ BAD_HANDSHAKE: Final = "not a valid WebSocket handshake"
 _KEY: Final = re.compile(r"[A-Za-z0-9+/]{22}==")
 
 
+class _NoOfferedProtocols(logging.Filter):
+    """Drops aiohttp's warning that quotes the browser's offered subprotocols (request bytes)
+    when the upstream agreed to none of them; a log line never holds request bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("%s: Client protocols"))
+
+
+logging.getLogger("aiohttp.websocket").addFilter(_NoOfferedProtocols())
+
+
 def _offered(request: web.Request) -> tuple[str, ...]:
     offered = request.headers.get("Sec-WebSocket-Protocol", "")
     return tuple(p.strip() for p in offered.split(",") if p.strip())

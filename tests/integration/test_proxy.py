@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -832,6 +833,23 @@ async def test_a_bad_websocket_handshake_is_a_fixed_400_before_any_upstream_sock
         "error_description": "not a valid WebSocket handshake",
     }
     assert bff.upstream.seen == []  # no upstream handshake at all
+
+
+async def test_offered_subprotocols_the_upstream_refused_are_not_logged(
+    bff: Bff, browser: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp warns with the browser's offered subprotocols when none is agreed on: request
+    bytes in a log line. The upstream here speaks only "chat"."""
+    await bff.login(browser)
+    caplog.set_level(logging.DEBUG)
+    async with browser.ws_connect(
+        f"{bff.url}/api/ws/chat", origin=bff.url, protocols=("MARKproto",)
+    ) as ws:
+        assert ws.protocol is None
+        await ws.send_str("hello")
+        assert (await ws.receive(timeout=5)).data == "hello"
+    assert bff.upstream.seen[-1].header("sec-websocket-protocol") == "MARKproto"  # it was sent
+    assert not [r for r in caplog.records if "MARKproto" in r.getMessage()]
 
 
 async def test_a_websocket_to_a_dead_upstream_gives_502(
