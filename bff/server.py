@@ -13,9 +13,11 @@ Every byte that enters bff is either a well-formed request that the app handles,
   against aiohttp 3.14.5's llhttp, these reach a handler: ``GET /`` with no version (HTTP/0.9),
   ``HTTP/2.0``, Transfer-Encoding in HTTP/1.0, an empty Transfer-Encoding, ``gzip, chunked``,
   ``CONNECT``, ``OPTIONS *``, a ``#`` in the target, header bytes that are not UTF-8, and any
-  ``Expect`` (aiohttp's 417 page echoes it; an undecodable one made a 500). All refused here. llhttp
+  ``Expect`` (aiohttp's 417 page echoes it; an undecodable one made a 500), an ``Upgrade`` other
+  than ``websocket`` with ``Connection: upgrade`` (llhttp stops there and aiohttp drops the bytes
+  pipelined behind it), ``Upgrade: websocket`` on a POST, and TRACE. All refused here. llhttp
   itself refuses a target followed by no version, ``HTTP/1.2``, a tab or lower-case method,
-  controls/CR/LF/NUL/non-ASCII in the target, ``*`` with GET, TE with Content-Length, TE
+  controls/CR/LF/NUL/non-ASCII in the target, ``*`` with GET, TRACK, TE with Content-Length, TE
   ``chunked, chunked``/``identity``/``gzip``/two TE fields, duplicate or list Content-Length
   (``5, 5`` too), a non-digit Content-Length, obs-fold, bare CR, bare LF, NUL and other controls
   in values, whitespace in or before header names, a second Host, and bad chunk framing. Repeated
