@@ -9,6 +9,10 @@
 A request that carries either cookie's name more than once (in one ``Cookie`` line or across
 several) has no such cookie: one of them was planted, by a sibling subdomain, an older path or
 a script, and neither "first wins" nor "last wins" may let a planted value choose the session.
+"More than once" is counted the way browsers write the header (:func:`browser_pairs`): split on
+``;``, no quoted strings. aiohttp's parser reads ``a="x; bff=L"`` as one cookie ``a``, so with
+it planted cookies whose values open and close a quote around the real one would hide it, and
+a planted one next to them would choose the session.
 """
 
 from __future__ import annotations
@@ -18,14 +22,10 @@ from typing import Final, Literal
 
 from aiohttp import web
 
-# aiohttp's own Cookie parser (the one behind request.cookies), which keeps every pair in order;
-# request.cookies keeps only the last of a name and reads only the first Cookie line.
-from aiohttp._cookie_helpers import parse_cookie_header
-
 from bff.access import SESSION_SECRET
 from bff.keys import Keyring, SessionSecret
 
-__all__ = ["CookiePolicy", "session_cookie_names"]
+__all__ = ["CookiePolicy", "browser_pairs", "session_cookie_names"]
 
 _COOKIE_VALUE = re.compile(r"[A-Za-z0-9_.-]+")
 _VERIFIED_MAX = 10_000  # ~6 MB at most: only values that verified get in
@@ -121,17 +121,31 @@ class CookiePolicy:
         )
 
 
+def browser_pairs(line: str) -> list[tuple[str, str]]:
+    """A ``Cookie`` line's (name, value) pairs as browsers write it (RFC 6265 5.4, 6265bis 5.7):
+    pairs split on ``;``, spaces stripped, the name up to the first ``=``. A double quote is just
+    a character, as it is to the browser that stored the cookie; a pair without ``=`` counts
+    under its whole text, so that it cannot hide a name either."""
+    pairs = []
+    for piece in line.split(";"):
+        key, _, value = piece.partition("=")
+        pairs.append((key.strip(" \t"), value.strip(" \t")))
+    return pairs
+
+
 def _only_value(request: web.Request, name: str) -> str | None:
     """The value of the one cookie called ``name``; None when absent or sent more than once."""
     lines = request.headers.getall("Cookie", ())
     if not lines:
         return None
     if len(lines) == 1 and lines[0].count(name) <= 1:
-        # Hot path: the name occurs at most once as text, so at most once as a cookie.
+        # Hot path: the name occurs at most once as text, so at most once as a cookie. (If it
+        # sits inside a quoted value, aiohttp finds no such cookie and the browser's reading
+        # ends in a quote, which no issued value has: no cookie either way.)
         return request.cookies.get(name)
     pairs = request.get(_PAIRS)
-    if pairs is None:  # parsed at most once per request, whichever cookie is read first
-        pairs = tuple((key, m.value) for line in lines for key, m in parse_cookie_header(line))
+    if pairs is None:  # split at most once per request, whichever cookie is read first
+        pairs = tuple(pair for line in lines for pair in browser_pairs(line))
         request[_PAIRS] = pairs
     values = [value for key, value in pairs if key == name]
     return values[0] if len(values) == 1 else None

@@ -18,14 +18,18 @@ The rules:
   a trusted proxy is the client; everything left of it was written by the client and is ignored.
   When every address is trusted, the leftmost is the client.
 * Anything but an IP address where the walk needs one (garbage, ``for=unknown``, an obfuscated
-  ``_identifier``, a Forwarded element without ``for``, more than :data:`MAX_HOPS` trusted hops)
-  makes the peer the client: a trusted proxy that says "I don't know" is believed, not guessed
-  around, and never costs a 500.
+  ``_identifier``, a Forwarded element without ``for``, an IPv6 zone id such as ``fe80::1%eth0``,
+  more than :data:`MAX_HOPS` trusted hops) makes the peer the client: a trusted proxy that says
+  "I don't know" is believed, not guessed around, and never costs a 500. A zone id names an
+  interface of the host that wrote it, means nothing here, and Python's ``ipaddress`` keeps any
+  text after the ``%``: so an element with one is malformed, not trimmed.
 * Upstream, bff sends ``X-Forwarded-For`` and ``Forwarded`` with the chain from the client to the
   peer (what a client wrote left of itself is not passed on), and ``X-Forwarded-Proto`` /
   ``X-Forwarded-Host`` (also ``proto``/``host`` in ``Forwarded``) from ``public_url`` always, even
   behind a trusted proxy: bff knows its public origin for certain, and many proxies pass a
-  browser's ``X-Forwarded-Host`` through, which upstream frameworks use to build links.
+  browser's ``X-Forwarded-Host`` through, which upstream frameworks use to build links. Every
+  address in them is the canonical text of a parsed ``ipaddress`` object without a zone id (or
+  ``unknown``): no text a client wrote reaches them.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ def parse_node(text: str) -> Address | None:
 
     Takes ``192.0.2.1``, ``192.0.2.1:8080``, ``2001:db8::1``, ``[2001:db8::1]`` and
     ``[2001:db8::1]:443``; an IPv4-mapped IPv6 address is its IPv4 address. ``unknown``,
-    ``_obfuscated`` names and anything else give None.
+    ``_obfuscated`` names, IPv6 zone ids (``fe80::1%eth0``) and anything else give None.
     """
     text = text.strip()
     if text.startswith("["):
@@ -76,9 +80,21 @@ def parse_node(text: str) -> Address | None:
         address = ipaddress.ip_address(host)
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id is not None:
+            return None
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
     return address
+
+
+def _canonical(text: str) -> str | None:
+    """The canonical text of an address from the chain, without a zone id; None if none.
+
+    The chain holds parsed addresses, except the TCP peer's own text when no proxy is trusted
+    or it does not parse (a Unix socket); a link-local peer's zone id comes from the socket."""
+    address = parse_node(text.partition("%")[0])
+    return None if address is None else str(address)
 
 
 def _forwarded_value(value: str) -> str:
@@ -88,8 +104,8 @@ def _forwarded_value(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _for_value(address: str) -> str:
-    if not address:
+def _for_value(address: str | None) -> str:
+    if address is None:
         return "unknown"
     return f'"[{address}]"' if ":" in address else address
 
@@ -143,7 +159,8 @@ class Peers:
         return cached
 
     def _chain(self, request: web.Request, peer: str) -> tuple[str, ...]:
-        peer_address = parse_node(peer)
+        # The socket's zone id (a link-local peer) is not client text, and is not ours to judge.
+        peer_address = parse_node(peer.partition("%")[0])
         if peer_address is None:
             return (peer,)
         if not self.trusted(peer_address):
@@ -181,15 +198,16 @@ class Peers:
         known = self._memo.get(chain)
         if known is not None:
             return known
-        elements = [f"for={_for_value(a)}" for a in chain]
+        addresses = [_canonical(a) for a in chain]
+        elements = [f"for={_for_value(a)}" for a in addresses]
         elements[0] += self._suffix
         out: tuple[tuple[str, str], ...] = (
             ("X-Forwarded-Proto", self._proto),
             ("X-Forwarded-Host", self._host),
             ("Forwarded", ", ".join(elements)),
         )
-        if chain[0]:
-            out += (("X-Forwarded-For", ", ".join(chain)),)
+        if None not in addresses:
+            out += (("X-Forwarded-For", ", ".join(a for a in addresses if a is not None)),)
         # Few distinct chains are busy at once (a client's, or a handful of proxies'): bounded.
         if len(self._memo) >= _MEMO_MAX:
             self._memo.pop(next(iter(self._memo)))

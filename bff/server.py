@@ -13,9 +13,11 @@ Every byte that enters bff is either a well-formed request that the app handles,
   against aiohttp 3.14.5's llhttp, these reach a handler: ``GET /`` with no version (HTTP/0.9),
   ``HTTP/2.0``, Transfer-Encoding in HTTP/1.0, an empty Transfer-Encoding, ``gzip, chunked``,
   ``CONNECT``, ``OPTIONS *``, a ``#`` in the target, header bytes that are not UTF-8, and any
-  ``Expect`` (aiohttp's 417 page echoes it; an undecodable one made a 500). All refused here. llhttp
+  ``Expect`` (aiohttp's 417 page echoes it; an undecodable one made a 500), an ``Upgrade`` other
+  than ``websocket`` with ``Connection: upgrade`` (llhttp stops there and aiohttp drops the bytes
+  pipelined behind it), ``Upgrade: websocket`` on a POST, and TRACE. All refused here. llhttp
   itself refuses a target followed by no version, ``HTTP/1.2``, a tab or lower-case method,
-  controls/CR/LF/NUL/non-ASCII in the target, ``*`` with GET, TE with Content-Length, TE
+  controls/CR/LF/NUL/non-ASCII in the target, ``*`` with GET, TRACK, TE with Content-Length, TE
   ``chunked, chunked``/``identity``/``gzip``/two TE fields, duplicate or list Content-Length
   (``5, 5`` too), a non-digit Content-Length, obs-fold, bare CR, bare LF, NUL and other controls
   in values, whitespace in or before header names, a second Host, and bad chunk framing. Repeated
@@ -66,6 +68,7 @@ __all__ = [
     "EXPECTATION_FAILED",
     "INTERNAL",
     "MALFORMED",
+    "METHOD_NOT_ALLOWED",
     "TOO_LARGE",
     "FrontDoorHandler",
     "FrontDoorRunner",
@@ -118,10 +121,19 @@ _BAD_VALUE: Final = replace(MALFORMED, reason="header_bytes")
 _BAD_LENGTH: Final = replace(MALFORMED, reason="content_length")
 _BAD_CODING: Final = replace(MALFORMED, reason="transfer_encoding")
 _CONNECT: Final = replace(MALFORMED, reason="connect")  # 4xx: no client makes a 5xx
+_BAD_UPGRADE: Final = replace(MALFORMED, reason="upgrade")
+#: RFC 9110 9.3.8: a TRACE must carry no credentials, and an upstream that implements it reflects
+#: the request, bearer and all. TRACK is IIS's TRACE. Refused whatever a route's ``methods:`` say.
+METHOD_NOT_ALLOWED: Final = _refusal(
+    405, "method_not_allowed", "this method is not allowed", "method"
+)
+_REFUSED_METHODS: Final = frozenset({"TRACE", "TRACK"})
 
 _TE: Final = b"transfer-encoding"
 _CL: Final = b"content-length"
 _EXPECT: Final = b"expect"
+_CONNECTION: Final = b"connection"
+_UPGRADE: Final = b"upgrade"
 
 
 def framing_problem(
@@ -134,12 +146,18 @@ def framing_problem(
     6.1, Transfer-Encoding only in HTTP/1.1, only as one lone ``chunked``, never with
     Content-Length; section 6.3, at most one Content-Length, digits only; sections 5.5 and 11.2,
     header values that are UTF-8 (aiohttp's client would mangle anything else). RFC 9110 10.1.1:
-    an Expect other than ``100-continue`` is 417.
+    an Expect other than ``100-continue`` is 417. RFC 9110 7.8 and RFC 6455 4.1: the only
+    upgrade is one ``Upgrade: websocket`` on a GET; for any other ``Upgrade`` next to
+    ``Connection: upgrade``, llhttp stops parsing and aiohttp drops whatever was pipelined
+    behind it, so the next answer on the connection would pair with the wrong request. RFC 9110
+    9.3.8: TRACE (and TRACK) are 405, before any credential is attached.
     """
     if version != HttpVersion11 and version != HttpVersion10:
         return _BAD_VERSION
     if method == "CONNECT":
         return _CONNECT
+    if method in _REFUSED_METHODS:
+        return METHOD_NOT_ALLOWED
     if not (
         target.isascii()
         and target.isprintable()
@@ -150,6 +168,8 @@ def framing_problem(
         return _BAD_TARGET
     te_count = cl_count = 0
     te_value = b""
+    connection_upgrade = False
+    upgrades: list[bytes] = []
     for name, value in raw_headers:
         if not value.isascii():
             try:
@@ -166,6 +186,16 @@ def framing_problem(
                 return _BAD_LENGTH
         elif size == 6 and name.lower() == _EXPECT and value.lower() != b"100-continue":
             return EXPECTATION_FAILED
+        elif size == 10 and name.lower() == _CONNECTION:
+            # A substring, not a token: wider than llhttp's own reading of the list, never narrower.
+            connection_upgrade = connection_upgrade or _UPGRADE in value.lower()
+        elif size == 7 and name.lower() == _UPGRADE:
+            upgrades.append(value.strip(b" \t").lower())
+    if upgrades and (
+        (connection_upgrade and upgrades != [b"websocket"])
+        or (method != "GET" and b"websocket" in upgrades)
+    ):
+        return _BAD_UPGRADE
     if cl_count > 1:
         return _BAD_LENGTH
     if te_count:

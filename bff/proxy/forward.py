@@ -36,7 +36,7 @@ from bff.proxy.headers import downstream_headers, upstream_headers
 from bff.proxy.overrides import body_scanner
 from bff.proxy.routing import Route, UpstreamTable
 from bff.proxy.session_watch import SessionWatch
-from bff.proxy.websocket import forward_websocket
+from bff.proxy.websocket import check_handshake, forward_websocket
 from bff.services import SERVICES, Services
 from bff.sessions import Session
 
@@ -67,6 +67,8 @@ async def forward(request: web.Request) -> web.StreamResponse:
         target = request.rel_url.raw_path_qs
     route, upstream_target = table.resolve(target)
     websocket = route.websocket and request.headers.get("Upgrade", "").lower() == "websocket"
+    if websocket:
+        check_handshake(request)  # before the session is read and any upstream socket opened
     session, token, fresh = await authorize(
         services, table, route, request, request.method, websocket=websocket
     )

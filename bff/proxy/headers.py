@@ -132,6 +132,15 @@ OVERRIDES: Final = frozenset(
         "x-override-url",
         "x-http-destinationurl",
         "x-proxy-url",
+        # Framework-internal routing, set by the framework's own front for itself: Next.js skips
+        # its middleware (and the auth in it) on x-middleware-subrequest (CVE-2025-29927).
+        "x-middleware-subrequest",
+        "x-invoke-path",
+        "x-invoke-query",
+        "x-invoke-status",
+        "x-invoke-output",
+        "x-now-route-matches",
+        "x-matched-path",
     }
 )
 #: Who the user is, as auth proxies tell their upstreams (Apache/CGI, Grafana, oauth2-proxy,
@@ -160,6 +169,26 @@ IDENTITY: Final = frozenset(
         "x-goog-iap-jwt-assertion",
         "cf-access-jwt-assertion",
         "cf-access-authenticated-user-email",
+        # The client certificate as TLS-terminating proxies pass it on (nginx, Apache mod_ssl,
+        # HAProxy, F5, IIS ARR, Traefik): an upstream behind bff that trusts one would take it
+        # for an mTLS-verified identity; bff's word is the token, so no copy is passed on
+        # (Envoy's x-forwarded-client-cert and Traefik's x-forwarded-tls-client-cert go with the
+        # x-forwarded family).
+        "x-ssl-client-cert",
+        "x-client-cert",
+        "ssl-client-cert",
+        "x-ssl-cert",
+        "x-arr-clientcert",
+        "x-client-verify",
+        "x-ssl-client-verify",
+        "ssl-client-verify",
+        "x-ssl-client-dn",
+        "x-ssl-client-s-dn",
+        "x-ssl-client-i-dn",
+        "x-client-dn",
+        "x-client-cert-dn",
+        "x-ssl-client-serial",
+        "x-ssl-client-fingerprint",
     }
 )
 #: Whole families: ``x-forwarded``, ``x-forwarded-*``; Envoy's ``x-envoy-*`` (among them the

@@ -2,6 +2,11 @@
 
 Frames pass as they come, in both directions; whichever side closes first closes the other with
 its code. A ``user`` route's socket is closed with :data:`WS_SESSION_ENDED` once its session ends.
+
+The browser's handshake is checked (:func:`check_handshake`) before its session is read and before
+any upstream connection: a bad one is a fixed JSON 400. Left to ``prepare()``, aiohttp would answer
+it with a text page quoting the offending header, and only after the upstream socket, bearer and
+all, had been opened and closed again.
 """
 
 from __future__ import annotations
@@ -9,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from typing import Final
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from aiohttp.http import HttpVersion11
 from yarl import URL
 
 from bff import metrics, tracing
-from bff.errors import UpstreamFailed, UpstreamTimeout
+from bff.errors import BadRequest, UpstreamFailed, UpstreamTimeout
 from bff.lifecycle import LIFECYCLE
 from bff.proxy.headers import upstream_headers
 from bff.proxy.routing import Route, UpstreamTable
@@ -24,12 +31,52 @@ from bff.proxy.session_watch import SessionWatch
 from bff.services import Services
 from bff.sessions import Session
 
-__all__ = ["WS_SESSION_ENDED", "forward_websocket"]
+__all__ = ["BAD_HANDSHAKE", "WS_SESSION_ENDED", "check_handshake", "forward_websocket"]
 
 log = logging.getLogger("bff.proxy")  # one logger name for the whole proxy package
 
 #: WebSocket close code sent to the browser when its session ends (1008: policy violation).
 WS_SESSION_ENDED: Final = 1008
+#: The fixed ``error_description`` of a refused handshake (``invalid_request``, 400).
+BAD_HANDSHAKE: Final = "not a valid WebSocket handshake"
+#: RFC 6455 4.1: the key is 16 random bytes, base64: 22 characters and ``==``.
+_KEY: Final = re.compile(r"[A-Za-z0-9+/]{22}==")
+
+
+class _NoOfferedProtocols(logging.Filter):
+    """Drops aiohttp's warning that quotes the browser's offered subprotocols (request bytes)
+    when the upstream agreed to none of them; a log line never holds request bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("%s: Client protocols"))
+
+
+logging.getLogger("aiohttp.websocket").addFilter(_NoOfferedProtocols())
+
+
+def _offered(request: web.Request) -> tuple[str, ...]:
+    offered = request.headers.get("Sec-WebSocket-Protocol", "")
+    return tuple(p.strip() for p in offered.split(",") if p.strip())
+
+
+def check_handshake(request: web.Request) -> None:
+    """Raise a fixed 400 unless ``request`` is a WebSocket opening handshake that ``prepare()``
+    will take (RFC 6455 4.1): GET, HTTP/1.1, ``Sec-WebSocket-Version: 13``, one well-formed key,
+    and aiohttp's own checks (``Upgrade``, ``Connection``) via ``can_prepare``. aiohttp alone
+    would also take versions 7 and 8 and any key that base64-decodes to 16 bytes after it
+    skipped the characters outside the alphabet."""
+    headers = request.headers
+    keys = headers.getall("Sec-WebSocket-Key", ())
+    if (
+        request.method != "GET"
+        or request.version != HttpVersion11
+        or headers.getall("Sec-WebSocket-Version", ()) != ["13"]
+        or len(keys) != 1
+        or not _KEY.fullmatch(keys[0])
+        # Offered protocols as the server's: aiohttp would log the client's when none overlap.
+        or not web.WebSocketResponse(protocols=_offered(request)).can_prepare(request).ok
+    ):
+        raise BadRequest(BAD_HANDSHAKE)
 
 
 async def forward_websocket(
@@ -42,12 +89,12 @@ async def forward_websocket(
     token: str | None,
 ) -> web.StreamResponse:
     """Open the upstream socket first (so its errors are still an HTTP status), then the
-    browser's, and pump frames until either side closes."""
+    browser's, and pump frames until either side closes. The caller ran :func:`check_handshake`
+    (before reading the session), so ``prepare()`` cannot refuse the browser's handshake."""
     http = route.http
     if http is None:
         raise UpstreamFailed("the upstream pool is not open")
-    offered = request.headers.get("Sec-WebSocket-Protocol", "")
-    protocols = tuple(p.strip() for p in offered.split(",") if p.strip())
+    protocols = _offered(request)
     headers = upstream_headers(
         request, route.ws_drop, route.set_headers, table.peers.forwarding(request), token
     )

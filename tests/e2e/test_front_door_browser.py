@@ -12,6 +12,9 @@ header, the body, the iframe's document. The cookie's value (which the test read
 browser context, since the page cannot) must be in none of it, and each answer must be 431 or 400,
 so that the oversize path really was taken.
 
+The last test is the review's finding 2 in Chromium: cookies planted under longer paths, with lone
+quotes, must not let a planted session cookie choose the session.
+
 bff runs as a real ``bff run`` process: the server layer under test (its parser limits and error
 answers) is set up by ``bff run``, not by ``create_app``.
 """
@@ -244,3 +247,51 @@ async def test_a_page_that_inflates_its_cookies_cannot_read_the_session_cookie_b
         assert await session_cookie(context, app.url) == cookie
     finally:
         await context.close()
+
+
+PLANT = """
+(planted) => {
+  // Path-scoped cookies come first in Chromium's Cookie header, then the real one (path /), then
+  // y: `bff-session=<planted>; a="x\\"; bff-session=<real>; y="`. A parser that reads "..." as a
+  // quoted string across ";" sees only the planted session.
+  document.cookie = `${planted}; path=/bff/user`;
+  document.cookie = 'a="x\\\\"; path=/bff';
+  document.cookie = 'y="; path=/';
+}
+"""
+
+
+async def test_planted_quoted_cookies_cannot_pick_the_session_in_chromium(
+    app: App, browser: Browser
+) -> None:
+    """Issue 9 review, finding 2: a script (or a sibling subdomain) plants its own valid session
+    under a longer path plus two cookies holding a lone quote around the real one. bff counts
+    the name as Chromium writes the header, finds it twice, and treats the request as anonymous
+    instead of as the attacker."""
+    attacker = await browser.new_context()
+    victim = await browser.new_context()
+    try:
+        page = await attacker.new_page()
+        await log_in(page, app, "planter")
+        planted = await session_cookie(attacker, app.url)
+        page = await victim.new_page()
+        await log_in(page, app, "victim")
+        await victim.clear_cookies(name=f"{COOKIE_NAME}-tx")
+        assert await page.evaluate(USER_STATUS) == 200
+        await page.evaluate(PLANT, f"{COOKIE_NAME}={planted}")
+        async with page.expect_request(lambda r: r.url.endswith("/bff/user")) as sent:
+            seen = await page.evaluate(
+                "async () => { const r = await fetch('/bff/user', {headers: {'X-CSRF': '1'},"
+                " cache: 'no-store'}); return [r.status, await r.text()]; }"
+            )
+        header = (await (await sent.value).all_headers()).get("cookie", "")
+        assert seen[0] == 401, seen
+        assert "planter" not in seen[1]
+        # The attack's shape was really sent: the planted session first, a lone quote before and
+        # after the real one (Playwright reports the header as Chromium wrote it).
+        start = f"{COOKIE_NAME}={planted}; "
+        assert header.startswith(start + 'a="x\\"; ') and header.endswith('; y="'), header
+        assert header.count(f"{COOKIE_NAME}=") == 2, header
+    finally:
+        await attacker.close()
+        await victim.close()

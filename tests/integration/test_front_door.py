@@ -35,6 +35,7 @@ from bff.server import (
     EXPECTATION_FAILED,
     INTERNAL,
     MALFORMED,
+    METHOD_NOT_ALLOWED,
     TOO_LARGE,
     FrontDoorRunner,
     Refusal,
@@ -154,7 +155,16 @@ def bff(
         store=redis_server.url,
         keys=keys,
         static=workdir,
-        upstreams=[{"path": "/api/echo", "url": upstream.url, "token": "user"}],
+        upstreams=[
+            {"path": "/api/echo", "url": upstream.url, "token": "user"},
+            # A route that lists TRACE and TRACK: the front door refuses them all the same.
+            {
+                "path": "/api/traced",
+                "url": upstream.url,
+                "token": "user",
+                "methods": ["GET", "TRACE", "TRACK"],
+            },
+        ],
     )
     config["log"] = {"level": "debug", "format": "json"}
     config["limits"] = LIMITS
@@ -342,6 +352,54 @@ FRAMING: dict[str, tuple[str, Refusal]] = {
         f"0\r\n\r\nGET /api/echo/{MARK} HTTP/1.1\r\n{H}\r\n",
         MALFORMED,
     ),
+    # RFC 9110 section 7.8 / RFC 6455 section 4.1: the one upgrade is Upgrade: websocket on a GET.
+    # llhttp stops at any other Upgrade next to Connection: upgrade and aiohttp drops the bytes
+    # behind it, so the pipelined request would go unanswered and the next answer pair with it.
+    # gate
+    "rfc9110-7.8-upgrade-h2c": (
+        f"GET /api/echo/a HTTP/1.1\r\n{H}Connection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+        MALFORMED,
+    ),
+    # gate
+    "rfc9110-7.8-upgrade-other-with-body": (
+        f"POST /api/echo/a HTTP/1.1\r\n{H}Connection: keep-alive, UPGRADE\r\nUpgrade: foo\r\n"
+        "Content-Length: 5\r\n\r\nhello",
+        MALFORMED,
+    ),
+    # gate
+    "rfc9110-7.8-upgrade-empty": (
+        f"GET /api/echo/a HTTP/1.1\r\n{H}Connection: upgrade\r\nUpgrade: \r\n\r\n",
+        MALFORMED,
+    ),
+    # gate
+    "rfc9110-7.8-upgrade-list": (
+        f"GET /api/echo/a HTTP/1.1\r\n{H}Connection: upgrade\r\nUpgrade: websocket, h2c\r\n\r\n",
+        MALFORMED,
+    ),
+    # gate
+    "rfc9110-7.8-upgrade-twice": (
+        f"GET /api/echo/a HTTP/1.1\r\n{H}Connection: upgrade\r\nUpgrade: websocket\r\n"
+        "Upgrade: h2c\r\n\r\n",
+        MALFORMED,
+    ),
+    # gate
+    "rfc6455-4.1-websocket-on-post": (
+        f"POST /api/echo/a HTTP/1.1\r\n{H}Connection: Upgrade\r\nUpgrade: websocket\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        "Content-Length: 0\r\n\r\n",
+        MALFORMED,
+    ),
+    # gate
+    "rfc6455-4.1-websocket-on-put": (
+        f"PUT /api/echo/a HTTP/1.1\r\n{H}Connection: Upgrade\r\nUpgrade: WebSocket\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        MALFORMED,
+    ),
+    # RFC 9110 section 9.3.8: TRACE reflects the request (bff would add the bearer); TRACK is IIS's
+    # gate
+    "rfc9110-9.3.8-trace": (f"TRACE /api/echo/a HTTP/1.1\r\n{H}\r\n", METHOD_NOT_ALLOWED),
+    # llhttp refuses TRACK itself (the gate's 405 is for aiohttp's pure-Python parser)
+    "rfc9110-9.3.8-track": (f"TRACK /api/echo/a HTTP/1.1\r\n{H}\r\n", MALFORMED),
     # RFC 9110 section 10.1.1: aiohttp's own 417 page would echo the value
     # gate
     "rfc9110-10.1.1-unknown-expect": (
@@ -360,6 +418,26 @@ def test_bad_framing_is_refused_and_reaches_no_upstream(
     reply = exchange(bff.port, raw.encode("latin-1") + api_request(cookie, "/api/echo/pipelined"))
     assert_refused(reply, refusal)
     assert upstream.seen() == [], "a refused request (or the one behind it) reached the upstream"
+
+
+@pytest.mark.parametrize(
+    ("method", "refusal"),
+    [("TRACE", METHOD_NOT_ALLOWED), ("TRACK", MALFORMED)],  # llhttp refuses TRACK itself
+)
+def test_trace_is_refused_with_a_session_even_where_the_route_lists_it(
+    bff: BffProcess, cookie: str, upstream: EchoUpstream, method: str, refusal: Refusal
+) -> None:
+    """RFC 9110 section 9.3.8: a client must not send credentials in a TRACE, and an upstream that
+    implements it reflects them; bff would attach the bearer. So 405, before any credential is
+    looked up or attached, on a route whose ``methods:`` list TRACE and TRACK."""
+    upstream.clear()
+    ok = exchange(bff.port, api_request(cookie, "/api/traced/ok", b"Connection: close\r\n"))
+    assert ok.status == 200 and len(upstream.seen()) == 1  # the route does forward
+    upstream.clear()
+    request = api_request(cookie, f"/api/traced/{MARK}").replace(b"GET", method.encode(), 1)
+    reply = exchange(bff.port, request + api_request(cookie, "/api/traced/pipelined"))
+    assert_refused(reply, refusal)
+    assert upstream.seen() == []
 
 
 @pytest.mark.parametrize(

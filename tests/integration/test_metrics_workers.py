@@ -189,10 +189,7 @@ def mapped_metrics_dirs(pid: int) -> set[Path]:
     """Directories of the metric files a process or its children (the supervisor's workers)
     have memory-mapped (multiprocess mode)."""
     found = set()
-    pids = [pid]
-    with contextlib.suppress(FileNotFoundError):
-        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    for each in pids:
+    for each in [pid, *children(pid)]:
         with contextlib.suppress(FileNotFoundError):
             for line in Path(f"/proc/{each}/maps").read_text().splitlines():
                 path = line.split(maxsplit=5)[-1]
@@ -237,7 +234,7 @@ async def test_a_single_worker_run_uses_the_same_multiprocess_mode(
         # python_gc_* and process_* collectors are not in a multiprocess scrape.
         assert "python_gc_objects_collected_total" not in text
         (directory,) = mapped_metrics_dirs(proc.pid)
-        worker = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        worker = children(proc.pid)
         assert len(worker) == 1  # the supervisor's one worker writes the counters
         assert any(directory.glob(f"counter_{worker[0]}.db"))
     finally:

@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -784,6 +785,73 @@ async def test_a_websocket_without_a_session_is_refused(bff: Bff) -> None:
     assert bff.upstream.seen == []
 
 
+WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+@pytest.mark.parametrize(
+    ("method", "connection", "key", "version"),
+    [
+        ("GET", "Upgrade", "MARKws1", "13"),
+        ("GET", "Upgrade", WS_KEY, "MARKws2"),
+        ("GET", "MARKws3", WS_KEY, "13"),
+        ("GET", "Upgrade", WS_KEY, "8"),
+        ("GET", "Upgrade", WS_KEY + "!MARKws4", "13"),
+        ("GET", "Upgrade", None, "13"),
+        ("POST", "Upgrade", WS_KEY, "13"),
+    ],
+    ids=["bad-key", "bad-version", "no-connection-upgrade", "v8", "junk-key", "no-key", "post"],
+)
+async def test_a_bad_websocket_handshake_is_a_fixed_400_before_any_upstream_socket(
+    bff: Bff,
+    browser: aiohttp.ClientSession,
+    method: str,
+    connection: str,
+    key: str | None,
+    version: str,
+) -> None:
+    """RFC 6455 4.1. aiohttp's prepare() would answer a text page quoting the bad header (the
+    review's MARKws markers), after the upstream socket, with the bearer, had been opened."""
+    await bff.login(browser)
+    lines = [f"{method} /api/ws/chat HTTP/1.1", f"Origin: {bff.url}", "Upgrade: websocket"]
+    lines += [f"Connection: {connection}, close", f"Sec-WebSocket-Version: {version}"]
+    lines += [f"Cookie: {cookie_header(bff, browser)['Cookie']}", "Content-Length: 0"]
+    if key is not None:
+        lines.append(f"Sec-WebSocket-Key: {key}")
+    host, port = bff.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        ("\r\n".join([lines[0], f"Host: {host}:{port}", *lines[1:]]) + "\r\n\r\n").encode()
+    )
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)  # bff closes: the request said close
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 400 "), data[:200]
+    assert b"MARKws" not in data
+    assert b"content-type: application/json" in data.lower()
+    assert json.loads(data.partition(b"\r\n\r\n")[2]) == {
+        "error": "invalid_request",
+        "error_description": "not a valid WebSocket handshake",
+    }
+    assert bff.upstream.seen == []  # no upstream handshake at all
+
+
+async def test_offered_subprotocols_the_upstream_refused_are_not_logged(
+    bff: Bff, browser: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp warns with the browser's offered subprotocols when none is agreed on: request
+    bytes in a log line. The upstream here speaks only "chat"."""
+    await bff.login(browser)
+    caplog.set_level(logging.DEBUG)
+    async with browser.ws_connect(
+        f"{bff.url}/api/ws/chat", origin=bff.url, protocols=("MARKproto",)
+    ) as ws:
+        assert ws.protocol is None
+        await ws.send_str("hello")
+        assert (await ws.receive(timeout=5)).data == "hello"
+    assert bff.upstream.seen[-1].header("sec-websocket-protocol") == "MARKproto"  # it was sent
+    assert not [r for r in caplog.records if "MARKproto" in r.getMessage()]
+
+
 async def test_a_websocket_to_a_dead_upstream_gives_502(
     bff: Bff, browser: aiohttp.ClientSession
 ) -> None:
@@ -1041,3 +1109,16 @@ async def test_two_session_cookies_make_an_anonymous_request(
     # On the user_or_none route the two-cookie calls went out anonymous.
     maybe = [s for s in bff.upstream.seen if s.path.startswith("/up/maybe")]
     assert len(maybe) == 5 and all("authorization" not in s.headers for s in maybe)
+    # Quotes do not hide a cookie (the review's header strings): browsers split on ";" with no
+    # quoted strings, so a planted valid session next to the victim's is still two sessions.
+    async with browser_session(bff.url) as attacker:
+        await bff.login(attacker)
+        planted = cookie_header(bff, attacker)["Cookie"]
+    assert (await raw_lines(bff.url, [start, "X-CSRF: 1", f"Cookie: {planted}"]))[0] == 200
+    for line in (
+        f'Cookie: {planted}; a="x\\"; {good}; y="',
+        f'Cookie: {planted}; a="x; {good}"',
+        f'Cookie: a="x\\"; {good}; y="; {planted}',
+    ):
+        status, body = await raw_lines(bff.url, [start, "X-CSRF: 1", line])
+        assert status == 401, (line, body)

@@ -7,11 +7,10 @@ from unittest import mock
 
 import pytest
 from aiohttp import web
-from aiohttp._cookie_helpers import parse_cookie_header
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from bff.cookies import CookiePolicy
+from bff.cookies import CookiePolicy, browser_pairs
 from bff.keys import Keyring, SessionSecret, new_secret
 
 KEYS = ["cookie-key-" + "k" * 40]
@@ -275,7 +274,42 @@ def test_the_cookie_lines_are_parsed_once_per_request_for_both_cookies() -> None
         f"{policy.tx_name}={_issued(policy, login, login=True).value}",
         f"{policy.name}={_issued(policy, session).value}",
     )
-    with mock.patch("bff.cookies.parse_cookie_header", wraps=parse_cookie_header) as parse:
+    with mock.patch("bff.cookies.browser_pairs", wraps=browser_pairs) as split:
         assert policy.session_secret(request) == session
         assert policy.browser_secret(request) == login
-    assert parse.call_count == 2  # one call per Cookie line, for both reads together
+    assert split.call_count == 2  # one call per Cookie line, for both reads together
+
+
+def test_quotes_cannot_hide_a_second_session_cookie() -> None:
+    """Browsers split the Cookie header on ``;`` with no quoted strings (the review's header
+    strings, issue 9 finding 2): a planted quote must not make the real cookie vanish."""
+    policy = _policy()
+    secret = new_secret()
+    real = _issued(policy, secret).value
+    planted = _issued(policy, new_secret()).value
+    name = policy.name
+    for header in (
+        f'{name}={planted}; a="x\\"; {name}={real}; y="',
+        f'{name}={planted}; a="x; {name}={real}"',
+        f'a="x\\"; {name}={real}; y="; {name}={planted}',
+        f'{name}={planted}; a="x;{name}={real}"',
+        f"{name}={planted}; {name} ={real}",
+        f"{name}={planted}; {name}",
+    ):
+        assert policy.session_secret(_request(header)) is None, header
+        assert policy.session_secret(_lines_request("a=1", header)) is None, header
+    tx = policy.tx_name
+    login = _issued(policy, secret, login=True).value
+    header = f'{tx}={login}; a="x; {tx}={login}"'
+    assert policy.browser_secret(_request(header)) is None
+    # One real cookie next to quoted values is still found.
+    assert policy.session_secret(_request(f'a="x; y"; {name}={real}; b="z"')) == secret
+
+
+def test_browser_pairs_splits_as_a_browser_writes() -> None:
+    assert browser_pairs('a="x; b=y"; c ; d=e=f') == [
+        ("a", '"x'),
+        ("b", 'y"'),
+        ("c", ""),
+        ("d", "e=f"),
+    ]

@@ -68,6 +68,9 @@ def test_an_address_is_read_in_every_spelling_proxies_use(text: str, address: st
         "1.2.3.4, 5.6.7.8",
         "\x00",
         "é",
+        "fe80::1%eth0",  # an IPv6 zone id names the writer's interface
+        "[fe80::1%eth0]:443",
+        'fe80::1%x"];for=1.1.1.1;proto=https;host=evil.example;x="',
     ],
 )
 def test_anything_but_an_address_is_none(text: str) -> None:
@@ -239,6 +242,33 @@ def test_from_a_trusted_peer_the_upstream_hears_the_chain_from_the_client() -> N
             'for="[2001:db8:1::7]";host=app.example.com;proto=https, for=10.0.0.2, for=10.0.0.1'
         ),
     }
+
+
+@pytest.mark.parametrize("name", ["X-Forwarded-For", "Forwarded"])
+def test_a_zone_id_from_a_trusted_proxy_is_malformed_and_injects_nothing(name: str) -> None:
+    """The review's payload (issue 9 finding 9a): ``ipaddress`` keeps any text after ``%``, which
+    went into the upstream's ``Forwarded`` unescaped and added elements of the client's choice."""
+    payload = 'fe80::1%x"];for=1.1.1.1;proto=https;host=evil.example;x="'
+    # In Forwarded the zone id runs to the "]" (quoted-pair escapes for the quotes).
+    quoted = payload.replace("]", "").replace('"', '\\"')
+    value = payload if name == "X-Forwarded-For" else f'for="[{quoted}]"'
+    req = request("10.0.0.1", [(name, value)])
+    assert TRUSTED.client_address(req) == "10.0.0.1"  # malformed: the peer is the client
+    sent = dict(TRUSTED.forwarding(req))
+    assert sent["Forwarded"] == "for=10.0.0.1;host=app.example.com;proto=https"
+    assert sent["X-Forwarded-For"] == "10.0.0.1"
+
+
+def test_forwarding_headers_hold_only_canonical_addresses() -> None:
+    """Whatever the chain holds (the raw peer text of a link-local socket, a dual-stack one),
+    what goes upstream is a parsed address's canonical text, zone id dropped."""
+    sent = dict(Peers((), PUBLIC).forwarding(request('fe80::1%eth0"];for=x')))
+    assert sent["Forwarded"] == 'for="[fe80::1]";host=app.example.com;proto=https'
+    assert sent["X-Forwarded-For"] == "fe80::1"
+    sent = dict(Peers((), PUBLIC).forwarding(request("::ffff:203.0.113.9")))
+    assert sent["X-Forwarded-For"] == "203.0.113.9"
+    sent = dict(TRUSTED.forwarding(request("fe80::2%eth1")))  # a link-local peer, untrusted
+    assert sent["X-Forwarded-For"] == "fe80::2"
 
 
 def test_without_a_peer_address_forwarded_says_unknown() -> None:

@@ -310,6 +310,18 @@ def test_the_research_list_is_all_there() -> None:
         "x-rewrite-url", "x-original-method",
     ):  # fmt: skip
         assert name in OVERRIDES
+    for name in (
+        "x-middleware-subrequest", "x-invoke-path", "x-invoke-query", "x-now-route-matches",
+        "x-matched-path",
+    ):  # fmt: skip
+        assert name in OVERRIDES  # framework-internal routing (Next.js CVE-2025-29927)
+    for name in (
+        "x-ssl-client-cert", "x-client-cert", "ssl-client-cert", "x-arr-clientcert",
+        "x-client-verify", "x-ssl-client-verify", "x-ssl-client-dn", "x-ssl-client-s-dn",
+    ):  # fmt: skip
+        assert name in IDENTITY  # client certificates as TLS-terminating proxies pass them
+    request = browser_request({"X-Forwarded-Client-Cert": "By=x;Hash=y", "Accept": "x/y"})
+    assert upstream_headers(request, REQUEST_DROP, (), [], None) == [("Accept", "x/y")]
     assert "x-envoy-external-address" not in REQUEST_DROP  # dropped by prefix instead:
     request = browser_request({"X_Envoy_External_Address": "6.6.6.6", "X-Forwarded-Uri": "/a"})
     sent = upstream_headers(request, REQUEST_DROP, (), [], None)

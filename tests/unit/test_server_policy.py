@@ -23,6 +23,7 @@ from bff.server import (
     EXPECTATION_FAILED,
     INTERNAL,
     MALFORMED,
+    METHOD_NOT_ALLOWED,
     TIMEOUT,
     TOO_LARGE,
     Refusal,
@@ -64,6 +65,15 @@ def test_fixed_bodies_are_the_documented_json() -> None:
         (((b"Expect", b"100-Continue"),), HttpVersion11, "POST", "/"),
         (((b"X-Name", "Müller".encode()),), HttpVersion11, "GET", "/"),  # UTF-8 obs-text passes
         (((b"Cookie", b"a=1; b=2"), (b"Cookie", b"c=3")), HttpVersion11, "GET", "/"),
+        (((b"Connection", b"Upgrade"), (b"Upgrade", b"WebSocket")), HttpVersion11, "GET", "/"),
+        (
+            ((b"connection", b"keep-alive, upgrade"), (b"upgrade", b"websocket ")),
+            HttpVersion11,
+            "GET",
+            "/",
+        ),
+        (((b"Upgrade", b"h2c"),), HttpVersion11, "GET", "/"),  # no Connection: upgrade, no switch
+        (((b"Connection", b"upgrade"),), HttpVersion11, "GET", "/"),  # nothing to switch to
     ],
 )
 def test_well_formed_requests_pass(
@@ -150,6 +160,42 @@ def test_content_length_is_one_run_of_digits(headers: tuple[tuple[bytes, bytes],
 def test_header_bytes_that_are_not_utf8_are_refused(name: bytes) -> None:
     refusal = check(((name, b"ab\xff"),))
     assert refusal is not None and refusal.status == 400 and refusal.reason == "header_bytes"
+
+
+@pytest.mark.parametrize(
+    ("headers", "method"),
+    [
+        (((b"Connection", b"Upgrade"), (b"Upgrade", b"h2c")), "GET"),
+        (((b"Connection", b"keep-alive, UPGRADE"), (b"Upgrade", b"foo")), "POST"),
+        (((b"Connection", b"upgrade"), (b"Upgrade", b"")), "GET"),
+        (((b"Connection", b"upgrade"), (b"Upgrade", b"websocket, h2c")), "GET"),
+        (((b"Connection", b"upgrade"), (b"Upgrade", b"websocket"), (b"Upgrade", b"h2c")), "GET"),
+        (((b"Connection", b"upgrade"), (b"Upgrade", b"websocket")), "POST"),
+        (((b"Upgrade", b"websocket"),), "HEAD"),
+    ],
+    ids=[
+        "rfc9110-7.8-h2c",
+        "rfc9110-7.8-other-in-a-list",
+        "rfc9110-7.8-empty",
+        "rfc9110-7.8-websocket-and-more",
+        "rfc9110-7.8-two-fields",
+        "rfc6455-4.1-post",
+        "rfc6455-4.1-head",
+    ],
+)
+def test_the_only_upgrade_is_websocket_on_a_get(
+    headers: tuple[tuple[bytes, bytes], ...], method: str
+) -> None:
+    refusal = check(headers, method=method)
+    assert refusal is not None and refusal.status == 400 and refusal.reason == "upgrade"
+
+
+@pytest.mark.parametrize("method", ["TRACE", "TRACK"])
+def test_trace_and_track_are_405(method: str) -> None:
+    """RFC 9110 9.3.8: no credentials in a TRACE, and bff would attach the bearer."""
+    assert check(method=method) is METHOD_NOT_ALLOWED
+    assert json.loads(METHOD_NOT_ALLOWED.body)["error"] == "method_not_allowed"
+    assert METHOD_NOT_ALLOWED.status == 405
 
 
 def test_an_expectation_other_than_100_continue_is_417() -> None:
