@@ -21,9 +21,6 @@ from bff.config.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DOC = ROOT / "docs" / "operations.md"
-# Keys of issue 10 point 1 (SIGTERM drain, SIGHUP reload), written ahead of that change and marked
-# "TODO lifecycle numbers" in the doc.
-PENDING = {"shutdown.drain", "shutdown.grace"}
 # `session.idle_timeout`, or with a value: `security.hsts: false`
 _DOTTED = re.compile(r"`([a-z_]+(?:\.[a-z_]+)+)(?:: [^`]*)?`")
 
@@ -63,8 +60,6 @@ def test_the_doc_names_dotted_keys_at_all() -> None:
 
 @pytest.mark.parametrize("name", dotted_names())
 def test_every_dotted_name_is_a_config_key_or_a_log_event(name: str) -> None:
-    if name in PENDING:
-        return
     assert is_config_key(name) or name in logged_events(), name
 
 
