@@ -122,6 +122,8 @@ def access_middleware(*, enabled: bool) -> Callable[..., Awaitable[web.StreamRes
 def _write(
     request: web.Request, names: dict[int, str], rid: str, status: int, size: int, took: float
 ) -> None:
+    if not log.isEnabledFor(logging.INFO):  # log.level above info: no line, so no work for it
+        return
     upstream = request.get(UPSTREAM)
     secret = request.get(SESSION_SECRET)
     log.info(

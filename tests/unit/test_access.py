@@ -113,3 +113,20 @@ async def test_the_session_handle_is_a_hash_of_the_store_id(
     handle = vars(record)["session"]
     assert handle == session_handle(secret) and len(handle) == 12
     assert handle not in secret and handle not in store_id(secret)
+
+
+async def test_above_info_the_line_is_not_even_built(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At log level warning no access line is written, so none of its fields are worked out."""
+
+    def built(*args: object) -> str:
+        raise AssertionError("the access line was built although nothing writes it")
+
+    monkeypatch.setattr("bff.access.client_address", built)
+    with caplog.at_level(logging.WARNING, logger="bff.access"):
+        request, _ = await call("/api/x", {"X-Request-ID": "keep-me"})
+    assert request[REQUEST_ID] == "keep-me"
+    assert [r for r in caplog.records if r.name == "bff.access"] == []
+    with caplog.at_level(logging.INFO, logger="bff.access"), pytest.raises(AssertionError):
+        await call("/api/x")  # the same call at info builds the line (the check can fail)
