@@ -100,6 +100,9 @@ class SessionData:
     # The access token's expires_in when issued: caps the refresh skew (refresh.py). None for
     # an OP that sent none, and in sessions stored before this field existed.
     access_lifetime: float | None = None
+    # The private JWK the session's tokens are DPoP-bound to (bff/dpop.py); None for a session
+    # without DPoP, and in records from before it existed. Sealed with the rest, never logged.
+    dpop_jwk: dict[str, Any] | None = field(default=None, repr=False)
 
     def to_bytes(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()

@@ -22,7 +22,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.http import HttpVersion11
 from yarl import URL
 
-from bff import metrics, tracing
+from bff import dpop, metrics, tracing
 from bff.errors import BadRequest, UpstreamFailed, UpstreamTimeout
 from bff.lifecycle import LIFECYCLE
 from bff.proxy.headers import upstream_headers
@@ -95,13 +95,21 @@ async def forward_websocket(
     if http is None:
         raise UpstreamFailed("the upstream pool is not open")
     protocols = _offered(request)
+    url = URL(route.ws_origin + target, encoded=True)
+    extra = route.set_headers
+    key = dpop.session_key(session) if session is not None and token is not None else None
+    if key is not None and token is not None:
+        # The handshake is an HTTP GET to the http(s) form of the URL (RFC 9449 4.2: htu).
+        http_url = URL(route.origin + target, encoded=True)
+        extra = (*extra, *dpop.upstream_auth(key, "GET", http_url, route.origin, token))
+        token = None
     headers = upstream_headers(
-        request, route.ws_drop, route.set_headers, table.peers.forwarding(request), token
+        request, route.ws_drop, extra, table.peers.forwarding(request), token
     )
     try:
         async with asyncio.timeout(route.timeout):
             upstream = await http.ws_connect(
-                URL(route.ws_origin + target, encoded=True),
+                url,
                 headers=tracing.inject(headers),  # the server span's traceparent
                 protocols=protocols,
                 compress=0,
