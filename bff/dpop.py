@@ -46,6 +46,7 @@ __all__ = [
     "DpopKey",
     "Nonces",
     "choose_alg",
+    "feature_line",
     "generate",
     "htu",
     "is_nonce_challenge",
@@ -149,6 +150,17 @@ def proof(
         claims["nonce"] = nonce
     header = {"typ": "dpop+jwt", "alg": key.alg, "jwk": dict(key.public)}
     return jwt.encode(header, claims, key.key, algorithms=[key.alg])
+
+
+def feature_line(op_algs: Sequence[str], enabled: bool) -> str:
+    """The DPoP line of ``bff check-config``'s report on the OP (an info line)."""
+    listed = ", ".join(op_algs)
+    if enabled:
+        alg = choose_alg(op_algs)  # discovery refused an OP without one already
+        return f"DPoP: tokens bound to one {alg} key per session (the OP lists {listed})"
+    if op_algs:
+        return f"DPoP: off (oidc.dpop); the OP would bind tokens ({listed})"
+    return "DPoP: off (oidc.dpop); the OP does not advertise it"
 
 
 class Nonces:

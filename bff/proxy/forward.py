@@ -257,6 +257,7 @@ async def _http(
         resp.status == 401
         and token is not None
         and not fresh
+        and not (key is not None and dpop.is_nonce_challenge(resp.status, resp.headers))
         and not has_body
         and request.method in _IDEMPOTENT
     ):

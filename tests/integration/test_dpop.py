@@ -136,7 +136,9 @@ async def start_bff(settings: Settings, port: int) -> tuple[web.Application, web
 
 
 @pytest.fixture
-async def bff(redis_server: RedisServer, dpop_op: OidcProvider, tmp_path: Path) -> AsyncIterator[Bff]:
+async def bff(
+    redis_server: RedisServer, dpop_op: OidcProvider, tmp_path: Path
+) -> AsyncIterator[Bff]:
     upstream = DpopUpstream(
         introspection=f"{dpop_op.issuer}/token/introspection",
         client=await introspection_client(dpop_op),
@@ -271,10 +273,14 @@ async def test_the_upstreams_nonce_dance_is_done_once_and_a_body_is_never_replay
     bff.upstream.require_nonce = True
     bff.upstream.rotate_nonce()
     before = len(bff.upstream.calls)
+    await bff.op.reset_stats()
     async with browser.get(f"{bff.url}/api/nonce", headers=CSRF) as resp:
         assert resp.status == 200, await resp.text()
     calls = bff.upstream.calls[before:]
     assert [c.verdict for c in calls] == ["use_dpop_nonce", "ok"]
+    # A nonce challenge is not a refused token: no refresh was asked for.
+    assert (await bff.op.stats())["token"]["refresh_token"] == 0
+    assert calls[0].token == calls[1].token
     assert calls[1].claims["nonce"] == bff.upstream.nonce
     assert calls[0].claims["jti"] != calls[1].claims["jti"]
     # Remembered: the next call carries it at once.
@@ -341,6 +347,12 @@ async def test_discovery_refuses_dpop_when_the_op_does_not_advertise_it(
     assert any("dpop_signing_alg_values_supported" in e for e in report.errors), report.errors
 
 
+async def test_check_config_names_the_dpop_algorithm(bff: Bff) -> None:
+    report = await run_checks(bff.settings)
+    line = f"oidc.issuer {bff.op.issuer}: DPoP: tokens bound to one ES256 key per session"
+    assert f"{line} (the OP lists ES256, EdDSA)" in report.infos, report.infos
+
+
 async def test_an_op_answering_a_bearer_token_to_a_dpop_request_fails_the_login_clearly(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -352,7 +364,7 @@ async def test_an_op_answering_a_bearer_token_to_a_dpop_request_fails_the_login_
         port = free_port()
         client = await op.register_client(redirect_uris=[f"http://127.0.0.1:{port}/bff/callback"])
         settings = settings_for(port, op, client, redis_server.url, "http://127.0.0.1:9", tmp_path)
-        app, runner = await start_bff(settings, port)
+        _, runner = await start_bff(settings, port)
         try:
             url = f"http://127.0.0.1:{port}"
             async with browser_session(url) as http:
