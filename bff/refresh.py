@@ -247,10 +247,11 @@ class TokenRefresher:
             return fresh
         tokens: TokenSet | None = None
         try:
+            # A DPoP session's new tokens are bound to the same key (bff/dpop.py).
+            key = dpop.session_key(fresh)
+            bound = {"dpop_key": key} if key is not None else {}
             tokens = await self._oidc.refresh(
-                refresh_token,
-                answer_timeout=self.answer_timeout,
-                dpop_key=dpop.session_key(fresh),  # the new tokens are bound to the same key
+                refresh_token, answer_timeout=self.answer_timeout, **bound
             )
             claims, id_token = fresh.data.claims, fresh.data.id_token
             if tokens.id_token:
