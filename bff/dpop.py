@@ -119,9 +119,11 @@ def generate(alg: str) -> DpopKey:
 
 
 def htu(url: str | URL) -> str:
-    """RFC 9449 4.2: the target URI without query and fragment."""
-    parsed = url if isinstance(url, URL) else URL(url, encoded=True)
-    return str(parsed.with_query(None).with_fragment(None))
+    """RFC 9449 4.2: the target URI without query and fragment. A string is taken as sent
+    (already encoded; the proxy's target was normalised by routing.py): cut at ``?`` or ``#``."""
+    if isinstance(url, URL):
+        return str(url.with_query(None).with_fragment(None))
+    return url.partition("#")[0].partition("?")[0]
 
 
 def _b64(data: bytes) -> str:
@@ -197,7 +199,7 @@ def is_nonce_challenge(status: int, headers: CIMultiDictProxy[str] | Mapping[str
 
 
 def upstream_auth(
-    key: DpopKey, method: str, url: URL, origin: str, token: str
+    key: DpopKey, method: str, url: str | URL, origin: str, token: str
 ) -> tuple[tuple[str, str], tuple[str, str]]:
     """``Authorization: DPoP <token>`` and a fresh proof for one upstream request."""
     nonce = UPSTREAM_NONCES.get(origin)

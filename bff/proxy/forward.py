@@ -238,7 +238,7 @@ async def _http(
     def outgoing(token: str | None) -> list[tuple[str, str]]:
         if key is None or token is None:
             return upstream_headers(request, route.drop, route.set_headers, forwarded, token)
-        auth = dpop.upstream_auth(key, request.method, url, route.origin, token)
+        auth = dpop.upstream_auth(key, request.method, route.origin + target, route.origin, token)
         return upstream_headers(request, route.drop, (*route.set_headers, *auth), forwarded, None)
 
     headers = outgoing(token)
