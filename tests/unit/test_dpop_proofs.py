@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -193,3 +194,13 @@ def test_the_config_switch() -> None:
     off = parse_settings(textwrap.dedent(base.format(extra="")), "bff.yaml", {})
     on = parse_settings(textwrap.dedent(base.format(extra="dpop: true")), "bff.yaml", {})
     assert off.oidc.dpop is False and on.oidc.dpop is True
+
+
+def test_the_readme_dpop_example_parses() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("### DPoP (sender-constrained tokens)")
+    block = readme[readme.index("```yaml\n", start) + 8 : readme.index("```\n", start + 40)]
+    text = "public_url: https://app.example.com\nkeys: [k-0123456789abcdef0123456789abcdef]\n"
+    settings = parse_settings(text + block, "bff.yaml", {"OIDC_CLIENT_SECRET": "s"})
+    assert settings.oidc.dpop is True
+    assert settings.upstreams[0].token == "user"
