@@ -117,7 +117,9 @@ def settings_for(
                 "upstreams": [
                     {"path": "/api", "url": f"{up}/up"},
                     {"path": "/api/public", "url": f"{up}/public", "token": "none"},
+                    {"path": "/api/ws", "url": f"{up}/ws", "websocket": True},
                 ],
+                "trusted_proxies": ["127.0.0.1/32"],  # for edge mode's /bff/authz
             }
         )
     )
@@ -451,3 +453,46 @@ async def redis_keys(redis_server: RedisServer) -> bytes:
         return out
     finally:
         await client.aclose()
+
+
+async def test_a_websocket_handshake_carries_a_proof_the_upstream_accepts(
+    bff: Bff, browser: aiohttp.ClientSession
+) -> None:
+    session = await bff.login(browser)
+    async with browser.ws_connect(
+        f"{bff.url}/api/ws/chat?room=1", headers={"Origin": bff.url}
+    ) as ws:
+        await ws.send_str("hi")
+        assert (await ws.receive(timeout=10)).data == "echo hi"
+    call = bff.upstream.calls[-1]
+    assert call.verdict == "ok" and call.header("authorization") == (
+        f"DPoP {session.data.access_token}"
+    )
+    assert call.claims["htm"] == "GET"
+    assert call.claims["htu"] == f"{bff.upstream.url}/ws/chat"  # the http(s) form, no query
+
+
+async def test_edge_mode_answers_the_token_with_a_proof_the_upstream_accepts(
+    bff: Bff, browser: aiohttp.ClientSession
+) -> None:
+    session = await bff.login(browser)
+    cookie = browser.cookie_jar.filter_cookies(URL(bff.url))[COOKIE].value
+    ask = {
+        "Cookie": f"{COOKIE}={cookie}",
+        **CSRF,
+        "X-Original-URI": "/api/edge/x?y=1",
+        "X-Original-Method": "DELETE",
+        "DPoP": "forged-by-the-browser",
+    }
+    async with (
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
+        http.get(f"{bff.url}/bff/authz", headers=ask) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        answer = dict(resp.headers)
+    assert answer["Authorization"] == f"DPoP {session.data.access_token}"
+    assert answer["DPoP"] != "forged-by-the-browser"
+    # What the edge would send on: the upstream takes it, for that method and URL only.
+    headers = {"Authorization": answer["Authorization"], "DPoP": answer["DPoP"]}
+    status, body = await bff.upstream.send("DELETE", "/up/edge/x?y=1", headers)
+    assert status == 200, body

@@ -10,6 +10,7 @@ fragment, as RFC 9449 4.3 compares it), ``ath`` against the token, ``iat`` withi
 and bound to that very key (``cnf.jkt`` from the OP's introspection endpoint equals the RFC 7638
 thumbprint of the proof's key). ``Authorization: Bearer`` with a DPoP-bound token is refused.
 
+A WebSocket handshake is checked the same way (a GET), then the socket echoes text.
 Each request is recorded (:class:`Call`) with the verdict, for the tests to look at.
 """
 
@@ -91,6 +92,12 @@ class DpopUpstream:
             call.verdict = str(exc)
             return self._refuse(str(exc))
         call.verdict = "ok"
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            async for msg in ws:  # echo until the client closes
+                await ws.send_str(f"echo {msg.data}")
+            return ws
         return web.json_response({"ok": True, "path": request.raw_path, "sub": call.claims})
 
     def _refuse(self, why: str) -> web.Response:
