@@ -47,6 +47,7 @@ __all__ = [
     "Nonces",
     "choose_alg",
     "feature_line",
+    "forget",
     "generate",
     "htu",
     "is_nonce_challenge",
@@ -210,6 +211,11 @@ def upstream_auth(
 
 
 _keys: dict[str, tuple[str, DpopKey]] = {}
+
+
+def forget(session_id: str) -> None:
+    """Drop an ended session's key object (sessions.py, when a session ends here)."""
+    _keys.pop(session_id, None)
 
 
 def session_key(session: Session) -> DpopKey | None:

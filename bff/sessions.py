@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bff import dpop
 from bff.errors import LoginFailed
 from bff.keys import (
     DecryptError,
@@ -350,6 +351,7 @@ class SessionManager:
     def _forget(self, sid: StoreKey) -> None:
         self._cache.pop(sid, None)
         self._touched.pop(sid, None)
+        dpop.forget(sid)  # its DPoP key object, if any, leaves with it
 
     # -- login transactions ---------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from bff.config import parse_settings
 from bff.keys import new_secret, store_id
 from bff.oidc import ProviderMetadata, TokenSet
 from bff.proxy.headers import REQUEST_DROP, upstream_headers
-from bff.sessions import Session, SessionData
+from bff.sessions import Session, SessionData, SessionManager
+from bff.store.memory import MemoryStore
 
 TOKEN = "AT-0123456789-access-token-value"
 
@@ -204,3 +206,14 @@ def test_the_readme_dpop_example_parses() -> None:
     settings = parse_settings(text + block, "bff.yaml", {"OIDC_CLIENT_SECRET": "s"})
     assert settings.oidc.dpop is True
     assert settings.upstreams[0].token == "user"
+
+
+async def test_an_ended_sessions_key_object_leaves_the_process() -> None:
+    manager = SessionManager(MemoryStore(), idle_timeout=600, absolute_timeout=3600)
+    data = dataclasses.replace(_session(None).data, dpop_jwk=dpop.generate("ES256").record())
+    data.expires_at = time.time() + 3600
+    session = await manager.create(data)
+    assert dpop.session_key(session) is not None
+    assert session.id in dpop._keys
+    await manager.end(session)
+    assert session.id not in dpop._keys
