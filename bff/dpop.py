@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from joserfc import jwt
 from joserfc.jwk import ECKey, OKPKey, RSAKey
-from multidict import CIMultiDictProxy
 from yarl import URL
 
 if TYPE_CHECKING:
@@ -175,7 +174,7 @@ class Nonces:
     def get(self, origin: str) -> str | None:
         return self._latest.get(origin)
 
-    def note(self, origin: str, headers: CIMultiDictProxy[str] | Mapping[str, str]) -> bool:
+    def note(self, origin: str, headers: Mapping[str, str]) -> bool:
         """Remember the nonce a response carries; True when it brought a new one."""
         nonce = headers.get("DPoP-Nonce")
         if not nonce or len(nonce) > _NONCE_MAX or not nonce.isascii():
@@ -192,7 +191,7 @@ class Nonces:
 UPSTREAM_NONCES: Final = Nonces()
 
 
-def is_nonce_challenge(status: int, headers: CIMultiDictProxy[str] | Mapping[str, str]) -> bool:
+def is_nonce_challenge(status: int, headers: Mapping[str, str]) -> bool:
     """A resource server's RFC 9449 9 answer: 401, ``use_dpop_nonce`` and a ``DPoP-Nonce``."""
     if status != 401 or "DPoP-Nonce" not in headers:
         return False

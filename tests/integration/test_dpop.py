@@ -470,6 +470,16 @@ async def test_a_websocket_handshake_carries_a_proof_the_upstream_accepts(
     )
     assert call.claims["htm"] == "GET"
     assert call.claims["htu"] == f"{bff.upstream.url}/ws/chat"  # the http(s) form, no query
+    # An upstream that wants a nonce: a handshake has no body, so it is sent again with it.
+    bff.upstream.require_nonce = True
+    bff.upstream.rotate_nonce()
+    before = len(bff.upstream.calls)
+    async with browser.ws_connect(f"{bff.url}/api/ws/chat", headers={"Origin": bff.url}) as ws:
+        await ws.send_str("again")
+        assert (await ws.receive(timeout=10)).data == "echo again"
+    calls = bff.upstream.calls[before:]
+    assert [c.verdict for c in calls] == ["use_dpop_nonce", "ok"]
+    assert calls[1].claims["nonce"] == bff.upstream.nonce
 
 
 async def test_edge_mode_answers_the_token_with_a_proof_the_upstream_accepts(
