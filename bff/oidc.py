@@ -35,7 +35,7 @@ from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, OKPKey, RSAKey
 
-from bff import metrics, tracing
+from bff import dpop, metrics, tracing
 from bff.errors import ProviderUnavailable
 
 if TYPE_CHECKING:
@@ -99,6 +99,7 @@ class ProviderMetadata:
     end_session_endpoint: str | None
     iss_parameter_supported: bool
     id_token_algs: tuple[str, ...]
+    dpop_algs: tuple[str, ...] = ()  # dpop_signing_alg_values_supported (RFC 9449 5.1)
 
     @classmethod
     def parse(cls, doc: Mapping[str, Any], expected_issuer: str) -> ProviderMetadata:
@@ -122,6 +123,9 @@ class ProviderMetadata:
             end_session_endpoint=doc.get("end_session_endpoint"),
             iss_parameter_supported=bool(doc.get("authorization_response_iss_parameter_supported")),
             id_token_algs=tuple(a for a in algs if isinstance(a, str)),
+            dpop_algs=tuple(
+                a for a in doc.get("dpop_signing_alg_values_supported") or [] if isinstance(a, str)
+            ),
         )
 
 
@@ -149,12 +153,19 @@ class TokenSet:
         return f"TokenSet(expires_at={self.expires_at}, scope={self.scope}, tokens='**********')"
 
     @classmethod
-    def parse(cls, body: Mapping[str, Any], now: float) -> TokenSet:
+    def parse(cls, body: Mapping[str, Any], now: float, *, dpop: bool = False) -> TokenSet:
+        """``dpop``: a DPoP-bound token was asked for, and nothing else is taken (RFC 9449 5)."""
         token = body.get("access_token")
         if not isinstance(token, str) or not token:
             raise ValueError("no access_token in the token response")
         token_type = str(body.get("token_type", ""))
-        if token_type.lower() != "bearer":
+        expected = "DPoP" if dpop else "Bearer"
+        if token_type.lower() != expected.lower():
+            if dpop:
+                raise ValueError(
+                    f"a DPoP-bound token was asked for but the OP answered token_type "
+                    f"{token_type!r}: it does not bind tokens to bff's key (oidc.dpop)"
+                )
             raise ValueError(f"unsupported token_type {token_type!r}")
         expires_in = body.get("expires_in")
         expires_at = lifetime = None
@@ -164,7 +175,7 @@ class TokenSet:
         scope = body.get("scope")
         return cls(
             access_token=token,
-            token_type="Bearer",  # noqa: S106 (a token type, not a password)
+            token_type=expected,
             expires_at=expires_at,
             refresh_token=body.get("refresh_token") or None,
             id_token=body.get("id_token") or None,
@@ -199,6 +210,7 @@ class OidcClient:
         self._jwks_number = 0
         self._jwks_fetch: tuple[int, asyncio.Future[None]] | None = None
         self._jwks_fetched_at = float("-inf")  # start of the newest fetch: the unsolicited limit
+        self._dpop_nonces = dpop.Nonces()  # the OP's latest DPoP-Nonce (RFC 9449 8)
         # The config guarantees what each method needs: a secret, or a readable key file.
         self._secret = settings.client_secret.get() if settings.client_secret else ""
         self._signing_key: RSAKey | ECKey | OKPKey | None = None
@@ -263,7 +275,25 @@ class OidcClient:
         revocation = self.settings.revocation_endpoint or meta.revocation_endpoint
         if revocation is None:
             revocation = await self._rfc8414_revocation_endpoint()
+        if self.settings.dpop and dpop.choose_alg(meta.dpop_algs) is None:
+            # Not a moment's trouble, but it is the OP's answer: refused like any bad document.
+            raise ProviderUnavailable(
+                "oidc.dpop is on but the OP's discovery document "
+                + (
+                    f"lists no DPoP algorithm bff can sign with ({meta.dpop_algs}; bff: "
+                    f"{', '.join(dpop.PREFERRED_ALGS)})"
+                    if meta.dpop_algs
+                    else "does not advertise dpop_signing_alg_values_supported (RFC 9449 5.1)"
+                )
+            )
         return dataclasses.replace(meta, revocation_endpoint=revocation)
+
+    async def dpop_alg(self) -> str:
+        """The algorithm of new sessions' DPoP keys (discovery made sure there is one)."""
+        alg = dpop.choose_alg((await self.metadata()).dpop_algs)
+        if alg is None:
+            raise ProviderUnavailable("the OP does not support DPoP")
+        return alg
 
     async def _rfc8414_revocation_endpoint(self) -> str | None:
         """Some OPs name ``revocation_endpoint`` only in their RFC 8414 metadata.
@@ -323,20 +353,31 @@ class OidcClient:
     # -- token endpoint ---------------------------------------------------------------------
 
     @tracing.traced("bff.oidc.code_exchange")
-    async def exchange_code(self, code: str, code_verifier: str) -> TokenSet:
+    async def exchange_code(
+        self, code: str, code_verifier: str, *, dpop_key: dpop.DpopKey | None = None
+    ) -> TokenSet:
+        """``dpop_key``: ask for tokens bound to it (RFC 9449 5); only ``DPoP`` ones are taken."""
         return await self._token_request(
             {
                 "grant_type": "authorization_code",
                 "code": code,
                 "redirect_uri": self.redirect_uri,
                 "code_verifier": code_verifier,
-            }
+            },
+            dpop_key=dpop_key,
         )
 
-    async def refresh(self, refresh_token: str, *, answer_timeout: float | None = None) -> TokenSet:
+    async def refresh(
+        self,
+        refresh_token: str,
+        *,
+        answer_timeout: float | None = None,
+        dpop_key: dpop.DpopKey | None = None,
+    ) -> TokenSet:
         """``answer_timeout``: how long to wait for the answer once the request is sent (the
         connection still has ``http_timeout``). A rotating OP may carry out a refresh it
-        answers late; giving up on its answer would lose the new refresh token (refresh.py)."""
+        answers late; giving up on its answer would lose the new refresh token (refresh.py).
+        ``dpop_key``: the session's, so that the new tokens are bound to it as well."""
         limits = None
         if answer_timeout is not None:
             limits = aiohttp.ClientTimeout(
@@ -344,7 +385,9 @@ class OidcClient:
                 connect=self.settings.http_timeout,
             )
         return await self._token_request(
-            {"grant_type": "refresh_token", "refresh_token": refresh_token}, limits
+            {"grant_type": "refresh_token", "refresh_token": refresh_token},
+            limits,
+            dpop_key=dpop_key,
         )
 
     async def client_credentials(self, scopes: tuple[str, ...] = ()) -> TokenSet:
@@ -372,34 +415,65 @@ class OidcClient:
             )
             return False
 
-    async def userinfo(self, access_token: str) -> dict[str, Any]:
+    async def userinfo(
+        self, access_token: str, *, dpop_key: dpop.DpopKey | None = None
+    ) -> dict[str, Any]:
         meta = await self.metadata()
         if not meta.userinfo_endpoint:
             return {}
-        return await self._get_json(
-            meta.userinfo_endpoint, headers={"Authorization": f"Bearer {access_token}"}
+        if dpop_key is None:
+            return await self._get_json(
+                meta.userinfo_endpoint, headers={"Authorization": f"Bearer {access_token}"}
+            )
+        url = meta.userinfo_endpoint
+        for attempt in (1, 2):  # a second time only for the OP's use_dpop_nonce (RFC 9449 9)
+            headers = {
+                "Authorization": f"DPoP {access_token}",
+                "DPoP": self._dpop_proof(dpop_key, "GET", url, access_token),
+            }
+            try:
+                async with self._http.get(url, headers=headers, timeout=self._timeout) as resp:
+                    renewed = self._dpop_nonces.note(_origin(url), resp.headers)
+                    if (
+                        attempt == 1
+                        and renewed
+                        and dpop.is_nonce_challenge(resp.status, resp.headers)
+                    ):
+                        continue
+                    if resp.status != 200:
+                        raise ProviderUnavailable(f"{url} answered {resp.status}")
+                    data = json.loads(await resp.read())
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                raise ProviderUnavailable(f"{url} is unreachable or not JSON") from exc
+            if not isinstance(data, dict):
+                raise ProviderUnavailable(f"{url} did not answer a JSON object")
+            return data
+        raise ProviderUnavailable(f"{url} kept asking for another DPoP nonce")
+
+    def _dpop_proof(
+        self, key: dpop.DpopKey, method: str, url: str, access_token: str | None = None
+    ) -> str:
+        nonce = self._dpop_nonces.get(_origin(url))
+        return dpop.proof(
+            key, method, url, access_token=access_token, nonce=nonce, clock=self._clock
         )
 
     @metrics.op_call("token")
     @tracing.traced("bff.oidc.token", kind="client")
     async def _token_request(
-        self, form: dict[str, str], limits: aiohttp.ClientTimeout | None = None
+        self,
+        form: dict[str, str],
+        limits: aiohttp.ClientTimeout | None = None,
+        *,
+        dpop_key: dpop.DpopKey | None = None,
     ) -> TokenSet:
         tracing.annotate("oauth.grant_type", form["grant_type"])
         meta = await self.metadata()
-        body, headers = self._client_auth(form, meta)
-        headers["Accept"] = "application/json"
-        try:
-            async with self._http.post(
-                meta.token_endpoint, data=body, headers=headers, timeout=limits or self._timeout
-            ) as resp:
-                status = resp.status
-                tracing.annotate("http.response.status_code", status)
-                raw = await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(
-                "the OpenID Provider's token endpoint is unreachable"
-            ) from exc
+        status, raw = await self._post_token(meta, form, limits, dpop_key)
+        if dpop_key is not None and status == 400 and _oauth_error(raw) == "use_dpop_nonce":
+            # RFC 9449 8: the OP wants its nonce in the proof; it sent one, which is now ours.
+            # The OP refused the request before acting on the grant: sending it again is safe.
+            status, raw = await self._post_token(meta, form, limits, dpop_key)
         if status >= 500:
             raise ProviderUnavailable(f"the OpenID Provider's token endpoint answered {status}")
         try:
@@ -421,9 +495,40 @@ class OidcClient:
                 raise InvalidGrant(description or error)
             raise TokenRequestRefused(error, description)
         try:
-            return TokenSet.parse(payload, self._clock())
+            return TokenSet.parse(payload, self._clock(), dpop=dpop_key is not None)
         except ValueError as exc:
+            log.warning(
+                "oidc.token_response_refused",
+                extra={"event": "oidc.token_response_refused", "grant": form["grant_type"],
+                       "reason": str(exc)},
+            )  # fmt: skip
             raise TokenRequestRefused("invalid_response", str(exc)) from exc
+
+    async def _post_token(
+        self,
+        meta: ProviderMetadata,
+        form: dict[str, str],
+        limits: aiohttp.ClientTimeout | None,
+        dpop_key: dpop.DpopKey | None,
+    ) -> tuple[int, bytes]:
+        """One POST to the token endpoint (a new client assertion and DPoP proof each time)."""
+        body, headers = self._client_auth(form, meta)
+        headers["Accept"] = "application/json"
+        if dpop_key is not None:
+            headers["DPoP"] = self._dpop_proof(dpop_key, "POST", meta.token_endpoint)
+        try:
+            async with self._http.post(
+                meta.token_endpoint, data=body, headers=headers, timeout=limits or self._timeout
+            ) as resp:
+                status = resp.status
+                tracing.annotate("http.response.status_code", status)
+                if dpop_key is not None:
+                    self._dpop_nonces.note(_origin(meta.token_endpoint), resp.headers)
+                return status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ProviderUnavailable(
+                "the OpenID Provider's token endpoint is unreachable"
+            ) from exc
 
     def _client_auth(
         self, form: dict[str, str], meta: ProviderMetadata
@@ -677,6 +782,21 @@ _PROTOCOL_CLAIMS = frozenset(
 def user_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
     """The claims worth showing the SPA: about the user, not about the token that carried them."""
     return {k: v for k, v in claims.items() if k not in _PROTOCOL_CLAIMS}
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def _oauth_error(raw: bytes) -> str | None:
+    """The ``error`` of an OAuth error answer, or None."""
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        return None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    return error if isinstance(error, str) else None
 
 
 def _is_number(value: object) -> TypeGuard[int | float]:

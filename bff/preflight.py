@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 
+from bff import dpop
 from bff.config import Settings, dump_redacted
 from bff.errors import ProviderUnavailable, StoreUnavailable
 from bff.oidc import OidcClient, OidcError, TokenRequestRefused
@@ -167,6 +168,7 @@ async def _check_issuer(settings: Settings, report: Report) -> None:
             return
         report.infos.append(f"{subject}: discovery OK")
         _check_offers(doc, settings, subject, report)
+        report.infos.append(f"{subject}: {dpop.feature_line(meta.dpop_algs, settings.oidc.dpop)}")
         if meta.revocation_endpoint:
             report.infos.append(f"{subject}: revocation endpoint {meta.revocation_endpoint}")
         else:

@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from bff import metrics, tracing
+from bff import dpop, metrics, tracing
 from bff.errors import ProviderUnavailable, SessionExpired, StoreUnavailable
 from bff.locks import StoreLock, poll_delays
 from bff.metrics import Metrics
@@ -247,7 +247,12 @@ class TokenRefresher:
             return fresh
         tokens: TokenSet | None = None
         try:
-            tokens = await self._oidc.refresh(refresh_token, answer_timeout=self.answer_timeout)
+            # A DPoP session's new tokens are bound to the same key (bff/dpop.py).
+            key = dpop.session_key(fresh)
+            bound = {"dpop_key": key} if key is not None else {}
+            tokens = await self._oidc.refresh(
+                refresh_token, answer_timeout=self.answer_timeout, **bound
+            )
             claims, id_token = fresh.data.claims, fresh.data.id_token
             if tokens.id_token:
                 try:

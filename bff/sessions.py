@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bff import dpop
 from bff.errors import LoginFailed
 from bff.keys import (
     DecryptError,
@@ -100,6 +101,9 @@ class SessionData:
     # The access token's expires_in when issued: caps the refresh skew (refresh.py). None for
     # an OP that sent none, and in sessions stored before this field existed.
     access_lifetime: float | None = None
+    # The private JWK the session's tokens are DPoP-bound to (bff/dpop.py); None for a session
+    # without DPoP, and in records from before it existed. Sealed with the rest, never logged.
+    dpop_jwk: dict[str, Any] | None = field(default=None, repr=False)
 
     def to_bytes(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
@@ -347,6 +351,7 @@ class SessionManager:
     def _forget(self, sid: StoreKey) -> None:
         self._cache.pop(sid, None)
         self._touched.pop(sid, None)
+        dpop.forget(sid)  # its DPoP key object, if any, leaves with it
 
     # -- login transactions ---------------------------------------------------------------
 

@@ -258,6 +258,7 @@ class _Builder(Reader):
             post_logout_redirect=redirect,
             logout_id_token_hint=self.get(d, p, "logout_id_token_hint", False),
             revocation_endpoint=revocation if isinstance(revocation, str) else None,
+            dpop=self.get(d, p, "dpop", False),
         )
 
     def session(self, d: dict[str, Any], dev: bool, url_ok: bool) -> SessionSettings:

@@ -80,6 +80,7 @@ SCHEMA: Final[dict[str, Any]] = {
                     "post_logout_redirect": _NONEMPTY,
                     "revocation_endpoint": {"type": ["string", "null"], "minLength": 1},
                     "logout_id_token_hint": _BOOL,
+                    "dpop": _BOOL,
                 },
                 required=("issuer", "client_id"),
             ),

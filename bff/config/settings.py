@@ -131,6 +131,7 @@ class OidcSettings:
     post_logout_redirect: str = "/"  # same-origin path the browser lands on after logout
     revocation_endpoint: str | None = None  # RFC 7009 endpoint; wins over the OP's metadata
     logout_id_token_hint: bool = False  # send id_token_hint at RP-initiated logout (in a URL)
+    dpop: bool = False  # DPoP-bound session tokens (RFC 9449): a key per session, a proof per call
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -23,7 +23,7 @@ from typing import Final
 
 from aiohttp import web
 
-from bff import tracing
+from bff import dpop, tracing
 from bff.errors import BffError, LoginFailed
 from bff.keys import StoreKey
 from bff.oidc import InvalidGrant, InvalidToken, OidcError, user_claims
@@ -127,7 +127,9 @@ async def _finish(request: web.Request, attempt: _Attempt) -> web.Response:
         await services.oidc.check_response_issuer(query.get("iss"))
         if not code:
             raise LoginFailed("the authorization response has no code")
-        tokens = await services.oidc.exchange_code(code, tx.code_verifier)
+        # A new key for each login (RFC 9449): the session's tokens are bound to it.
+        key = dpop.generate(await services.oidc.dpop_alg()) if services.settings.oidc.dpop else None
+        tokens = await services.oidc.exchange_code(code, tx.code_verifier, dpop_key=key)
         if tokens.id_token is None:
             raise LoginFailed("the OP returned no ID token (is the openid scope requested?)")
         claims = await services.oidc.validate_id_token(tokens.id_token, nonce=tx.nonce)
@@ -140,7 +142,7 @@ async def _finish(request: web.Request, attempt: _Attempt) -> web.Response:
         raise LoginFailed(str(exc)) from None
     profile = user_claims(claims)
     try:
-        info = await services.oidc.userinfo(tokens.access_token)
+        info = await services.oidc.userinfo(tokens.access_token, dpop_key=key)
         # Core 5.3.2: userinfo about another subject must not be merged.
         if info.get("sub") == claims["sub"]:
             profile = {**user_claims(info), **profile}
@@ -165,6 +167,7 @@ async def _finish(request: web.Request, attempt: _Attempt) -> web.Response:
             created_at=now,
             expires_at=now + services.settings.session.absolute_timeout,
             sid=claims.get("sid") if isinstance(claims.get("sid"), str) else None,
+            dpop_jwk=key.record() if key is not None else None,
         )
     )
     services.refresher.note_lifetime(tokens.lifetime)

@@ -39,7 +39,9 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from yarl import URL
 
+from bff import dpop
 from bff.errors import BadRequest, NotFound, Unavailable, UntrustedEdge
 from bff.proxy.forward import authorize
 from bff.services import SERVICES
@@ -108,16 +110,23 @@ async def authz(request: web.Request) -> web.Response:
     if not table.peers.peer_trusted(request):
         raise UntrustedEdge()
     method, target = original_request(request)
-    route, _ = table.resolve(target)  # 400 for a traversal, 404 for no route: as the proxy
+    route, upstream_target = table.resolve(target)  # 400 traversal, 404 no route: as the proxy
     websocket = (
         route.websocket
         and method == "GET"
         and request.headers.get("Upgrade", "").lower() == "websocket"
     )
-    _, token, _ = await authorize(services, table, route, request, method, websocket=websocket)
+    session, token, _ = await authorize(
+        services, table, route, request, method, websocket=websocket
+    )
     if request.headers.get("X-Bff-Denied") == "1":
         raise Unavailable("the decision changed while the edge asked; retry")
     headers = {"Cache-Control": "no-store"}
-    if token is not None:
+    key = dpop.session_key(session) if session is not None and token is not None else None
+    if key is not None and token is not None:
+        # A proof for the upstream URL bff would call; the edge passes both headers on.
+        url = URL(route.origin + upstream_target, encoded=True)
+        headers.update(dpop.upstream_auth(key, method, url, route.origin, token))
+    elif token is not None:
         headers["Authorization"] = f"Bearer {token}"
     return web.Response(status=200, headers=headers)

@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from bff import metrics, tracing
+from bff import dpop, metrics, tracing
 from bff.access import UPSTREAM
 from bff.errors import (
     BffError,
@@ -232,19 +232,39 @@ async def _http(
         if route.scan_forms:
             chunks = body_scanner(request, chunks)
     forwarded = table.peers.forwarding(request)
-    headers = upstream_headers(request, route.drop, route.set_headers, forwarded, token)
+    # A DPoP-bound session token goes with a fresh proof for this very request (bff/dpop.py).
+    key = dpop.session_key(session) if session is not None and token is not None else None
+
+    def outgoing(token: str | None) -> list[tuple[str, str]]:
+        if key is None or token is None:
+            return upstream_headers(request, route.drop, route.set_headers, forwarded, token)
+        auth = dpop.upstream_auth(key, request.method, route.origin + target, route.origin, token)
+        return upstream_headers(request, route.drop, (*route.set_headers, *auth), forwarded, None)
+
+    headers = outgoing(token)
     resp, body = await _exchange(request, services, route, url, headers, chunks)
+    if key is not None:
+        dpop.UPSTREAM_NONCES.note(route.origin, resp.headers)
+        # RFC 9449 9: the upstream wants its (new) nonce in the proof. It refused the request
+        # unseen, so one without a body is sent again, once; a body was streamed and is gone, so
+        # that 401 goes back to the browser, and its retry carries the nonce now remembered.
+        if not has_body and dpop.is_nonce_challenge(resp.status, resp.headers):
+            resp.close()
+            headers = outgoing(token)
+            resp, body = await _exchange(request, services, route, url, headers, None)
+            dpop.UPSTREAM_NONCES.note(route.origin, resp.headers)
     if (
         resp.status == 401
         and token is not None
         and not fresh
+        and not (key is not None and dpop.is_nonce_challenge(resp.status, resp.headers))
         and not has_body
         and request.method in _IDEMPOTENT
     ):
         new_token = await _renew_token(services, route, session, token)
         if new_token is not None:
             resp.close()
-            headers = upstream_headers(request, route.drop, route.set_headers, forwarded, new_token)
+            headers = outgoing(new_token)
             resp, body = await _exchange(request, services, route, url, headers, None)
     if body is not None:
         out_headers = downstream_headers(resp, private=route.private)

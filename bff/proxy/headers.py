@@ -203,15 +203,16 @@ _DROP_PREFIXES: Final = (
     "x-amzn-oidc-",
     "x-pomerium-",
 )
-#: To the upstream: also the browser's credentials, its Host (the upstream's comes from the URL),
-#: Expect (aiohttp answered it already), bff's own anti-forgery header and the request id
-#: (replaced by the one bff vouches for, see bff.access).
+#: To the upstream: also the browser's credentials (a ``DPoP`` proof among them: bff makes its
+#: own for a DPoP-bound session, and a browser's must never pair with bff's token), its Host
+#: (the upstream's comes from the URL), Expect (aiohttp answered it already), bff's own
+#: anti-forgery header and the request id (replaced by the one bff vouches for, see bff.access).
 REQUEST_DROP: Final = (
     HOP_BY_HOP
     | CLIENT_ADDRESS
     | OVERRIDES
     | IDENTITY
-    | {"cookie", "authorization", "host", "expect", "x-csrf", "x-request-id"}
+    | {"cookie", "authorization", "host", "expect", "x-csrf", "x-request-id", "dpop"}
 )
 #: The browser's handshake headers; aiohttp makes the upstream handshake's own.
 WS_HANDSHAKE: Final = frozenset(

@@ -22,7 +22,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.http import HttpVersion11
 from yarl import URL
 
-from bff import metrics, tracing
+from bff import dpop, metrics, tracing
 from bff.errors import BadRequest, UpstreamFailed, UpstreamTimeout
 from bff.lifecycle import LIFECYCLE
 from bff.proxy.headers import upstream_headers
@@ -95,19 +95,43 @@ async def forward_websocket(
     if http is None:
         raise UpstreamFailed("the upstream pool is not open")
     protocols = _offered(request)
-    headers = upstream_headers(
-        request, route.ws_drop, route.set_headers, table.peers.forwarding(request), token
-    )
+    url = URL(route.ws_origin + target, encoded=True)
+    forwarded = table.peers.forwarding(request)
+    key = dpop.session_key(session) if session is not None and token is not None else None
+
+    def handshake_headers() -> list[tuple[str, str]]:
+        if key is None or token is None:
+            return upstream_headers(request, route.ws_drop, route.set_headers, forwarded, token)
+        # The handshake is an HTTP GET to the http(s) form of the URL (RFC 9449 4.2: htu).
+        auth = dpop.upstream_auth(key, "GET", route.origin + target, route.origin, token)
+        return upstream_headers(
+            request, route.ws_drop, (*route.set_headers, *auth), forwarded, None
+        )
+
     try:
         async with asyncio.timeout(route.timeout):
-            upstream = await http.ws_connect(
-                URL(route.ws_origin + target, encoded=True),
-                headers=tracing.inject(headers),  # the server span's traceparent
-                protocols=protocols,
-                compress=0,
-                autoping=True,
-                autoclose=True,
-            )
+            for attempt in (1, 2):
+                try:
+                    upstream = await http.ws_connect(
+                        url,
+                        headers=tracing.inject(handshake_headers()),  # with our traceparent
+                        protocols=protocols,
+                        compress=0,
+                        autoping=True,
+                        autoclose=True,
+                    )
+                    break
+                except aiohttp.WSServerHandshakeError as exc:
+                    # RFC 9449 9: a handshake has no body, so it is sent again with the nonce.
+                    challenge = exc.headers
+                    if (
+                        key is None
+                        or attempt == 2
+                        or challenge is None
+                        or not dpop.is_nonce_challenge(exc.status, challenge)
+                    ):
+                        raise
+                    dpop.UPSTREAM_NONCES.note(route.origin, challenge)
     except TimeoutError:
         services.metrics.inc("bff_upstream_errors_total", kind="timeout")
         raise UpstreamTimeout() from None

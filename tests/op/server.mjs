@@ -20,6 +20,12 @@
 //   OP_DISCOVERY_PATCH JSON object merged into the discovery document, a null value removing
 //                    the key: an OP that advertises less (e.g. {"end_session_endpoint": null}).
 //                    Only the document changes, not what the OP does. Default: none
+//   -- DPoP (RFC 9449) switches --
+//   OP_DPOP          "1": features.dPoP on: the OP binds tokens to a DPoP proof's key when the
+//                    token request carries one, and advertises dpop_signing_alg_values_supported
+//                    (ES256, EdDSA). Default: off (the discovery document does not mention DPoP)
+//   OP_DPOP_NONCE    "1" (with OP_DPOP): every DPoP proof must carry a nonce the OP issued
+//                    (400/401 use_dpop_nonce with a DPoP-Nonce header otherwise). Default: off
 //
 // Besides the OP endpoints (see /.well-known/openid-configuration) it serves:
 //   GET  /interaction/:uid           login form (any login + any non-empty password) or consent
@@ -64,6 +70,10 @@ const FIXED_KIDS = process.env.OP_FIXED_KIDS === '1';
 const REVOCATION_IN = process.env.OP_REVOCATION_IN || 'discovery';
 const REVOKE_GRANT = process.env.OP_REVOKE_GRANT !== '0';
 const DISCOVERY_PATCH = JSON.parse(process.env.OP_DISCOVERY_PATCH || '{}');
+// -- DPoP (RFC 9449) switches: begin --
+const DPOP = process.env.OP_DPOP === '1';
+const DPOP_NONCE = process.env.OP_DPOP_NONCE === '1';
+// -- DPoP switches: end --
 if (!['discovery', 'rfc8414', 'none'].includes(REVOCATION_IN)) {
   console.error(`OP_REVOCATION_IN must be discovery, rfc8414 or none, got ${REVOCATION_IN}`);
   process.exit(2);
@@ -340,6 +350,16 @@ const configuration = {
     ctx.body = page('Error', `<pre id="error">${esc(out.error)}</pre>\n<pre id="error_description">${esc(out.error_description)}</pre>`);
   },
 };
+
+// -- DPoP (RFC 9449): begin --
+if (DPOP) {
+  configuration.features.dPoP = {
+    enabled: true,
+    nonceSecret: crypto.randomBytes(32),
+    requireNonce: () => DPOP_NONCE,
+  };
+}
+// -- DPoP: end --
 
 const provider = new Provider(ISSUER, configuration);
 

@@ -347,6 +347,7 @@ class OidcProvider(ChildProcess):
     ``"rfc8414"`` or ``"none"``); ``revoke_grant=False`` makes revoking a token revoke only that
     token (oidc-provider itself revokes the whole grant). ``discovery_patch`` is merged into the
     discovery document (``None`` removes a key): an OP that advertises less than it offers.
+    ``dpop`` turns on DPoP (RFC 9449) at the OP, ``dpop_nonce`` makes it require its nonces.
     """
 
     name = "oidc-provider"
@@ -365,6 +366,8 @@ class OidcProvider(ChildProcess):
         revocation_in: str = "discovery",
         revoke_grant: bool = True,
         discovery_patch: Mapping[str, Any] | None = None,
+        dpop: bool = False,
+        dpop_nonce: bool = False,
     ) -> None:
         super().__init__(port, startup_timeout=startup_timeout)
         self.persistent = persistent
@@ -372,6 +375,7 @@ class OidcProvider(ChildProcess):
         self.revocation_in = revocation_in
         self.revoke_grant = revoke_grant
         self.discovery_patch = dict(discovery_patch or {})
+        self.dpop, self.dpop_nonce = dpop, dpop_nonce  # OP_DPOP, OP_DPOP_NONCE (server.mjs)
         self.access_ttl = access_ttl
         self.refresh_ttl = refresh_ttl
         self.clients = list(clients)
@@ -397,6 +401,8 @@ class OidcProvider(ChildProcess):
             "OP_REVOCATION_IN": self.revocation_in,
             "OP_REVOKE_GRANT": "1" if self.revoke_grant else "0",
             "OP_DISCOVERY_PATCH": json.dumps(self.discovery_patch),
+            "OP_DPOP": "1" if self.dpop else "0",
+            "OP_DPOP_NONCE": "1" if self.dpop_nonce else "0",
             "NODE_ENV": "test",
         }
         return [self.node, str(OP_DIR / "server.mjs")], OP_DIR, env

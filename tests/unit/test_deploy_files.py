@@ -848,8 +848,8 @@ def traefik_problems(docs: list[dict[str, Any]], config: Mapping[str, Any]) -> l
         forward = middlewares[name]["forwardAuth"]
         if forward.get("address") != _authz_url():
             problems.append("forwardAuth.address is not the bff Service's /bff/authz")
-        if forward.get("authResponseHeaders") != ["Authorization"]:
-            problems.append("forwardAuth must copy Authorization (and only it)")
+        if forward.get("authResponseHeaders") != ["Authorization", "DPoP"]:
+            problems.append("forwardAuth must copy Authorization and DPoP (and only them)")
         if forward.get("trustForwardHeader") is not False:
             problems.append("forwardAuth must not trust the browser's X-Forwarded-*")
     (route_doc,) = [d for d in docs if d["kind"] == "IngressRoute"]
@@ -896,6 +896,6 @@ def test_the_traefik_checker_notices_broken_files(k8s_config: dict[str, Any]) ->
     del trusting[0]["spec"]["forwardAuth"]["authResponseHeaders"]
     found = traefik_problems(trusting, k8s_config)
     assert "forwardAuth must not trust the browser's X-Forwarded-*" in found
-    assert "forwardAuth must copy Authorization (and only it)" in found
+    assert "forwardAuth must copy Authorization and DPoP (and only them)" in found
     opened = [d for d in docs if d["metadata"]["name"] != "bff-authz-closed"]
     assert "/bff/authz must not reach bff from the browser" in traefik_problems(opened, k8s_config)
