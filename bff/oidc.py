@@ -42,7 +42,9 @@ if TYPE_CHECKING:
     from bff.config import OidcSettings
 
 __all__ = [
+    "ACCESS_TOKEN_TYPE",
     "BACKCHANNEL_EVENT",
+    "TOKEN_EXCHANGE_GRANT",
     "InvalidGrant",
     "InvalidToken",
     "OidcClient",
@@ -58,6 +60,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BACKCHANNEL_EVENT = "http://schemas.openid.net/event/backchannel-logout"
+TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 RFC 8693
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105
 _ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 _MAX_JWT = 16_384
 
@@ -99,6 +103,8 @@ class ProviderMetadata:
     end_session_endpoint: str | None
     iss_parameter_supported: bool
     id_token_algs: tuple[str, ...]
+    # grant_types_supported as advertised; None when the document names none (issue 12)
+    grant_types: tuple[str, ...] | None = None
 
     @classmethod
     def parse(cls, doc: Mapping[str, Any], expected_issuer: str) -> ProviderMetadata:
@@ -122,7 +128,12 @@ class ProviderMetadata:
             end_session_endpoint=doc.get("end_session_endpoint"),
             iss_parameter_supported=bool(doc.get("authorization_response_iss_parameter_supported")),
             id_token_algs=tuple(a for a in algs if isinstance(a, str)),
+            grant_types=_str_tuple(doc.get("grant_types_supported")),
         )
+
+
+def _str_tuple(value: Any) -> tuple[str, ...] | None:
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else None
 
 
 def authorization_server_metadata_url(issuer: str) -> str:
@@ -201,6 +212,10 @@ class OidcClient:
         self._jwks_fetched_at = float("-inf")  # start of the newest fetch: the unsolicited limit
         # The config guarantees what each method needs: a secret, or a readable key file.
         self._secret = settings.client_secret.get() if settings.client_secret else ""
+        # Issue 12: RFC 8707 resources asked for at login (app.py sets them from the routes),
+        # and grant types discovery must advertise (grant -> why bff needs it).
+        self.login_resources: tuple[str, ...] = ()
+        self.required_grants: dict[str, str] = {}
         self._signing_key: RSAKey | ECKey | OKPKey | None = None
         if settings.private_key_file and settings.token_endpoint_auth_method == "private_key_jwt":  # noqa: S105
             self._signing_key = _load_private_key(
@@ -260,6 +275,17 @@ class OidcClient:
             meta = ProviderMetadata.parse(doc, self.issuer)
         except ValueError as exc:
             raise ProviderUnavailable(f"bad discovery document: {exc}") from exc
+        for grant, why in self.required_grants.items():
+            if meta.grant_types is not None and grant not in meta.grant_types:
+                # Refused, not ignored: every call on that route would fail. Discovery keeps
+                # retrying (readiness stays 503) and the log names the fix.
+                log.error(
+                    "oidc.grant_type_unsupported",
+                    extra={"event": "oidc.grant_type_unsupported", "grant": grant, "why": why},
+                )
+                raise ProviderUnavailable(
+                    f"the OP's grant_types_supported lacks {grant}, which {why} needs"
+                )
         revocation = self.settings.revocation_endpoint or meta.revocation_endpoint
         if revocation is None:
             revocation = await self._rfc8414_revocation_endpoint()
@@ -308,7 +334,11 @@ class OidcClient:
             "code_challenge_method": "S256",
         }
         sep = "&" if "?" in meta.authorization_endpoint else "?"
-        return f"{meta.authorization_endpoint}{sep}{urlencode(params, quote_via=quote)}"
+        query = urlencode(params, quote_via=quote)
+        if self.login_resources:  # RFC 8707 2.1: one `resource` parameter per resource
+            pairs = [("resource", r) for r in self.login_resources]
+            query += "&" + urlencode(pairs, quote_via=quote)
+        return f"{meta.authorization_endpoint}{sep}{query}"
 
     async def check_response_issuer(self, iss: str | None) -> None:
         """RFC 9207: a present ``iss`` must be ours; a supporting OP must send one."""
@@ -333,7 +363,13 @@ class OidcClient:
             }
         )
 
-    async def refresh(self, refresh_token: str, *, answer_timeout: float | None = None) -> TokenSet:
+    async def refresh(
+        self,
+        refresh_token: str,
+        *,
+        answer_timeout: float | None = None,
+        resources: tuple[str, ...] = (),
+    ) -> TokenSet:
         """``answer_timeout``: how long to wait for the answer once the request is sent (the
         connection still has ``http_timeout``). A rotating OP may carry out a refresh it
         answers late; giving up on its answer would lose the new refresh token (refresh.py)."""
@@ -343,9 +379,32 @@ class OidcClient:
                 total=max(answer_timeout, self.settings.http_timeout),
                 connect=self.settings.http_timeout,
             )
+        name = self.settings.resource_parameter  # RFC 8707 `resource`, or `audience`
         return await self._token_request(
-            {"grant_type": "refresh_token", "refresh_token": refresh_token}, limits
+            {"grant_type": "refresh_token", "refresh_token": refresh_token},
+            limits,
+            extra=tuple((name, r) for r in resources),
         )
+
+    async def token_exchange(
+        self,
+        subject_token: str,
+        *,
+        audience: tuple[str, ...] = (),
+        resources: tuple[str, ...] = (),
+        scopes: tuple[str, ...] = (),
+    ) -> TokenSet:
+        """RFC 8693: the user's access token for one scoped to another audience."""
+        form = {
+            "grant_type": TOKEN_EXCHANGE_GRANT,
+            "subject_token": subject_token,
+            "subject_token_type": ACCESS_TOKEN_TYPE,
+            "requested_token_type": ACCESS_TOKEN_TYPE,
+        }
+        if scopes:
+            form["scope"] = " ".join(scopes)
+        extra = tuple(("audience", a) for a in audience) + tuple(("resource", r) for r in resources)
+        return await self._token_request(form, extra=extra)
 
     async def client_credentials(self, scopes: tuple[str, ...] = ()) -> TokenSet:
         form = {"grant_type": "client_credentials"}
@@ -383,15 +442,21 @@ class OidcClient:
     @metrics.op_call("token")
     @tracing.traced("bff.oidc.token", kind="client")
     async def _token_request(
-        self, form: dict[str, str], limits: aiohttp.ClientTimeout | None = None
+        self,
+        form: dict[str, str],
+        limits: aiohttp.ClientTimeout | None = None,
+        *,
+        extra: tuple[tuple[str, str], ...] = (),
     ) -> TokenSet:
+        """``extra``: repeatable parameters (``resource``, ``audience``), after the form."""
         tracing.annotate("oauth.grant_type", form["grant_type"])
         meta = await self.metadata()
         body, headers = self._client_auth(form, meta)
         headers["Accept"] = "application/json"
+        data: dict[str, str] | list[tuple[str, str]] = [*body.items(), *extra] if extra else body
         try:
             async with self._http.post(
-                meta.token_endpoint, data=body, headers=headers, timeout=limits or self._timeout
+                meta.token_endpoint, data=data, headers=headers, timeout=limits or self._timeout
             ) as resp:
                 status = resp.status
                 tracing.annotate("http.response.status_code", status)

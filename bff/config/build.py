@@ -258,6 +258,8 @@ class _Builder(Reader):
             post_logout_redirect=redirect,
             logout_id_token_hint=self.get(d, p, "logout_id_token_hint", False),
             revocation_endpoint=revocation if isinstance(revocation, str) else None,
+            resource_parameter=self.get(d, p, "resource_parameter", "resource"),
+            login_resources=self.get(d, p, "login_resources", True),
         )
 
     def session(self, d: dict[str, Any], dev: bool, url_ok: bool) -> SessionSettings:

@@ -111,11 +111,15 @@ async def authorize(
     secret = services.cookies.session_secret(request)
     session = await services.sessions.load(secret) if secret is not None else None
     if session is None:
-        if mode == "user":
+        if mode in ("user", "exchange"):
             raise NoSession() if secret is None else SessionExpired()
         return None, None, False
     if route.scopes and not route.scopes.issubset(session.data.scopes):
         raise InsufficientScope()
+    plan = services.route_tokens.plan(route.upstream) if services.route_tokens else None
+    if plan is not None and services.route_tokens is not None:
+        # Issue 12: this route's own token (resource or exchange), never the session's main one.
+        return await services.route_tokens.token(session, plan)
     version = session.data.version
     session, token = await services.refresher.access_token(session)
     return session, token, session.data.version != version
@@ -262,6 +266,9 @@ async def _renew_token(
         return await tokens.token(route.client_scopes, reject=token) if tokens else None
     if session is None:
         return None
+    plan = services.route_tokens.plan(route.upstream) if services.route_tokens else None
+    if plan is not None and services.route_tokens is not None:
+        return await services.route_tokens.renew(session, plan, token)
     session = await services.refresher.refresh(session, force=True)
     new = session.data.access_token
     return new if new != token else None

@@ -347,6 +347,8 @@ class OidcProvider(ChildProcess):
     ``"rfc8414"`` or ``"none"``); ``revoke_grant=False`` makes revoking a token revoke only that
     token (oidc-provider itself revokes the whole grant). ``discovery_patch`` is merged into the
     discovery document (``None`` removes a key): an OP that advertises less than it offers.
+    ``resource_servers`` (RFC 8707 URI -> ``{"scope", "ttl"}``) get JWT access tokens;
+    ``token_exchange=True`` registers the RFC 8693 grant (issue 12).
     """
 
     name = "oidc-provider"
@@ -365,8 +367,13 @@ class OidcProvider(ChildProcess):
         revocation_in: str = "discovery",
         revoke_grant: bool = True,
         discovery_patch: Mapping[str, Any] | None = None,
+        resource_servers: Mapping[str, Mapping[str, Any]] | None = None,
+        token_exchange: bool = False,
     ) -> None:
         super().__init__(port, startup_timeout=startup_timeout)
+        # issue 12: OP_RESOURCE_SERVERS and OP_TOKEN_EXCHANGE (see tests/op/server.mjs)
+        self.resource_servers = {k: dict(v) for k, v in (resource_servers or {}).items()}
+        self.token_exchange = token_exchange
         self.persistent = persistent
         self.fixed_kids = fixed_kids
         self.revocation_in = revocation_in
@@ -397,6 +404,8 @@ class OidcProvider(ChildProcess):
             "OP_REVOCATION_IN": self.revocation_in,
             "OP_REVOKE_GRANT": "1" if self.revoke_grant else "0",
             "OP_DISCOVERY_PATCH": json.dumps(self.discovery_patch),
+            "OP_RESOURCE_SERVERS": json.dumps(self.resource_servers),
+            "OP_TOKEN_EXCHANGE": "1" if self.token_exchange else "0",
             "NODE_ENV": "test",
         }
         return [self.node, str(OP_DIR / "server.mjs")], OP_DIR, env
