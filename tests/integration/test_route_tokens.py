@@ -32,7 +32,9 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
+from bff.config import load_settings
 from bff.oidc import TOKEN_EXCHANGE_GRANT
+from bff.preflight import run_checks
 from bff.sessions import SessionData
 from tests.support.bff_procs import (
     COOKIE_NAME,
@@ -50,7 +52,7 @@ CSRF = {"X-CSRF": "1"}
 ORDERS = "https://orders.test/api"
 BILLING = "https://billing.test/api"
 REPORTS = "https://reports.test/api"
-RESOURCE_TTL = 4  # seconds: short, so tests can wait for a resource token to expire
+RESOURCE_TTL = 8  # seconds: short enough to wait for, long enough to outlast a burst (7 s)
 
 
 @dataclass(slots=True)
@@ -199,7 +201,7 @@ async def audiences(op: OidcProvider, api: EchoUpstream) -> set[str | None]:
 async def wait_until_stale(data: SessionData, key: str, skew: float = 1.0) -> None:
     entry = data.resource_tokens[key]
     delay = float(entry["e"]) - min(skew, float(entry["l"]) / 2) + 0.3 - time.time()
-    assert delay < 10, "the resource tokens live longer than this test assumes"
+    assert delay < 15, "the resource tokens live longer than this test assumes"
     await asyncio.sleep(max(0.0, delay))
 
 
@@ -344,6 +346,30 @@ async def test_without_a_session_an_exchange_route_is_401(
     assert apis.reports.seen() == []
 
 
+async def test_an_upstream_401_renews_only_that_routes_token_and_retries(
+    setup: Setup, apis: Apis, http: aiohttp.ClientSession
+) -> None:
+    cookie = await login(setup.cluster.urls[0], "gus")
+    assert await setup.call(http, 0, cookie, "/api/orders/x") == 200
+    assert await setup.call(http, 0, cookie, "/api/reports/x") == 200
+    orders_token = apis.orders.seen()[-1].token
+    reports_token = apis.reports.seen()[-1].token
+    assert orders_token is not None and reports_token is not None
+    apis.orders.reject(orders_token)
+    apis.reports.reject(reports_token)
+    before = await setup.stored(cookie)
+    assert await setup.call(http, 0, cookie, "/api/orders/y") == 200
+    assert await setup.call(http, 0, cookie, "/api/reports/y") == 200
+    retried = apis.orders.seen()[-1].token
+    assert retried != orders_token and await audiences(setup.op, apis.orders) == {ORDERS}
+    assert apis.reports.seen()[-1].token != reports_token
+    assert await audiences(setup.op, apis.reports) == {REPORTS}
+    after = await setup.stored(cookie)
+    assert after is not None and after.access_token not in {
+        s.token for s in apis.orders.seen() + apis.reports.seen()
+    }
+
+
 async def test_an_op_down_makes_exchange_and_resource_routes_503_and_forwards_nothing(
     setup: Setup, apis: Apis, http: aiohttp.ClientSession
 ) -> None:
@@ -390,3 +416,8 @@ def test_an_op_without_the_exchange_grant_is_refused_with_a_clear_message(
                 urllib.request.urlopen(proc.url + "/readyz", timeout=5)
             assert refused.value.code == 503
             assert "token: exchange on /api/reports" in proc.full_logs()
+        # `bff check-config` says the same before anything runs.
+        report = asyncio.run(run_checks(load_settings(tmp_path / "bff.yaml")))
+        assert any(
+            "grant_types_supported lacks " + TOKEN_EXCHANGE_GRANT in e for e in report.errors
+        ), report.errors
