@@ -357,7 +357,6 @@ async def test_an_upstream_401_renews_only_that_routes_token_and_retries(
     assert orders_token is not None and reports_token is not None
     apis.orders.reject(orders_token)
     apis.reports.reject(reports_token)
-    before = await setup.stored(cookie)
     assert await setup.call(http, 0, cookie, "/api/orders/y") == 200
     assert await setup.call(http, 0, cookie, "/api/reports/y") == 200
     retried = apis.orders.seen()[-1].token
