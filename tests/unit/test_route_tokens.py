@@ -14,6 +14,7 @@ import json
 import textwrap
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
@@ -421,3 +422,17 @@ async def test_a_failed_exchange_is_403_or_503_never_the_users_token(
     with pytest.raises((TokenRefused, ProviderUnavailable)) as info:
         await a.tokens.token(session, plan)
     assert cast(Any, info.value).status == status
+
+
+def test_the_readme_per_route_example_parses_and_plans_each_route() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("**Per-route tokens**")
+    block = readme[readme.index("```yaml\n", start) + 8 : readme.index("```\n", start + 30)]
+    env = {"OIDC_CLIENT_SECRET": "s", "BFF_KEY_CURRENT": KEY}
+    settings = parse_settings(block, "bff.yaml", env, base_dir="/srv/app")
+    plans = {u.path: plan_for(u) for u in settings.upstreams}
+    orders, reports = plans["/api/orders"], plans["/api/reports"]
+    assert orders is not None and orders.kind == "resource"
+    assert reports is not None and reports.kind == "exchange"
+    assert reports.audience == ("reports-api",) and plans["/api/profile"] is None
+    assert login_resources(settings) == ("https://orders.example.com",)
