@@ -164,7 +164,9 @@ class TokenRefresher:
 
     def _still_good(self, before: Session, after: Session, force: bool) -> bool:
         if force:
-            return after.data.version != before.data.version
+            # The main token itself must have changed: a resource token's refresh
+            # (route_tokens.py) also writes a new version, and is no answer to this one.
+            return after.data.access_token != before.data.access_token
         return not self.needs_refresh(after)
 
     async def _reload(self, session: Session) -> Session:

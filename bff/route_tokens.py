@@ -451,9 +451,8 @@ class RouteTokens:
             )
             if error in _UNAVAILABLE_ERRORS:
                 raise ProviderUnavailable("the OP failed to exchange the token") from None
-            raise TokenRefused("the OP refused to exchange the user's token for this route") from (
-                None
-            )
+            refused = "the OP refused to exchange the user's token for this route"
+            raise TokenRefused(refused) from None
         except ProviderUnavailable:
             self._metrics.inc("bff_token_exchanges_total", outcome="unavailable")
             raise

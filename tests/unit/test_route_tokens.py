@@ -436,3 +436,18 @@ def test_the_readme_per_route_example_parses_and_plans_each_route() -> None:
     assert reports is not None and reports.kind == "exchange"
     assert reports.audience == ("reports-api",) and plans["/api/profile"] is None
     assert login_resources(settings) == ("https://orders.example.com",)
+
+
+async def test_a_forced_main_refresh_is_not_answered_by_a_resource_refresh(
+    pair: tuple[Instance, Instance], op: ResourceOp
+) -> None:
+    """An upstream refused the main token; meanwhile a resource refresh wrote a new version of
+    the record. The forced refresh must still replace the main token, not take that for one."""
+    a, _ = pair
+    session = await a.sessions.create(_data(access_in=600))
+    plan = a.tokens.plan(ORDERS)
+    assert plan is not None
+    await a.tokens.token(session, plan)  # version 2: a new resource token, same main token
+    refreshed = await a.refresher.refresh(session, force=True)  # with the version-1 copy
+    assert refreshed.data.access_token != "AT-0" and op.refreshes == 2
+    assert ORDERS.resource[0] in refreshed.data.resource_tokens  # kept by the main refresh
