@@ -3,7 +3,7 @@
 The OP is ``tests.unit.fakes.FakeOp`` (refresh-token rotation with reuse detection: a refresh
 token presented twice revokes the grant), taught the ``resource`` parameter and RFC 8693; two
 "instances" share one fake Redis server. The real OP, Redis and processes are in
-``tests/integration/test_route_tokens.py``.
+``tests/integration/test_resource_and_exchange.py``.
 """
 
 from __future__ import annotations
