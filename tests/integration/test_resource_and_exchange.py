@@ -369,6 +369,21 @@ async def test_an_upstream_401_renews_only_that_routes_token_and_retries(
     }
 
 
+async def test_no_route_token_reaches_the_logs(
+    setup: Setup, apis: Apis, http: aiohttp.ClientSession
+) -> None:
+    cookie = await login(setup.cluster.urls[0], "hal")
+    for i in range(2):
+        for path in ("/api/orders/x", "/api/billing/x", "/api/reports/x"):
+            assert await setup.call(http, i, cookie, path) == 200
+    tokens = {s.token for api in (apis.orders, apis.billing, apis.reports) for s in api.seen()}
+    assert len(tokens) == 3 and None not in tokens
+    logs = "".join(proc.full_logs() for proc in setup.cluster)
+    assert "route_token.refreshed" in logs  # the log was written, and is what we search
+    for token in tokens:
+        assert token is not None and token not in logs
+
+
 async def test_an_op_down_makes_exchange_and_resource_routes_503_and_forwards_nothing(
     setup: Setup, apis: Apis, http: aiohttp.ClientSession
 ) -> None:
