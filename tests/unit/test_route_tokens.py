@@ -451,3 +451,47 @@ async def test_a_forced_main_refresh_is_not_answered_by_a_resource_refresh(
     refreshed = await a.refresher.refresh(session, force=True)  # with the version-1 copy
     assert refreshed.data.access_token != "AT-0" and op.refreshes == 2
     assert ORDERS.resource[0] in refreshed.data.resource_tokens  # kept by the main refresh
+
+
+@pytest.mark.parametrize("name", ["resource", "audience"])
+async def test_the_token_requests_carry_one_parameter_per_value(name: str) -> None:
+    forms: list[list[tuple[str, str]]] = []
+
+    async def discovery(request: web.Request) -> web.Response:
+        origin = str(request.url.origin())
+        return web.json_response(
+            {
+                "issuer": origin,
+                "authorization_endpoint": origin + "/auth",
+                "token_endpoint": origin + "/token",
+                "jwks_uri": origin + "/jwks",
+                "revocation_endpoint": origin + "/revoke",
+            }
+        )
+
+    async def token(request: web.Request) -> web.Response:
+        forms.append(list((await request.post()).items()))  # type: ignore[arg-type]
+        return web.json_response({"access_token": "T", "token_type": "Bearer", "expires_in": 60})
+
+    app = web.Application()
+    app.router.add_get("/.well-known/openid-configuration", discovery)
+    app.router.add_post("/token", token)
+    settings = parse(BASE)
+    async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as http:
+        issuer = str(server.make_url("")).rstrip("/")
+        oidc = dataclasses.replace(settings.oidc, issuer=issuer, resource_parameter=name)
+        client = OidcClient(oidc, http, "https://app.example.com/bff/callback")
+        await client.refresh("RT", resources=("x:a", "x:b"))
+        await client.token_exchange("AT", audience=("aud",), resources=("x:r",), scopes=("s",))
+    refresh, exchange = forms
+    assert [v for k, v in refresh if k == name] == ["x:a", "x:b"]
+    assert ("grant_type", "refresh_token") in refresh
+    assert dict(exchange) == {
+        "grant_type": TOKEN_EXCHANGE_GRANT,
+        "subject_token": "AT",
+        "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+        "requested_token_type": "urn:ietf:params:oauth:token-type:access_token",
+        "scope": "s",
+        "audience": "aud",
+        "resource": "x:r",
+    }
