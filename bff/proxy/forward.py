@@ -94,8 +94,9 @@ async def authorize(
     ``method`` is the original request's (for the edge, what it says it was); ``request``'s
     headers are the original request's (an edge passes them on to its auth call). Raises 405 for
     a method not in ``methods:``, 403 for a forgery or a missing scope, 401 without a live session
-    on a ``user`` route, 503 when the store or the OP is down; else returns the session (if any),
-    the bearer to attach, and whether it was just obtained (refreshed under the single flight).
+    on a ``user`` or ``exchange`` route, 403 when the OP refuses a route's own token
+    (:mod:`bff.route_tokens`), 503 when the store or the OP is down; else returns the session (if
+    any), the bearer to attach, and whether it was just obtained (under the single flight).
     """
     if route.methods is not None and method not in route.methods:
         raise MethodNotAllowed()
