@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from bff import endpoints, health, proxy, spa, tracing
+from bff import endpoints, health, proxy, route_tokens, spa, tracing
 from bff.access import access_middleware, request_id_header
 from bff.client_tokens import ClientTokens
 from bff.config import Settings
@@ -111,6 +111,12 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
             if settings.rate_limits.enabled
             else None,
         )
+        services = app[SERVICES]
+        services.route_tokens = route_tokens.RouteTokens(
+            sessions, oidc, services.refresher, skew=settings.oidc.refresh_skew, metrics=metrics
+        )
+        oidc.login_resources = route_tokens.login_resources(settings)
+        oidc.required_grants = route_tokens.required_grants(settings)
         # An OP that is down at start must not stop us from serving: discover in the background.
         discovery = asyncio.create_task(oidc.discover_forever())
         yield

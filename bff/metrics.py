@@ -125,6 +125,12 @@ COUNTERS: dict[str, Counter] = {
         "unavailable).",
         ["outcome"],
     ),
+    "bff_token_exchanges_total": Counter(
+        "bff_token_exchanges_total",
+        "RFC 8693 token exchanges for token: exchange routes, by outcome (ok, refused, "
+        "unavailable).",
+        ["outcome"],
+    ),
     "bff_logouts_total": Counter(
         "bff_logouts_total", "Sessions ended, by cause (user, refused, backchannel).", ["cause"]
     ),

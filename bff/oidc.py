@@ -42,7 +42,9 @@ if TYPE_CHECKING:
     from bff.config import OidcSettings
 
 __all__ = [
+    "ACCESS_TOKEN_TYPE",
     "BACKCHANNEL_EVENT",
+    "TOKEN_EXCHANGE_GRANT",
     "InvalidGrant",
     "InvalidToken",
     "OidcClient",
@@ -58,6 +60,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BACKCHANNEL_EVENT = "http://schemas.openid.net/event/backchannel-logout"
+TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 RFC 8693
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105
 _ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 _MAX_JWT = 16_384
 
@@ -100,6 +104,8 @@ class ProviderMetadata:
     iss_parameter_supported: bool
     id_token_algs: tuple[str, ...]
     dpop_algs: tuple[str, ...] = ()  # dpop_signing_alg_values_supported (RFC 9449 5.1)
+    # grant_types_supported as advertised; None when the document names none (issue 12)
+    grant_types: tuple[str, ...] | None = None
 
     @classmethod
     def parse(cls, doc: Mapping[str, Any], expected_issuer: str) -> ProviderMetadata:
@@ -126,7 +132,12 @@ class ProviderMetadata:
             dpop_algs=tuple(
                 a for a in doc.get("dpop_signing_alg_values_supported") or [] if isinstance(a, str)
             ),
+            grant_types=_str_tuple(doc.get("grant_types_supported")),
         )
+
+
+def _str_tuple(value: Any) -> tuple[str, ...] | None:
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else None
 
 
 def authorization_server_metadata_url(issuer: str) -> str:
@@ -213,6 +224,10 @@ class OidcClient:
         self._dpop_nonces = dpop.Nonces()  # the OP's latest DPoP-Nonce (RFC 9449 8)
         # The config guarantees what each method needs: a secret, or a readable key file.
         self._secret = settings.client_secret.get() if settings.client_secret else ""
+        # Issue 12: RFC 8707 resources asked for at login (app.py sets them from the routes),
+        # and grant types discovery must advertise (grant -> why bff needs it).
+        self.login_resources: tuple[str, ...] = ()
+        self.required_grants: dict[str, str] = {}
         self._signing_key: RSAKey | ECKey | OKPKey | None = None
         if settings.private_key_file and settings.token_endpoint_auth_method == "private_key_jwt":  # noqa: S105
             self._signing_key = _load_private_key(
@@ -272,6 +287,17 @@ class OidcClient:
             meta = ProviderMetadata.parse(doc, self.issuer)
         except ValueError as exc:
             raise ProviderUnavailable(f"bad discovery document: {exc}") from exc
+        for grant, why in self.required_grants.items():
+            if meta.grant_types is not None and grant not in meta.grant_types:
+                # Refused, not ignored: every call on that route would fail. Discovery keeps
+                # retrying (readiness stays 503) and the log names the fix.
+                log.error(
+                    "oidc.grant_type_unsupported",
+                    extra={"event": "oidc.grant_type_unsupported", "grant": grant, "why": why},
+                )
+                raise ProviderUnavailable(
+                    f"the OP's grant_types_supported lacks {grant}, which {why} needs"
+                )
         revocation = self.settings.revocation_endpoint or meta.revocation_endpoint
         if revocation is None:
             revocation = await self._rfc8414_revocation_endpoint()
@@ -338,7 +364,11 @@ class OidcClient:
             "code_challenge_method": "S256",
         }
         sep = "&" if "?" in meta.authorization_endpoint else "?"
-        return f"{meta.authorization_endpoint}{sep}{urlencode(params, quote_via=quote)}"
+        query = urlencode(params, quote_via=quote)
+        if self.login_resources:  # RFC 8707 2.1: one `resource` parameter per resource
+            pairs = [("resource", r) for r in self.login_resources]
+            query += "&" + urlencode(pairs, quote_via=quote)
+        return f"{meta.authorization_endpoint}{sep}{query}"
 
     async def check_response_issuer(self, iss: str | None) -> None:
         """RFC 9207: a present ``iss`` must be ours; a supporting OP must send one."""
@@ -373,6 +403,7 @@ class OidcClient:
         *,
         answer_timeout: float | None = None,
         dpop_key: dpop.DpopKey | None = None,
+        resources: tuple[str, ...] = (),
     ) -> TokenSet:
         """``answer_timeout``: how long to wait for the answer once the request is sent (the
         connection still has ``http_timeout``). A rotating OP may carry out a refresh it
@@ -384,11 +415,33 @@ class OidcClient:
                 total=max(answer_timeout, self.settings.http_timeout),
                 connect=self.settings.http_timeout,
             )
+        name = self.settings.resource_parameter  # RFC 8707 `resource`, or `audience`
         return await self._token_request(
             {"grant_type": "refresh_token", "refresh_token": refresh_token},
             limits,
             dpop_key=dpop_key,
+            extra=tuple((name, r) for r in resources),
         )
+
+    async def token_exchange(
+        self,
+        subject_token: str,
+        *,
+        audience: tuple[str, ...] = (),
+        resources: tuple[str, ...] = (),
+        scopes: tuple[str, ...] = (),
+    ) -> TokenSet:
+        """RFC 8693: the user's access token for one scoped to another audience."""
+        form = {
+            "grant_type": TOKEN_EXCHANGE_GRANT,
+            "subject_token": subject_token,
+            "subject_token_type": ACCESS_TOKEN_TYPE,
+            "requested_token_type": ACCESS_TOKEN_TYPE,
+        }
+        if scopes:
+            form["scope"] = " ".join(scopes)
+        extra = tuple(("audience", a) for a in audience) + tuple(("resource", r) for r in resources)
+        return await self._token_request(form, extra=extra)
 
     async def client_credentials(self, scopes: tuple[str, ...] = ()) -> TokenSet:
         form = {"grant_type": "client_credentials"}
@@ -466,14 +519,16 @@ class OidcClient:
         limits: aiohttp.ClientTimeout | None = None,
         *,
         dpop_key: dpop.DpopKey | None = None,
+        extra: tuple[tuple[str, str], ...] = (),
     ) -> TokenSet:
+        """``extra``: repeatable parameters (``resource``, ``audience``), after the form."""
         tracing.annotate("oauth.grant_type", form["grant_type"])
         meta = await self.metadata()
-        status, raw = await self._post_token(meta, form, limits, dpop_key)
+        status, raw = await self._post_token(meta, form, limits, dpop_key, extra)
         if dpop_key is not None and status == 400 and _oauth_error(raw) == "use_dpop_nonce":
             # RFC 9449 8: the OP wants its nonce in the proof; it sent one, which is now ours.
             # The OP refused the request before acting on the grant: sending it again is safe.
-            status, raw = await self._post_token(meta, form, limits, dpop_key)
+            status, raw = await self._post_token(meta, form, limits, dpop_key, extra)
         if status >= 500:
             raise ProviderUnavailable(f"the OpenID Provider's token endpoint answered {status}")
         try:
@@ -510,15 +565,17 @@ class OidcClient:
         form: dict[str, str],
         limits: aiohttp.ClientTimeout | None,
         dpop_key: dpop.DpopKey | None,
+        extra: tuple[tuple[str, str], ...] = (),
     ) -> tuple[int, bytes]:
         """One POST to the token endpoint (a new client assertion and DPoP proof each time)."""
         body, headers = self._client_auth(form, meta)
         headers["Accept"] = "application/json"
+        data: dict[str, str] | list[tuple[str, str]] = [*body.items(), *extra] if extra else body
         if dpop_key is not None:
             headers["DPoP"] = self._dpop_proof(dpop_key, "POST", meta.token_endpoint)
         try:
             async with self._http.post(
-                meta.token_endpoint, data=body, headers=headers, timeout=limits or self._timeout
+                meta.token_endpoint, data=data, headers=headers, timeout=limits or self._timeout
             ) as resp:
                 status = resp.status
                 tracing.annotate("http.response.status_code", status)

@@ -33,6 +33,7 @@ from bff import dpop
 from bff.config import Settings, dump_redacted
 from bff.errors import ProviderUnavailable, StoreUnavailable
 from bff.oidc import OidcClient, OidcError, TokenRequestRefused
+from bff.route_tokens import login_resources, required_grants
 
 if TYPE_CHECKING:
     from bff.store.redis import RedisStore
@@ -226,6 +227,7 @@ def _check_offers(doc: dict[str, Any], settings: Settings, subject: str, report:
             f"{subject}: no end_session_endpoint: logout ends the bff session only; the OP "
             "session lives on, so the next login may not ask for a password"
         )
+    _check_route_grants(doc, settings, subject, report)
     if doc.get("backchannel_logout_supported") is True:
         report.infos.append(f"{subject}: back-channel logout supported")
     else:
@@ -263,4 +265,27 @@ async def _check_token_lifetime(
     else:
         report.infos.append(
             f"{subject}: access tokens live {tokens.lifetime:g} s (a client_credentials token)"
+        )
+
+
+def _check_route_grants(
+    doc: dict[str, Any], settings: Settings, subject: str, report: Report
+) -> None:
+    """Issue 12: ``token: exchange`` needs the RFC 8693 grant; RFC 8707 has no discovery key."""
+    for grant, why in required_grants(settings).items():
+        grants = doc.get("grant_types_supported")
+        if isinstance(grants, list) and grant not in grants:
+            report.errors.append(
+                f"{subject}: grant_types_supported lacks {grant}, which {why} needs: bff "
+                "refuses this OP (never ready) until it offers the grant or the routes change"
+            )
+        elif not isinstance(grants, list):
+            report.warnings.append(
+                f"{subject}: advertises no grant_types_supported; {why} needs {grant}"
+            )
+    if login_resources(settings):
+        report.infos.append(
+            f"{subject}: login asks for resources {', '.join(login_resources(settings))} "
+            "(RFC 8707 has no discovery key; set oidc.login_resources: false for an OP that "
+            "refuses the parameter)"
         )

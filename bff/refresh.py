@@ -164,7 +164,9 @@ class TokenRefresher:
 
     def _still_good(self, before: Session, after: Session, force: bool) -> bool:
         if force:
-            return after.data.version != before.data.version
+            # The main token itself must have changed: a resource token's refresh
+            # (route_tokens.py) also writes a new version, and is no answer to this one.
+            return after.data.access_token != before.data.access_token
         return not self.needs_refresh(after)
 
     async def _reload(self, session: Session) -> Session:
@@ -249,7 +251,7 @@ class TokenRefresher:
         try:
             # A DPoP session's new tokens are bound to the same key (bff/dpop.py).
             key = dpop.session_key(fresh)
-            bound = {"dpop_key": key} if key is not None else {}
+            bound: dict[str, Any] = {"dpop_key": key} if key is not None else {}
             tokens = await self._oidc.refresh(
                 refresh_token, answer_timeout=self.answer_timeout, **bound
             )

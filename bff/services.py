@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from bff.config import Settings
     from bff.proxy import UpstreamTable
     from bff.ratelimit import RateLimiter
+    from bff.route_tokens import RouteTokens
 
 __all__ = ["SERVICES", "Services", "session_of"]
 
@@ -42,6 +43,7 @@ class Services:
     upstreams: UpstreamTable | None = None  # proxied routes and their pools (bff.proxy)
     client_tokens: ClientTokens | None = None  # client-credentials tokens (bff.client_tokens)
     rate_limiter: RateLimiter | None = None  # per-address limits (bff.ratelimit); None = off
+    route_tokens: RouteTokens | None = None  # resource and exchanged tokens (bff.route_tokens)
 
 
 SERVICES = web.AppKey("bff_services", Services)

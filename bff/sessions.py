@@ -8,6 +8,9 @@ key                         value                                               
 ``bff:{<id>}:s``            the session, AES-GCM under its cookie-derived key     idle/absolute
 ``bff:{<id>}:lock``         refresh lock owner (``refresh.py``)                   lease
 ``bff:{<id>}:lock:failed``  a refresh holder's OP failure, for its waiters      seconds
+``bff:{<id>}:x:<route>``    a route's exchanged token (``route_tokens.py``),     token lifetime
+                            AES-GCM under the session's cookie-derived key
+``bff:{<id>}:x:<route>:lock``  its exchange lock (``route_tokens.py``)             lease
 ``bff:{<tx>}:tx``           a login transaction, under the browser-binding key    login_timeout
 ``bff:{sub:<h>}:sessions``  index sub -> session ids (no tokens)                  longest member
 ``bff:{sid:<h>}:sessions``  index OP sid -> session ids (no tokens)               longest member
@@ -56,6 +59,7 @@ __all__ = [
     "Session",
     "SessionData",
     "SessionManager",
+    "exchange_key",
     "lock_key",
     "refresh_failure_key",
     "session_key",
@@ -76,6 +80,12 @@ def lock_key(sid: StoreKey) -> str:
 
 def refresh_failure_key(sid: StoreKey) -> str:
     return f"bff:{{{sid}}}:lock:failed"
+
+
+def exchange_key(sid: StoreKey, route: str) -> str:
+    """A route's exchanged token; ``route`` is a hash of the route's exchange parameters. The
+    ``{<id>}`` tag keeps it in the session's Redis Cluster slot."""
+    return f"bff:{{{sid}}}:x:{route}"
 
 
 def _index_key(kind: str, value: str) -> str:
@@ -104,6 +114,10 @@ class SessionData:
     # The private JWK the session's tokens are DPoP-bound to (bff/dpop.py); None for a session
     # without DPoP, and in records from before it existed. Sealed with the rest, never logged.
     dpop_jwk: dict[str, Any] | None = field(default=None, repr=False)
+    # Issue 12: tokens for the routes' RFC 8707 resources, keyed by the route's resource list
+    # (route_tokens.py): {"t": token, "e": expires_at or None, "l": lifetime or None}. Empty in
+    # sessions stored before this field existed; refreshed one by one, each on its own expiry.
+    resource_tokens: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def to_bytes(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()

@@ -8,6 +8,7 @@ the config (private_key_file) are checked for readability now rather than at the
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
@@ -39,6 +40,7 @@ from bff.config.settings import (
     Settings,
     ShutdownSettings,
     TracingSettings,
+    Upstream,
     is_dev_url,
     is_loopback_host,
 )
@@ -79,6 +81,8 @@ class _Builder(Reader):
         upstreams = build_upstreams(self, data, prefix)
         if oidc is not None:
             self.route_scopes(data, oidc.scopes)
+            if oidc.dpop:
+                self.no_exchange_with_dpop(upstreams)
         sec, sp = self.section(data, "security"), ("security",)
         csp = self.get(sec, sp, "content_security_policy", DEFAULT_CSP)
         security = SecuritySettings(
@@ -259,7 +263,20 @@ class _Builder(Reader):
             logout_id_token_hint=self.get(d, p, "logout_id_token_hint", False),
             revocation_endpoint=revocation if isinstance(revocation, str) else None,
             dpop=self.get(d, p, "dpop", False),
+            resource_parameter=self.get(d, p, "resource_parameter", "resource"),
+            login_resources=self.get(d, p, "login_resources", True),
         )
+
+    def no_exchange_with_dpop(self, upstreams: Sequence[Upstream]) -> None:
+        """A DPoP session's tokens are all bound to its key; an exchanged token is not (the
+        exchange grant carries no proof yet), and sending it would break invariant 22."""
+        for i, up in enumerate(upstreams):
+            if up.token == "exchange":  # noqa: S105 (a mode)
+                self.ctx.report(
+                    ("upstreams", i, "token"),
+                    "token: exchange is not supported with oidc.dpop: true (an exchanged token "
+                    "would not be bound to the session's DPoP key)",
+                )
 
     def session(self, d: dict[str, Any], dev: bool, url_ok: bool) -> SessionSettings:
         p: Key = ("session",)

@@ -21,6 +21,10 @@ _STR: Final = {"type": "string"}
 _NONEMPTY: Final = {"type": "string", "minLength": 1}
 _STR_LIST: Final = {"type": "array", "items": _NONEMPTY}
 _BOOL: Final = {"type": "boolean"}
+_ONE_OR_MORE: Final = {
+    "x-expected": "a string or a non-empty list of strings",
+    "anyOf": [_NONEMPTY, {**_STR_LIST, "minItems": 1}],
+}
 _STR_MAP: Final = {"type": "object", "additionalProperties": _STR}
 _BUCKET: Final = {
     "type": "object",
@@ -81,6 +85,8 @@ SCHEMA: Final[dict[str, Any]] = {
                     "revocation_endpoint": {"type": ["string", "null"], "minLength": 1},
                     "logout_id_token_hint": _BOOL,
                     "dpop": _BOOL,
+                    "resource_parameter": {"enum": ["resource", "audience"]},
+                    "login_resources": _BOOL,
                 },
                 required=("issuer", "client_id"),
             ),
@@ -132,7 +138,10 @@ SCHEMA: Final[dict[str, Any]] = {
                     {
                         "path": _NONEMPTY,
                         "url": _NONEMPTY,
-                        "token": {"enum": ["user", "client", "user_or_none", "none"]},
+                        "token": {"enum": ["user", "client", "user_or_none", "none", "exchange"]},
+                        "resource": _ONE_OR_MORE,
+                        "audience": _ONE_OR_MORE,
+                        "exchange_scopes": _STR_LIST,
                         "scopes": _STR_LIST,
                         "client_scopes": _STR_LIST,
                         "methods": {"type": ["array", "null"], "minItems": 1, "items": _NONEMPTY},

@@ -27,7 +27,8 @@ DEFAULT_CSP: Final = (
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'"
 )
 
-TokenMode: TypeAlias = Literal["user", "client", "user_or_none", "none"]
+TokenMode: TypeAlias = Literal["user", "client", "user_or_none", "none", "exchange"]
+ResourceParameter: TypeAlias = Literal["resource", "audience"]
 AuthMethod: TypeAlias = Literal["client_secret_basic", "client_secret_post", "private_key_jwt"]
 SameSite: TypeAlias = Literal["strict", "lax"]
 LogLevel: TypeAlias = Literal["debug", "info", "warning", "error", "critical"]
@@ -132,6 +133,11 @@ class OidcSettings:
     revocation_endpoint: str | None = None  # RFC 7009 endpoint; wins over the OP's metadata
     logout_id_token_hint: bool = False  # send id_token_hint at RP-initiated logout (in a URL)
     dpop: bool = False  # DPoP-bound session tokens (RFC 9449): a key per session, a proof per call
+    # how the OP names a route's `resource` on the refresh grant: RFC 8707 `resource` or `audience`
+    resource_parameter: ResourceParameter = "resource"
+    # ask at login for every user route's `resource` (RFC 8707; only with resource_parameter:
+    # resource): an OP such as oidc-provider grants on the refresh grant only what login asked for
+    login_resources: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -196,6 +202,11 @@ class Upstream:
     # headers added to every upstream request; a read-only mapping
     set_headers: Mapping[str, str] = field(default_factory=_empty_map, hash=False)
     remove_headers: tuple[str, ...] = ()  # request headers stripped before forwarding, lower-cased
+    # RFC 8707 resource indicators (absolute URIs): a user route gets a token for them from the
+    # session's refresh token; an exchange route asks for them in the token exchange
+    resource: tuple[str, ...] = ()
+    audience: tuple[str, ...] = ()  # token: exchange only: RFC 8693 `audience` values
+    exchange_scopes: tuple[str, ...] = ()  # token: exchange only: `scope` asked in the exchange
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from bff.config.checks import TOKEN_RE, Reader, under, url_path_problem
 from bff.config.problems import Key
@@ -22,6 +23,7 @@ def build_upstreams(r: Reader, data: dict[str, Any], prefix: str | None) -> tupl
     """The routes in the order given (Settings sorts them); `prefix` is bff's own, if valid."""
     raw = r.get(data, (), "upstreams", [])
     out: list[Upstream] = []
+    at: list[int] = []  # the index in the YAML list of each of `out`
     seen: dict[str, int] = {}
     for i, item in enumerate(raw):
         if isinstance(item, dict) and r.ctx.ok(("upstreams", i)):
@@ -33,7 +35,25 @@ def build_upstreams(r: Reader, data: dict[str, Any], prefix: str | None) -> tupl
                 )
             seen.setdefault(up.path, i)
             out.append(up)
+            at.append(i)
+    _check_resource_parameter(r, data, list(zip(at, out, strict=True)))
     return tuple(out)
+
+
+def _check_resource_parameter(
+    r: Reader, data: dict[str, Any], routes: list[tuple[int, Upstream]]
+) -> None:
+    """An OP that says ``audience`` (Auth0 style) issues a token for one audience at a time."""
+    oidc = data.get("oidc")
+    if not isinstance(oidc, dict) or oidc.get("resource_parameter") != "audience":
+        return
+    for i, up in routes:
+        if up.token != "exchange" and len(up.resource) > 1:  # noqa: S105 (a mode)
+            r.ctx.report(
+                ("upstreams", i, "resource"),
+                "oidc.resource_parameter is audience: one audience per route (a token names "
+                "one audience at such an OP)",
+            )
 
 
 def _upstream(r: Reader, d: dict[str, Any], p: Key, prefix: str | None) -> Upstream:
@@ -57,6 +77,7 @@ def _upstream(r: Reader, d: dict[str, Any], p: Key, prefix: str | None) -> Upstr
     client_scopes = r.scopes(d, p, "client_scopes", ())
     if client_scopes and attach != "client" and r.ctx.ok((*p, "token")):
         r.ctx.report((*p, "client_scopes"), "only used with token: client")
+    resource, audience, exchange_scopes = _targets(r, d, p, attach)
     methods: tuple[str, ...] | None = None
     raw_methods = r.get(d, p, "methods", None)
     if isinstance(raw_methods, list):
@@ -94,4 +115,64 @@ def _upstream(r: Reader, d: dict[str, Any], p: Key, prefix: str | None) -> Upstr
         websocket=r.get(d, p, "websocket", False),
         set_headers=MappingProxyType(set_headers),
         remove_headers=remove,
+        resource=resource,
+        audience=audience,
+        exchange_scopes=exchange_scopes,
     )
+
+
+def _listed(r: Reader, d: dict[str, Any], p: Key, key: str) -> tuple[str, ...]:
+    raw = r.get(d, p, key, ())
+    if isinstance(raw, str):
+        return (raw,)
+    return tuple(v for v in raw if isinstance(v, str)) if isinstance(raw, list) else ()
+
+
+def _targets(
+    r: Reader, d: dict[str, Any], p: Key, attach: Any
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """``resource``, ``audience`` and ``exchange_scopes`` (issue 12): which token modes take
+    them, and RFC 8707 2's rule that a resource is an absolute URI without a fragment."""
+    resource = _listed(r, d, p, "resource")
+    audience = _listed(r, d, p, "audience")
+    exchange_scopes = r.scopes(d, p, "exchange_scopes", ())
+    mode_ok = r.ctx.ok((*p, "token"))
+    for i, uri in enumerate(resource):
+        key = (*p, "resource", i) if isinstance(d.get("resource"), list) else (*p, "resource")
+        problem = resource_problem(uri)
+        if problem:
+            r.ctx.report(key, f"{problem}, got {r.ctx.show(key, uri)}")
+    r.unique((*p, "resource"), list(enumerate(resource)), "resource")
+    r.unique((*p, "audience"), list(enumerate(audience)), "audience")
+    if resource and mode_ok and attach in ("client", "none"):
+        r.ctx.report(
+            (*p, "resource"),
+            f"not used with token: {attach} (only user, user_or_none and exchange routes get a "
+            "token for a resource)",
+        )
+    if audience and mode_ok and attach != "exchange":
+        r.ctx.report((*p, "audience"), "only used with token: exchange")
+    if exchange_scopes and mode_ok and attach != "exchange":
+        r.ctx.report((*p, "exchange_scopes"), "only used with token: exchange")
+    if attach == "exchange" and mode_ok and not resource and not audience:
+        r.ctx.report(
+            (*p, "token"),
+            "token: exchange needs an audience or a resource: the exchanged token is for "
+            "that upstream alone",
+        )
+    return resource, audience, exchange_scopes
+
+
+def resource_problem(uri: str) -> str | None:
+    """Why ``uri`` is not an RFC 8707 resource indicator (None if it is)."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "must be an absolute URI"
+    if not parts.scheme or not (parts.netloc or parts.path):
+        return "must be an absolute URI (RFC 8707: e.g. https://api.example.com/orders)"
+    if "#" in uri:
+        return "must not contain a fragment (RFC 8707)"
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in uri):
+        return "must not contain spaces or control characters"
+    return None

@@ -94,8 +94,9 @@ async def authorize(
     ``method`` is the original request's (for the edge, what it says it was); ``request``'s
     headers are the original request's (an edge passes them on to its auth call). Raises 405 for
     a method not in ``methods:``, 403 for a forgery or a missing scope, 401 without a live session
-    on a ``user`` route, 503 when the store or the OP is down; else returns the session (if any),
-    the bearer to attach, and whether it was just obtained (refreshed under the single flight).
+    on a ``user`` or ``exchange`` route, 403 when the OP refuses a route's own token
+    (:mod:`bff.route_tokens`), 503 when the store or the OP is down; else returns the session (if
+    any), the bearer to attach, and whether it was just obtained (under the single flight).
     """
     if route.methods is not None and method not in route.methods:
         raise MethodNotAllowed()
@@ -111,11 +112,15 @@ async def authorize(
     secret = services.cookies.session_secret(request)
     session = await services.sessions.load(secret) if secret is not None else None
     if session is None:
-        if mode == "user":
+        if mode in ("user", "exchange"):
             raise NoSession() if secret is None else SessionExpired()
         return None, None, False
     if route.scopes and not route.scopes.issubset(session.data.scopes):
         raise InsufficientScope()
+    plan = services.route_tokens.plan(route.upstream) if services.route_tokens else None
+    if plan is not None and services.route_tokens is not None:
+        # Issue 12: this route's own token (resource or exchange), never the session's main one.
+        return await services.route_tokens.token(session, plan)
     version = session.data.version
     session, token = await services.refresher.access_token(session)
     return session, token, session.data.version != version
@@ -282,6 +287,9 @@ async def _renew_token(
         return await tokens.token(route.client_scopes, reject=token) if tokens else None
     if session is None:
         return None
+    plan = services.route_tokens.plan(route.upstream) if services.route_tokens else None
+    if plan is not None and services.route_tokens is not None:
+        return await services.route_tokens.renew(session, plan, token)
     session = await services.refresher.refresh(session, force=True)
     new = session.data.access_token
     return new if new != token else None

@@ -74,7 +74,7 @@ class Route:
         )
         # A user_or_none route answers the same URL differently with and without a session, and
         # CDNs key on the URL alone (many ignore Vary: Cookie): its answers are private too.
-        self.private = upstream.token in ("user", "user_or_none")
+        self.private = upstream.token in ("user", "user_or_none", "exchange")
         # Only a `methods:` list can be got around by an override in a form body.
         self.scan_forms = upstream.methods is not None
         self.ws_drop = self.drop | WS_HANDSHAKE

@@ -27,6 +27,16 @@
 //   OP_DPOP_NONCE    "1" (with OP_DPOP): every DPoP proof must carry a nonce the OP issued
 //                    (400/401 use_dpop_nonce with a DPoP-Nonce header otherwise). Default: off
 //
+// Resource indicators and token exchange (issue 12, points 1, 2 and 6):
+//   OP_RESOURCE_SERVERS JSON object {"<resource URI>": {"scope": "api:read", "ttl": N}}: the
+//                    resource servers (RFC 8707) the OP issues JWT access tokens for (aud = the
+//                    URI, signed with the OP's keys, `ttl` seconds, default OP_ACCESS_TTL). Any
+//                    other resource is invalid_target. Default: none (every resource refused)
+//   OP_TOKEN_EXCHANGE "1": register the RFC 8693 token-exchange grant (advertised in
+//                    grant_types_supported); a valid access token of this OP as subject_token
+//                    and an `audience` or `resource` among OP_RESOURCE_SERVERS give a JWT for
+//                    it; any other target is invalid_target. Default: off
+//
 // Besides the OP endpoints (see /.well-known/openid-configuration) it serves:
 //   GET  /interaction/:uid           login form (any login + any non-empty password) or consent
 //   POST /interaction/:uid/login     fields: login, password
@@ -80,6 +90,25 @@ if (!['discovery', 'rfc8414', 'none'].includes(REVOCATION_IN)) {
 }
 
 const API_SCOPES = ['api:read', 'api:write', 'orders:read'];
+
+// ---- resource indicators and token exchange (issue 12): settings --------------------------
+const RESOURCE_SERVERS = JSON.parse(process.env.OP_RESOURCE_SERVERS || '{}');
+const TOKEN_EXCHANGE = process.env.OP_TOKEN_EXCHANGE === '1';
+const EXCHANGE_GRANT = 'urn:ietf:params:oauth:grant-type:token-exchange';
+const ACCESS_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:access_token';
+
+function resourceServerInfo(identifier) {
+  const known = RESOURCE_SERVERS[identifier];
+  if (!known) return undefined;
+  return {
+    scope: known.scope ?? 'api:read',
+    audience: identifier,
+    accessTokenTTL: known.ttl ?? ACCESS_TTL,
+    accessTokenFormat: 'jwt',
+    jwt: { sign: { alg: 'RS256' } },
+  };
+}
+// ---- end resource indicators and token exchange ------------------------------------------
 
 function positiveInt(name, fallback) {
   const raw = process.env[name];
@@ -315,6 +344,11 @@ const configuration = {
       });
     }
     grant.addOIDCScope([...oidc.requestParamScopes].join(' ') || 'openid');
+    // issue 12: the scopes asked for that a requested resource server defines are granted too.
+    for (const [resource, server] of Object.entries(oidc.resourceServers ?? {})) {
+      const wanted = [...oidc.requestParamScopes].filter((s) => server.scopes.has(s));
+      if (wanted.length) grant.addResourceScope(resource, wanted.join(' '));
+    }
     if (oidc.requestParamClaims.size) grant.addOIDCClaims([...oidc.requestParamClaims]);
     await grant.save();
     return grant;
@@ -328,6 +362,16 @@ const configuration = {
     revocation: { enabled: true },
     introspection: { enabled: true },
     clientCredentials: { enabled: true },
+    // issue 12: resource indicators for OP_RESOURCE_SERVERS (the code exchange without a
+    // resource still gets the opaque userinfo token: useGrantedResource stays false).
+    resourceIndicators: {
+      enabled: true,
+      async getResourceServerInfo(ctx, identifier) {
+        const info = resourceServerInfo(identifier);
+        if (!info) throw new errors.InvalidTarget();
+        return info;
+      },
+    },
     backchannelLogout: { enabled: true },
     rpInitiatedLogout: {
       enabled: true,
@@ -373,6 +417,48 @@ provider.on('end_session.success', () => { stats.end_sessions += 1; });
 provider.on('authorization.success', () => { stats.authorizations += 1; });
 
 const ROUTES = { token: '/token', revocation: '/token/revocation' };
+
+// ---- token exchange (issue 12, OP_TOKEN_EXCHANGE) ------------------------------------------
+async function tokenExchange(ctx, next) {
+  const { params, client, provider: op } = ctx.oidc;
+  if (params.subject_token_type !== ACCESS_TOKEN_TYPE) {
+    throw new errors.InvalidRequest('subject_token_type must be an access token');
+  }
+  const subject = await op.AccessToken.find(String(params.subject_token ?? ''));
+  if (!subject || subject.isExpired) throw new errors.InvalidGrant('subject token invalid');
+  const targets = [params.audience, params.resource].flat().filter(Boolean);
+  if (targets.length !== 1) throw new errors.InvalidTarget('exactly one audience or resource');
+  const info = resourceServerInfo(targets[0]);
+  if (!info) throw new errors.InvalidTarget('unknown audience');
+  const allowed = new Set(info.scope.split(' '));
+  const asked = String(params.scope ?? '').split(' ').filter(Boolean);
+  const at = new op.AccessToken({
+    accountId: subject.accountId,
+    client,
+    grantId: subject.grantId,
+    gty: EXCHANGE_GRANT,
+    scope: asked.filter((s) => allowed.has(s)).join(' ') || undefined,
+  });
+  at.resourceServer = new op.ResourceServer(targets[0], info);
+  ctx.oidc.entity('AccessToken', at);
+  const value = await at.save();
+  ctx.body = {
+    access_token: value,
+    issued_token_type: ACCESS_TOKEN_TYPE,
+    token_type: 'Bearer',
+    expires_in: at.expiration,
+    scope: at.scope,
+  };
+  await next();
+}
+
+if (TOKEN_EXCHANGE) {
+  provider.registerGrantType(EXCHANGE_GRANT, tokenExchange, [
+    'subject_token', 'subject_token_type', 'audience', 'resource', 'scope',
+    'requested_token_type', 'actor_token', 'actor_token_type',
+  ], ['audience', 'resource']);
+}
+// ---- end token exchange -----------------------------------------------------------------
 
 // OP_REVOCATION_IN=rfc8414|none: discovery does not name the revocation endpoint.
 provider.use(async (ctx, next) => {

@@ -348,6 +348,8 @@ class OidcProvider(ChildProcess):
     token (oidc-provider itself revokes the whole grant). ``discovery_patch`` is merged into the
     discovery document (``None`` removes a key): an OP that advertises less than it offers.
     ``dpop`` turns on DPoP (RFC 9449) at the OP, ``dpop_nonce`` makes it require its nonces.
+    ``resource_servers`` (RFC 8707 URI -> ``{"scope", "ttl"}``) get JWT access tokens;
+    ``token_exchange=True`` registers the RFC 8693 grant (issue 12).
     """
 
     name = "oidc-provider"
@@ -368,8 +370,13 @@ class OidcProvider(ChildProcess):
         discovery_patch: Mapping[str, Any] | None = None,
         dpop: bool = False,
         dpop_nonce: bool = False,
+        resource_servers: Mapping[str, Mapping[str, Any]] | None = None,
+        token_exchange: bool = False,
     ) -> None:
         super().__init__(port, startup_timeout=startup_timeout)
+        # issue 12: OP_RESOURCE_SERVERS and OP_TOKEN_EXCHANGE (see tests/op/server.mjs)
+        self.resource_servers = {k: dict(v) for k, v in (resource_servers or {}).items()}
+        self.token_exchange = token_exchange
         self.persistent = persistent
         self.fixed_kids = fixed_kids
         self.revocation_in = revocation_in
@@ -403,6 +410,8 @@ class OidcProvider(ChildProcess):
             "OP_DISCOVERY_PATCH": json.dumps(self.discovery_patch),
             "OP_DPOP": "1" if self.dpop else "0",
             "OP_DPOP_NONCE": "1" if self.dpop_nonce else "0",
+            "OP_RESOURCE_SERVERS": json.dumps(self.resource_servers),
+            "OP_TOKEN_EXCHANGE": "1" if self.token_exchange else "0",
             "NODE_ENV": "test",
         }
         return [self.node, str(OP_DIR / "server.mjs")], OP_DIR, env
