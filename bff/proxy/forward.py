@@ -49,11 +49,17 @@ SMALL_BODY: Final = 64 * 1024
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
-def add_routes(app: web.Application, table: UpstreamTable) -> None:
-    """Register every prefix; call before the SPA's catch-all route."""
+def add_routes(
+    app: web.Application, table: UpstreamTable
+) -> list[tuple[str, web.AbstractRoute, web.AbstractRoute]]:
+    """Register every prefix; call before the SPA's catch-all route. Returns, longest prefix
+    first, each prefix with its two routes (the prefix itself, and below it)."""
+    added = []
     for route in table.routes:
-        app.router.add_route("*", route.prefix, forward)
-        app.router.add_route("*", route.prefix + "/{tail:.*}", forward)
+        exact = app.router.add_route("*", route.prefix, forward)
+        below = app.router.add_route("*", route.prefix + "/{tail:.*}", forward)
+        added.append((route.prefix, exact, below))
+    return added
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
