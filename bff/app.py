@@ -128,12 +128,20 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     endpoints.add_routes(app, settings.prefix)
     health.add_routes(app, metrics_public=settings.metrics.public)
     # Edge mode: the auth service an edge proxy asks (any method: edges differ).
-    app.router.add_route("*", settings.prefix + proxy.AUTHZ_PATH, proxy.authz)
+    authz_path = settings.prefix + proxy.AUTHZ_PATH
+    authz = app.router.add_route("*", authz_path, proxy.authz)
     own = [resource.canonical for resource in app.router.resources()]
     proxied = proxy.add_routes(app, upstreams)  # before the SPA's catch-all
     if not settings.tracing.enabled:  # the server span needs the middleware chain
-        # Proxied requests skip the router and the middlewares (bff.proxy.direct, bff.server).
-        app[DIRECT] = DirectPath(app, proxied, reserved=own, access_log=settings.log.access)
+        # Proxied requests and the edge's auth calls skip the router and the middlewares
+        # (bff.proxy.direct, bff.server).
+        app[DIRECT] = DirectPath(
+            app,
+            proxied,
+            exact=[(authz_path, authz)],
+            reserved=own,
+            access_log=settings.log.access,
+        )
     spa.add_routes(app, settings.static, reserved=(*api_prefixes, *private))
     app.on_response_prepare.append(request_id_header)
     app.on_response_prepare.append(

@@ -9,7 +9,8 @@ upstream prefix has only one possible handler, so :class:`DirectPath` picks the 
 longest prefix, as the router does) and does what those middlewares do, inline and in the same
 order, with the same helpers (:func:`bff.access.request_id`, :func:`bff.metrics.request_done`,
 :func:`bff.middlewares.error_answer`): the request id, one access line, metrics counted once, and
-the same JSON error bodies.
+the same JSON error bodies. Edge mode's auth endpoint (``/bff/authz``, asked once per API call by
+the edge) takes the same path.
 
 What stays as it was: the request carries the same match info (the route's resource, the app), so
 ``request.app``, the access log's and the metrics' route labels and the ``on_response_prepare``
@@ -31,7 +32,6 @@ from aiohttp.web_urldispatcher import AbstractRoute, UrlMappingMatchInfo
 
 from bff import access, metrics
 from bff.middlewares import error_answer
-from bff.proxy.forward import forward
 
 __all__ = ["DIRECT", "DirectPath"]
 
@@ -43,11 +43,20 @@ def _under(path: str, prefix: str) -> bool:
 class _Entry:
     """One proxied route as the router would have matched it: its match info and labels."""
 
-    __slots__ = ("access_route", "kind", "label", "match_info", "prefix", "prefix_slash")
+    __slots__ = (
+        "access_route",
+        "handler",
+        "kind",
+        "label",
+        "match_info",
+        "prefix",
+        "prefix_slash",
+    )
 
     def __init__(self, app: web.Application, prefix: str, route: AbstractRoute) -> None:
         self.prefix = prefix
         self.prefix_slash = prefix + "/"
+        self.handler = route.handler
         # One frozen match info per resource, shared by its requests: bff reads only its route
         # and app (nothing reads the ``tail`` of a proxied path: forward uses the raw target).
         info = UrlMappingMatchInfo({}, route)
@@ -66,17 +75,19 @@ class DirectPath:
         app: web.Application,
         routes: Iterable[tuple[str, AbstractRoute, AbstractRoute]],
         *,
+        exact: Iterable[tuple[str, AbstractRoute]] = (),
         reserved: Sequence[str],
         access_log: bool,
     ) -> None:
         """``routes``: (prefix, route of the prefix itself, route of ``prefix/...``), longest
-        prefix first; ``reserved``: the paths of the app's own routes registered before them."""
-        self._exact: dict[str, _Entry] = {}
+        prefix first; ``reserved``: the paths of the app's own routes registered before them;
+        ``exact``: single paths that only one route takes (edge mode's auth endpoint)."""
+        self._exact: dict[str, _Entry] = {path: _Entry(app, path, route) for path, route in exact}
         entries: list[tuple[_Entry, _Entry]] = []
-        for prefix, exact, below in routes:
+        for prefix, itself, below in routes:
             if any(_under(path, prefix) or _under(prefix, path) for path in reserved):
                 continue  # the router may answer some of these paths with an app route
-            pair = (_Entry(app, prefix, exact), _Entry(app, prefix, below))
+            pair = (_Entry(app, prefix, itself), _Entry(app, prefix, below))
             entries.append(pair)
             self._exact[prefix] = pair[0]
         self._entries = tuple(entries)
@@ -112,7 +123,7 @@ class DirectPath:
         response: web.StreamResponse | None = None
         try:
             try:
-                response = await forward(request)
+                response = await entry.handler(request)
             except Exception as exc:  # the error middleware's answer (HTTPExceptions pass on)
                 response = error_answer(request, exc, api=True)
             status = counted = response.status

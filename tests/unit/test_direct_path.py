@@ -56,3 +56,16 @@ def test_a_prefix_an_app_route_could_also_match_is_left_to_the_router() -> None:
     assert direct.match(make_mocked_request("GET", "/healthz")) is None
     assert direct.match(make_mocked_request("POST", "/healthz/x")) is None
     assert direct.match(make_mocked_request("GET", "/api/x")) is not None
+
+
+def test_the_edge_auth_endpoint_is_one_exact_path() -> None:
+    app, routes = _app("/api")
+    authz = app.router.add_route("*", "/bff/authz", _handler)
+    direct = DirectPath(
+        app, routes, exact=[("/bff/authz", authz)], reserved=["/healthz"], access_log=True
+    )
+    entry = direct.match(make_mocked_request("POST", "/bff/authz"))
+    assert entry is not None and entry.handler is _handler
+    assert entry.match_info.route is authz
+    for path in ("/bff/authz/x", "/bff/authzx", "/bff"):
+        assert direct.match(make_mocked_request("GET", path)) is None, path
