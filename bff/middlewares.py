@@ -94,11 +94,18 @@ def security_headers(
         headers.setdefault("Referrer-Policy", "no-referrer")
         headers.setdefault("X-Frame-Options", "DENY")
         headers.setdefault("Cross-Origin-Opener-Policy", "same-origin")
-        if csp and response.content_type == "text/html":
-            headers.setdefault("Content-Security-Policy", csp)
+        if csp:
+            # Parsing the Content-Type only when it can say text/html (every answer comes here).
+            given = headers.get("Content-Type")
+            if (
+                given is not None
+                and "html" in given.lower()
+                and response.content_type == "text/html"
+            ):
+                headers.setdefault("Content-Security-Policy", csp)
         if hsts:
             headers.setdefault("Strict-Transport-Security", "max-age=63072000; includeSubDomains")
-        if any(request.path.startswith(p) for p in no_store_prefixes):
+        if request.path.startswith(no_store_prefixes):
             headers["Cache-Control"] = "no-store"
         headers.popall("Server", None)
 
