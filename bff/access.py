@@ -40,8 +40,12 @@ __all__ = [
     "SESSION_SECRET",
     "UPSTREAM",
     "access_middleware",
+    "request_id",
     "request_id_header",
+    "route_name",
     "session_handle",
+    "wanted",
+    "write",
 ]
 
 log = logging.getLogger("bff.access")
@@ -85,15 +89,7 @@ def access_middleware(*, enabled: bool) -> Callable[..., Awaitable[web.StreamRes
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        given = request.headers.get("X-Request-ID")
-        rid = (
-            given
-            if given is not None
-            and REQUEST_ID_SHAPE.fullmatch(given)
-            and not _JWT_LIKE.search(given)
-            else None
-        )
-        request[REQUEST_ID] = rid = rid or secrets.token_hex(16)
+        rid = request_id(request)
         if not enabled:
             return await handler(request)
         start = time.perf_counter()
@@ -114,16 +110,37 @@ def access_middleware(*, enabled: bool) -> Callable[..., Awaitable[web.StreamRes
             size = response.body_length if response.prepared else response.content_length or 0
             return response
         finally:
-            _write(request, names, rid, status, size, time.perf_counter() - start)
+            if wanted():  # log level above info: no line, so no work for it
+                route = _route_name(request.match_info.route.resource, names)
+                write(request, route, rid, status, size, time.perf_counter() - start)
 
     return middleware
 
 
-def _write(
-    request: web.Request, names: dict[int, str], rid: str, status: int, size: int, took: float
-) -> None:
-    if not log.isEnabledFor(logging.INFO):  # log.level above info: no line, so no work for it
-        return
+def request_id(request: web.Request) -> str:
+    """The request's id (the client's when well-formed, else a new one), kept on the request."""
+    given = request.headers.get("X-Request-ID")
+    rid = (
+        given
+        if given is not None and REQUEST_ID_SHAPE.fullmatch(given) and not _JWT_LIKE.search(given)
+        else None
+    )
+    request[REQUEST_ID] = rid = rid or secrets.token_hex(16)
+    return rid
+
+
+def wanted() -> bool:
+    """Whether an access line would be written now (``log.access`` aside): the logger's level."""
+    return log.isEnabledFor(logging.INFO)
+
+
+def route_name(resource: AbstractResource | None) -> str:
+    """The access line's ``route`` for a resource (the direct path works it out once per route)."""
+    return _route_name(resource, {})
+
+
+def write(request: web.Request, route: str, rid: str, status: int, size: int, took: float) -> None:
+    """Write one access line (the caller checked :func:`enabled`)."""
     upstream = request.get(UPSTREAM)
     secret = request.get(SESSION_SECRET)
     log.info(
@@ -132,7 +149,7 @@ def _write(
             "event": "access",
             "trusted": True,
             "method": request.method,
-            "route": _route_name(request.match_info.route.resource, names),
+            "route": route,
             "status": status,
             "duration_ms": round(took * 1000, 2),
             "upstream_status": upstream[0] if upstream is not None else None,

@@ -24,6 +24,7 @@ from bff.metrics import Metrics, flush_ctx, request_middleware
 from bff.middlewares import error_middleware, security_headers
 from bff.oidc import OidcClient
 from bff.peers import PEERS, Peers
+from bff.proxy.direct import DIRECT, DirectPath
 from bff.ratelimit import RateLimiter
 from bff.refresh import TokenRefresher
 from bff.services import SERVICES, Services
@@ -133,8 +134,20 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     endpoints.add_routes(app, settings.prefix)
     health.add_routes(app, metrics_public=settings.metrics.public)
     # Edge mode: the auth service an edge proxy asks (any method: edges differ).
-    app.router.add_route("*", settings.prefix + proxy.AUTHZ_PATH, proxy.authz)
-    proxy.add_routes(app, upstreams)  # before the SPA's catch-all
+    authz_path = settings.prefix + proxy.AUTHZ_PATH
+    authz = app.router.add_route("*", authz_path, proxy.authz)
+    own = [resource.canonical for resource in app.router.resources()]
+    proxied = proxy.add_routes(app, upstreams)  # before the SPA's catch-all
+    if not settings.tracing.enabled:  # the server span needs the middleware chain
+        # Proxied requests and the edge's auth calls skip the router and the middlewares
+        # (bff.proxy.direct, bff.server).
+        app[DIRECT] = DirectPath(
+            app,
+            proxied,
+            exact=[(authz_path, authz)],
+            reserved=own,
+            access_log=settings.log.access,
+        )
     spa.add_routes(app, settings.static, reserved=(*api_prefixes, *private))
     app.on_response_prepare.append(request_id_header)
     app.on_response_prepare.append(

@@ -29,6 +29,7 @@ __all__ = ["CookiePolicy", "browser_pairs", "session_cookie_names"]
 
 _COOKIE_VALUE = re.compile(r"[A-Za-z0-9_.-]+")
 _VERIFIED_MAX = 10_000  # ~6 MB at most: only values that verified get in
+_LINE_MAX = 1024  # Cookie lines remembered with their verified secret: ~10 MB at most
 #: Every (name, value) of every Cookie line, in order, once a request needs them all.
 _PAIRS: Final = web.RequestKey("bff_cookie_pairs", tuple[tuple[str, str], ...])
 
@@ -56,6 +57,7 @@ class CookiePolicy:
         self._max_age = int(max_age)
         self._login_max_age = int(login_max_age)
         self._verified: dict[tuple[str, str], SessionSecret] = {}
+        self._lines: dict[tuple[str, str], SessionSecret] = {}  # (purpose, Cookie line)
 
     def session_secret(self, request: web.Request) -> SessionSecret | None:
         """The verified secret of the session cookie; None when absent, tampered or foreign."""
@@ -80,7 +82,21 @@ class CookiePolicy:
         self._set(response, self.tx_name, "", 0, "Lax", "login")
 
     def _read(self, request: web.Request, name: str, purpose: str) -> SessionSecret | None:
-        raw = _only_value(request, name)
+        # Hotter path: a browser sends the same Cookie line call after call, and what one line
+        # yields is fixed (its value, and whether that verifies); so a line that gave a verified
+        # secret gives it again without the cookie parser. Only such lines, bounded, short.
+        lines = request.headers.getall("Cookie", ())
+        line = lines[0] if len(lines) == 1 and len(lines[0]) <= _LINE_MAX else None
+        if line is not None:
+            known = self._lines.get((purpose, line))
+            if known is not None:
+                return known
+        secret = self._verify(_only_value(request, name), purpose)
+        if secret is not None and line is not None:
+            _remember(self._lines, (purpose, line), secret)
+        return secret
+
+    def _verify(self, raw: str | None, purpose: str) -> SessionSecret | None:
         if not raw:
             return None
         # Hot path: a value that verified before verifies again (keys change only at restart),

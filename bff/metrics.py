@@ -41,13 +41,16 @@ from prometheus_client import (
 
 __all__ = [
     "Metrics",
+    "describe",
     "flush",
     "flush_ctx",
     "observe_lock_wait",
     "observe_upstream",
     "op_call",
     "render",
+    "request_done",
     "request_middleware",
+    "request_started",
     "stream_closed",
     "stream_opened",
 ]
@@ -299,8 +302,7 @@ def request_middleware() -> Callable[..., Awaitable[web.StreamResponse]]:
 
     @web.middleware
     async def middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
-        started = time.perf_counter()
-        _pending.in_flight += 1
+        started = request_started()
         status = 500
         response: web.StreamResponse | None = None
         try:
@@ -314,33 +316,51 @@ def request_middleware() -> Callable[..., Awaitable[web.StreamResponse]]:
             status = 499  # the client went away (nginx's code for it)
             raise
         finally:
-            pending = _pending  # a flush may have swapped it during the await
-            pending.in_flight -= 1
             route, kind = _route_of(request)
-            if kind == "proxy" and (
-                isinstance(response, web.WebSocketResponse)
-                # A WebSocket's handler may end cancelled when the browser's connection goes.
-                or (response is None and request.headers.get("Upgrade", "").lower() == "websocket")
-            ):
-                kind = "websocket"
-            method = request.method
-            key = (route, method if method in _METHODS else "other", status)
-            requests = pending.requests
-            requests[key] = requests.get(key, 0) + 1
-            _observe(pending.durations, kind, time.perf_counter() - started)
+            request_done(request, route, kind, response, status, started)
 
     return middleware
+
+
+def request_started() -> float:
+    """A request begins (one more in flight); its start time for :func:`request_done`."""
+    _pending.in_flight += 1
+    return time.perf_counter()
+
+
+def request_done(
+    request: web.Request,
+    route: str,
+    kind: str,
+    response: web.StreamResponse | None,
+    status: int,
+    started: float,
+) -> None:
+    """Count a request that :func:`request_started` began, once, under its route label."""
+    pending = _pending  # a flush may have swapped it during the request
+    pending.in_flight -= 1
+    if kind == "proxy" and (
+        isinstance(response, web.WebSocketResponse)
+        # A WebSocket's handler may end cancelled when the browser's connection goes.
+        or (response is None and request.headers.get("Upgrade", "").lower() == "websocket")
+    ):
+        kind = "websocket"
+    method = request.method
+    key = (route, method if method in _METHODS else "other", status)
+    requests = pending.requests
+    requests[key] = requests.get(key, 0) + 1
+    _observe(pending.durations, kind, time.perf_counter() - started)
 
 
 def _route_of(request: web.Request) -> tuple[str, str]:
     resource = request.match_info.route.resource
     labels = _routes.get(resource)
     if labels is None:
-        labels = _routes[resource] = _describe(resource)
+        labels = _routes[resource] = describe(resource)
     return labels
 
 
-def _describe(resource: web.AbstractResource | None) -> tuple[str, str]:
+def describe(resource: web.AbstractResource | None) -> tuple[str, str]:
     """A resource's route label and kind, from its pattern and its handler's module."""
     if resource is None:
         return "unmatched", "unmatched"  # no route took it (404/405 from the router)

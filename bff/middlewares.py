@@ -9,7 +9,13 @@ from aiohttp import web
 
 from bff.errors import BffError, Forbidden, MethodNotAllowed, NotFound
 
-__all__ = ["check_anti_forgery", "error_middleware", "json_error", "security_headers"]
+__all__ = [
+    "check_anti_forgery",
+    "error_answer",
+    "error_middleware",
+    "json_error",
+    "security_headers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +40,25 @@ def error_middleware(
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
-        except BffError as exc:
-            return json_error(exc)
-        except web.HTTPException as exc:
-            if is_api(request.path) and exc.status in (404, 405):
-                return json_error(NotFound() if exc.status == 404 else MethodNotAllowed())
-            raise
-        except Exception:
-            # The message is generic on purpose: a traceback must never reach the browser.
-            log.exception("request.failed", extra={"event": "request.failed", "path": request.path})
-            return json_error(BffError("internal error"))
+        except Exception as exc:
+            return error_answer(request, exc, api=is_api(request.path))
 
     return middleware
+
+
+def error_answer(request: web.Request, exc: Exception, *, api: bool) -> web.Response:
+    """The JSON answer for what a handler raised (call it in the ``except`` block): a
+    :class:`BffError` as itself, a router 404/405 under an ``api`` path as JSON, anything else
+    (a bug) logged and a generic 500. Any other ``HTTPException`` is raised again."""
+    if isinstance(exc, BffError):
+        return json_error(exc)
+    if isinstance(exc, web.HTTPException):
+        if api and exc.status in (404, 405):
+            return json_error(NotFound() if exc.status == 404 else MethodNotAllowed())
+        raise exc
+    # The message is generic on purpose: a traceback must never reach the browser.
+    log.exception("request.failed", extra={"event": "request.failed", "path": request.path})
+    return json_error(BffError("internal error"))
 
 
 def check_anti_forgery(
@@ -81,11 +94,18 @@ def security_headers(
         headers.setdefault("Referrer-Policy", "no-referrer")
         headers.setdefault("X-Frame-Options", "DENY")
         headers.setdefault("Cross-Origin-Opener-Policy", "same-origin")
-        if csp and response.content_type == "text/html":
-            headers.setdefault("Content-Security-Policy", csp)
+        if csp:
+            # Parsing the Content-Type only when it can say text/html (every answer comes here).
+            given = headers.get("Content-Type")
+            if (
+                given is not None
+                and "html" in given.lower()
+                and response.content_type == "text/html"
+            ):
+                headers.setdefault("Content-Security-Policy", csp)
         if hsts:
             headers.setdefault("Strict-Transport-Security", "max-age=63072000; includeSubDomains")
-        if any(request.path.startswith(p) for p in no_store_prefixes):
+        if request.path.startswith(no_store_prefixes):
             headers["Cache-Control"] = "no-store"
         headers.popall("Server", None)
 

@@ -52,7 +52,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import PurePath
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from aiohttp import web
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
@@ -62,6 +62,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
 from bff.config import LimitSettings, Settings
+from bff.proxy.direct import DIRECT, DirectPath
 
 __all__ = [
     "BODY_TOO_LARGE",
@@ -342,12 +343,14 @@ class FrontDoorServer(Server):
     """aiohttp's ``Server`` with :class:`FrontDoorHandler` and :func:`framing_problem` in front
     of the app: a refused request never reaches routing, ``Expect`` handling or a handler."""
 
-    def __init__(self, handler: Handler, **kwargs: Any) -> None:
+    def __init__(
+        self, handler: Handler, *, direct: DirectPath | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(handler, **kwargs)
-        self.request_handler = self._gate(handler)
+        self.request_handler = self._gate(handler, direct)
 
     @staticmethod
-    def _gate(handler: Handler) -> Handler:
+    def _gate(handler: Handler, direct: DirectPath | None) -> Handler:
         async def gate(request: BaseRequest) -> web.StreamResponse:
             refusal = framing_problem(
                 request.version, request.method, request.raw_path, request.raw_headers
@@ -355,8 +358,13 @@ class FrontDoorServer(Server):
             if refusal is not None:
                 _log_refusal(refusal, request.remote)
                 return await _refuse(request, refusal)
+            entry = direct.match(request) if direct is not None else None
             try:
-                response = await handler(request)
+                if entry is not None:  # a proxied route: no router, no middleware chain
+                    assert direct is not None
+                    response = await direct.handle(cast(web.Request, request), entry)
+                else:
+                    response = await handler(request)
             except web.HTTPRequestEntityTooLarge:  # client_max_size of bff's own endpoints
                 _log_refusal(BODY_TOO_LARGE, request.remote)
                 return await _refuse(request, BODY_TOO_LARGE)
@@ -390,6 +398,7 @@ class FrontDoorRunner(web.AppRunner):
         base = await super()._make_server()  # runs the app's startup and freezes it
         return FrontDoorServer(
             base.request_handler,
+            direct=self.app.get(DIRECT),
             request_factory=base.request_factory,
             handler_cancellation=base.handler_cancellation,
             loop=base._loop,

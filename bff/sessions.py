@@ -194,6 +194,7 @@ class SessionManager:
         self._cache: dict[StoreKey, _Cached] = {}
         self._loading: dict[StoreKey, asyncio.Future[Session | None]] = {}
         self._touched: dict[StoreKey, float] = {}
+        self._ids: dict[SessionSecret, StoreKey] = {}  # store_id(secret), bounded
         # Sliding the idle timeout costs a store write; once per interval is precise enough.
         self._touch_interval = min(60.0, idle_timeout / 20)
 
@@ -217,7 +218,12 @@ class SessionManager:
         if secret is None:
             return None
         now = self._clock()
-        sid = store_id(secret)
+        sid = self._ids.get(secret)
+        if sid is None:  # a hash per cookie per process, not per request (hot path)
+            sid = store_id(secret)
+            if len(self._ids) >= _CACHE_MAX:
+                self._ids.pop(next(iter(self._ids)))
+            self._ids[secret] = sid
         if not fresh:
             cached = self._cache.get(sid)
             if cached is not None and now - cached.fetched_at < self.cache_ttl:

@@ -7,11 +7,14 @@ WebSocket frames pass as they come.
 
 The hot path (cookie -> cached session -> forward) does no store round trip and no decryption
 while the session cache is warm, no regex and no per-request object graph: everything a route
-needs is computed once in :class:`Route` when the app is built, and each upstream has one pooled,
-keep-alive ``aiohttp.ClientSession`` opened at start-up.
+needs is computed once in :class:`Route` when the app is built, and each upstream has one pool of
+keep-alive connections opened at start-up (:mod:`~bff.proxy.upstream`; WebSockets use an
+``aiohttp.ClientSession``).
 
 The modules:
 
+* :mod:`~bff.proxy.direct` -- proxied requests from the front door to ``forward`` without the
+  application's router and middleware chain (same labels, request id, metrics, errors, log line).
 * :mod:`~bff.proxy.routing` -- what reaches which upstream: :class:`Route`,
   :class:`UpstreamTable` (matching and the pools), :func:`normalise_path`.
 * :mod:`~bff.proxy.headers` -- the header policy both ways, names compared by meaning.
@@ -19,6 +22,8 @@ The modules:
   on routes with a ``methods:`` list).
 * :mod:`~bff.proxy.forward` -- the HTTP handler: credentials, the exchange under its deadline,
   the 401 retry, streaming.
+* :mod:`~bff.proxy.upstream` -- the upstream HTTP client: keep-alive pools on aiohttp's own
+  connection protocol, response parser and header serialiser.
 * :mod:`~bff.proxy.websocket` -- the WebSocket proxy.
 * :mod:`~bff.proxy.edge` -- edge mode: the auth endpoint an edge proxy asks, same policy.
 * :mod:`~bff.proxy.session_watch` -- ends a long-lived exchange once its session ends.

@@ -17,7 +17,6 @@ from typing import Final
 
 import aiohttp
 from aiohttp import web
-from yarl import URL
 
 from bff import dpop, metrics, tracing
 from bff.access import UPSTREAM
@@ -36,6 +35,7 @@ from bff.proxy.headers import downstream_headers, upstream_headers
 from bff.proxy.overrides import body_scanner
 from bff.proxy.routing import Route, UpstreamTable
 from bff.proxy.session_watch import SessionWatch
+from bff.proxy.upstream import UpstreamResponse
 from bff.proxy.websocket import check_handshake, forward_websocket
 from bff.services import SERVICES, Services
 from bff.sessions import Session
@@ -49,11 +49,17 @@ SMALL_BODY: Final = 64 * 1024
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
-def add_routes(app: web.Application, table: UpstreamTable) -> None:
-    """Register every prefix; call before the SPA's catch-all route."""
+def add_routes(
+    app: web.Application, table: UpstreamTable
+) -> list[tuple[str, web.AbstractRoute, web.AbstractRoute]]:
+    """Register every prefix; call before the SPA's catch-all route. Returns, longest prefix
+    first, each prefix with its two routes (the prefix itself, and below it)."""
+    added = []
     for route in table.routes:
-        app.router.add_route("*", route.prefix, forward)
-        app.router.add_route("*", route.prefix + "/{tail:.*}", forward)
+        exact = app.router.add_route("*", route.prefix, forward)
+        below = app.router.add_route("*", route.prefix + "/{tail:.*}", forward)
+        added.append((route.prefix, exact, below))
+    return added
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
@@ -158,13 +164,13 @@ async def _exchange(
     request: web.Request,
     services: Services,
     route: Route,
-    url: URL,
+    target: str,
     headers: list[tuple[str, str]],
     body: AsyncIterator[bytes] | None,
-) -> tuple[aiohttp.ClientResponse, bytes | None]:
+) -> tuple[UpstreamResponse, bytes | None]:
     """Send the request; the response, and its body when it is small enough to buffer."""
-    http = route.http
-    if http is None:
+    pool = route.pool
+    if pool is None:
         raise UpstreamFailed("the upstream pool is not open")
     started = time.perf_counter()  # for bff_upstream_duration_seconds
     try:
@@ -172,12 +178,11 @@ async def _exchange(
             deadline = _Deadline(timeout)
             try:
                 with tracing.upstream_span(request.method, route.prefix, route.origin) as span:
-                    resp = await http.request(
+                    resp = await pool.request(
                         request.method,
-                        url,
-                        headers=tracing.inject(headers),  # traceparent of this client span
-                        data=_body(body, deadline, route.timeout) if body is not None else None,
-                        allow_redirects=False,
+                        target,
+                        tracing.inject(headers),  # traceparent of this client span
+                        _body(body, deadline, route.timeout) if body is not None else None,
                     )
                     request[UPSTREAM] = (resp.status, time.perf_counter() - started)
                     if span is not None:
@@ -229,7 +234,6 @@ async def _http(
     token: str | None,
     fresh: bool,
 ) -> web.StreamResponse:
-    url = URL(route.origin + target, encoded=True)
     has_body = request.body_exists
     chunks: AsyncIterator[bytes] | None = None
     if has_body:
@@ -247,7 +251,7 @@ async def _http(
         return upstream_headers(request, route.drop, (*route.set_headers, *auth), forwarded, None)
 
     headers = outgoing(token)
-    resp, body = await _exchange(request, services, route, url, headers, chunks)
+    resp, body = await _exchange(request, services, route, target, headers, chunks)
     if key is not None:
         dpop.UPSTREAM_NONCES.note(route.origin, resp.headers)
         # RFC 9449 9: the upstream wants its (new) nonce in the proof. It refused the request
@@ -256,7 +260,7 @@ async def _http(
         if not has_body and dpop.is_nonce_challenge(resp.status, resp.headers):
             resp.close()
             headers = outgoing(token)
-            resp, body = await _exchange(request, services, route, url, headers, None)
+            resp, body = await _exchange(request, services, route, target, headers, None)
             dpop.UPSTREAM_NONCES.note(route.origin, resp.headers)
     if (
         resp.status == 401
@@ -270,7 +274,7 @@ async def _http(
         if new_token is not None:
             resp.close()
             headers = outgoing(new_token)
-            resp, body = await _exchange(request, services, route, url, headers, None)
+            resp, body = await _exchange(request, services, route, target, headers, None)
     if body is not None:
         out_headers = downstream_headers(resp, private=route.private)
         out_headers.popall("Content-Length", None)
@@ -300,7 +304,7 @@ async def _stream(
     services: Services,
     table: UpstreamTable,
     route: Route,
-    resp: aiohttp.ClientResponse,
+    resp: UpstreamResponse,
     session: Session | None,
 ) -> web.StreamResponse:
     """Copy the upstream's response to the browser chunk by chunk, as the chunks arrive."""

@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, Protocol
 
-import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from bff.access import REQUEST_ID
 
@@ -243,6 +242,13 @@ _CACHE_CONTROL_MEMO: dict[str, str] = {}  # upstream value -> ours; upstreams se
 _MEMO_MAX: Final = 256
 
 
+class _Answer(Protocol):
+    """An upstream's answer as far as its headers go (``UpstreamResponse``, aiohttp's)."""
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+
 def upstream_headers(
     request: web.Request,
     drop: frozenset[str],
@@ -272,7 +278,7 @@ def upstream_headers(
     return out
 
 
-def downstream_headers(response: aiohttp.ClientResponse, *, private: bool) -> CIMultiDict[str]:
+def downstream_headers(response: _Answer, *, private: bool) -> CIMultiDict[str]:
     """The upstream's response headers minus hop-by-hop ones and ``Set-Cookie``; with
     ``private`` (a user's answer), also made unstorable by shared caches.
 

@@ -20,6 +20,7 @@ from bff.peers import Peers
 from bff.proxy.headers import REQUEST_DROP, WS_HANDSHAKE, header_key
 from bff.proxy.overrides import drop_override_params
 from bff.proxy.session_watch import SESSION_CHECK_INTERVAL
+from bff.proxy.upstream import UpstreamPool
 
 __all__ = ["Route", "UpstreamTable", "normalise_path"]
 
@@ -40,6 +41,7 @@ class Route:
         "methods",
         "mode",
         "origin",
+        "pool",
         "prefix",
         "prefix_slash",
         "private",
@@ -81,7 +83,8 @@ class Route:
         self.timeout = upstream.timeout
         self.connect_timeout = upstream.connect_timeout
         self.websocket = upstream.websocket
-        self.http: aiohttp.ClientSession | None = None  # the pool, opened at start-up
+        self.http: aiohttp.ClientSession | None = None  # for WebSockets, opened at start-up
+        self.pool: UpstreamPool | None = None  # for HTTP exchanges, opened at start-up
 
     def __repr__(self) -> str:  # the upstream address stays out of reprs shown to anyone
         return f"Route({self.prefix!r}, mode={self.mode!r})"
@@ -185,6 +188,12 @@ class UpstreamTable:
     async def open(self) -> None:
         """One keep-alive pool per upstream; call once the event loop runs."""
         for route in self.routes:
+            route.pool = UpstreamPool(
+                route.origin,
+                connect_timeout=route.connect_timeout,
+                limit=self.pool_size,
+                keepalive_timeout=30,
+            )
             route.http = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
                     limit=self.pool_size, ttl_dns_cache=300, keepalive_timeout=30
@@ -205,6 +214,9 @@ class UpstreamTable:
 
     async def close(self) -> None:
         for route in self.routes:
+            if route.pool is not None:
+                await route.pool.close()
+                route.pool = None
             if route.http is not None:
                 await route.http.close()
                 route.http = None

@@ -313,3 +313,25 @@ def test_browser_pairs_splits_as_a_browser_writes() -> None:
         ("c", ""),
         ("d", "e=f"),
     ]
+
+
+def test_a_cookie_line_that_verified_is_answered_again_without_the_parser() -> None:
+    """The hot path's memo: one Cookie line always yields the same secret, so the second read
+    needs neither aiohttp's cookie parser nor the signature check; other lines still do."""
+    policy = _policy(secure=False, name="bff")
+    secret = new_secret()
+    line = f"a=1; bff={_issued(policy, secret).value}; b=2"
+    assert policy.session_secret(_request(line)) == secret
+    with mock.patch("bff.cookies._only_value", side_effect=AssertionError("parsed again")):
+        assert policy.session_secret(_request(line)) == secret
+        with pytest.raises(AssertionError):
+            policy.session_secret(_request(line + "; c=3"))  # another line: parsed
+    # The same cookie twice in one line is no cookie, however often it comes.
+    twice = f"bff={_issued(policy, secret).value}; bff={_issued(policy, secret).value}"
+    assert policy.session_secret(_request(twice)) is None
+    assert policy.session_secret(_request(twice)) is None
+    # Two Cookie lines are never taken from the memo.
+    request = make_mocked_request(
+        "GET", "/", headers=CIMultiDict([("Cookie", line), ("Cookie", "x=1")])
+    )
+    assert policy.session_secret(request) == secret

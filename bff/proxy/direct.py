@@ -1,0 +1,151 @@
+"""The direct path: a proxied request goes from the front door to :func:`~bff.proxy.forward.forward`
+without the application's router and middleware chain (issue 11, point 4).
+
+For every request, aiohttp's ``Application._handle`` walks the router's index, builds a match
+info, and runs the middleware chain (request id and access line, metrics, JSON errors), each a
+coroutine frame of its own: a fixed cost that was a sizeable share of a proxied GET's CPU time (see
+the profile in docs/design.md, "Performance"). A request whose path lies under a configured
+upstream prefix has only one possible handler, so :class:`DirectPath` picks the route itself (the
+longest prefix, as the router does) and does what those middlewares do, inline and in the same
+order, with the same helpers (:func:`bff.access.request_id`, :func:`bff.metrics.request_done`,
+:func:`bff.middlewares.error_answer`): the request id, one access line, metrics counted once, and
+the same JSON error bodies. Edge mode's auth endpoint (``/bff/authz``, asked once per API call by
+the edge) takes the same path.
+
+What stays as it was: the request carries the same match info (the route's resource, the app), so
+``request.app``, the access log's and the metrics' route labels and the ``on_response_prepare``
+hooks (request id, security headers, ``Cache-Control``) are unchanged; the front door's gate
+(framing refusals, broken bodies, too-large bodies) runs first either way. When tracing is on,
+the direct path is off (its server-span middleware needs the chain), and so is any route whose
+prefix an app route could also match (an upstream at ``/healthz``): there, the router decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRoute, UrlMappingMatchInfo
+
+from bff import access, metrics
+from bff.middlewares import error_answer
+
+__all__ = ["DIRECT", "DirectPath"]
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
+
+
+class _Entry:
+    """One proxied route as the router would have matched it: its match info and labels."""
+
+    __slots__ = (
+        "access_route",
+        "handler",
+        "kind",
+        "label",
+        "match_info",
+        "prefix",
+        "prefix_slash",
+    )
+
+    def __init__(self, app: web.Application, prefix: str, route: AbstractRoute) -> None:
+        self.prefix = prefix
+        self.prefix_slash = prefix + "/"
+        self.handler = route.handler
+        # One frozen match info per resource, shared by its requests: bff reads only its route
+        # and app (nothing reads the ``tail`` of a proxied path: forward uses the raw target).
+        info = UrlMappingMatchInfo({}, route)
+        info.add_app(app)
+        info.freeze()
+        self.match_info = info
+        self.label, self.kind = metrics.describe(route.resource)
+        self.access_route = access.route_name(route.resource)
+
+
+class DirectPath:
+    """Proxied routes matched and served without the router and the middleware chain."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        routes: Iterable[tuple[str, AbstractRoute, AbstractRoute]],
+        *,
+        exact: Iterable[tuple[str, AbstractRoute]] = (),
+        reserved: Sequence[str],
+        access_log: bool,
+    ) -> None:
+        """``routes``: (prefix, route of the prefix itself, route of ``prefix/...``), longest
+        prefix first; ``reserved``: the paths of the app's own routes registered before them;
+        ``exact``: single paths that only one route takes (edge mode's auth endpoint)."""
+        self._exact: dict[str, _Entry] = {path: _Entry(app, path, route) for path, route in exact}
+        entries: list[tuple[_Entry, _Entry]] = []
+        for prefix, itself, below in routes:
+            if any(_under(path, prefix) or _under(prefix, path) for path in reserved):
+                continue  # the router may answer some of these paths with an app route
+            pair = (_Entry(app, prefix, itself), _Entry(app, prefix, below))
+            entries.append(pair)
+            self._exact[prefix] = pair[0]
+        self._entries = tuple(entries)
+        self._access_log = access_log
+
+    def match(self, request: web.BaseRequest) -> _Entry | None:
+        """The route the router would pick for ``request`` (longest prefix of its decoded path),
+        or None when the app must route it."""
+        path = request.rel_url.path_safe  # what aiohttp's router matches on
+        entry = self._exact.get(path)
+        if entry is not None:
+            return entry
+        for _, below in self._entries:
+            if path.startswith(below.prefix_slash):
+                return below
+        return None
+
+    async def handle(self, request: web.Request, entry: _Entry) -> web.StreamResponse:
+        """What ``Application._handle`` and the middlewares do for a proxied route, in order:
+        the ``Expect`` handler, the request id, metrics, JSON errors, the access line."""
+        info = entry.match_info
+        request._match_info = info
+        if request.headers.get("Expect"):
+            expected = await info.expect_handler(request)
+            await request.writer.drain()
+            if expected is not None:
+                return expected
+        rid = access.request_id(request)
+        started = metrics.request_started()
+        # As the two middlewares had them: 499 when the client went away; a BaseException that is
+        # not an Exception counts 500 in metrics and 499 in the access line.
+        status, counted, size = 499, 500, 0
+        response: web.StreamResponse | None = None
+        try:
+            try:
+                response = await entry.handler(request)
+            except Exception as exc:  # the error middleware's answer (HTTPExceptions pass on)
+                response = error_answer(request, exc, api=True)
+            status = counted = response.status
+            size = response.body_length if response.prepared else response.content_length or 0
+            return response
+        except web.HTTPException as exc:
+            status = counted = exc.status
+            if self._access_log:
+                exc.headers["X-Request-ID"] = rid
+            raise
+        except asyncio.CancelledError:
+            counted = 499
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            metrics.request_done(request, entry.label, entry.kind, response, counted, started)
+            if self._access_log and access.wanted():
+                took = time.perf_counter() - started
+                access.write(request, entry.access_route, rid, status, size, took)
+
+
+#: The app's :class:`DirectPath` (absent when tracing is on); the front door looks it up.
+DIRECT: Final = web.AppKey("bff_direct_path", DirectPath)
