@@ -35,6 +35,9 @@ and stores whatever tokens arrive. Only a request that never got a connection fa
 with ``lifetime`` the token's ``expires_in`` at issue (kept in the session), so an OP issuing
 8-second tokens costs one refresh per 4 seconds of use, not one per call.
 
+**Each session refreshes at its own provider** (issue 12, point 5): ``providers`` maps the
+config names to their clients; a session's ``idp`` picks one (none: the default, ``oidc``).
+
 **A refresh that finishes after a logout** (point 10) finds its session gone: the tokens it just
 got are revoked at the OP at once, so no token outlives the logout.
 """
@@ -47,7 +50,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from bff import metrics, tracing
@@ -82,9 +85,11 @@ class TokenRefresher:
         answer_timeout: float = 60.0,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        providers: Mapping[str, OidcClient] | None = None,
     ) -> None:
         self._sessions = sessions
         self._oidc = oidc
+        self._providers = dict(providers or {})
         self.skew = skew
         self.lease = lease
         # Waiting longer than the OP's own timeout plus a lease gains nothing.
@@ -100,6 +105,12 @@ class TokenRefresher:
         self._clock = clock
         self._inflight: dict[str, asyncio.Future[Session]] = {}
         self._forced_at: dict[str, float] = {}
+
+    def oidc_for(self, data: SessionData) -> OidcClient:
+        """The client of the provider the session was logged in at (the default: ``oidc``)."""
+        if data.idp is None:
+            return self._oidc
+        return self._providers.get(data.idp, self._oidc)
 
     def effective_skew(self, data: SessionData) -> float:
         """``min(skew, lifetime / 2)``: a token shorter-lived than the skew is not refreshed at
@@ -247,11 +258,12 @@ class TokenRefresher:
             return fresh
         tokens: TokenSet | None = None
         try:
-            tokens = await self._oidc.refresh(refresh_token, answer_timeout=self.answer_timeout)
+            oidc = self.oidc_for(fresh.data)
+            tokens = await oidc.refresh(refresh_token, answer_timeout=self.answer_timeout)
             claims, id_token = fresh.data.claims, fresh.data.id_token
             if tokens.id_token:
                 try:
-                    validated = await self._oidc.validate_id_token(
+                    validated = await oidc.validate_id_token(
                         tokens.id_token, nonce=None, expected_sub=fresh.data.sub
                     )
                 except ProviderUnavailable:
@@ -274,7 +286,7 @@ class TokenRefresher:
             self._metrics.inc("bff_refreshes_total", outcome="bad_id_token")
             await self._sessions.end(fresh)
             if tokens is not None:
-                await self._revoke(tokens)
+                await self._revoke(tokens, fresh.data)
             raise SessionExpired(f"the refreshed ID token is invalid: {exc}") from None
         except TokenRequestRefused as exc:
             self._metrics.inc("bff_refreshes_total", outcome="refused")
@@ -302,7 +314,7 @@ class TokenRefresher:
                 # tokens: the logout revoked the old ones; these must not outlive it either.
                 log.info("refresh.after_logout", extra={"event": "refresh.after_logout"})
                 self._metrics.inc("bff_refreshes_total", outcome="session_gone")
-                await self._revoke(tokens)
+                await self._revoke(tokens, fresh.data)
                 raise SessionExpired()
             # Only possible if our lease lapsed; whoever wrote holds the newer tokens.
             log.warning("refresh.lost_race", extra={"event": "refresh.lost_race"})
@@ -312,8 +324,10 @@ class TokenRefresher:
         log.info("session.refreshed", extra={"event": "session.refreshed", "session": fresh.id[:8]})
         return saved
 
-    async def _revoke(self, tokens: TokenSet) -> None:
-        """RFC 7009 for tokens no session holds (refresh token first); best effort."""
+    async def _revoke(self, tokens: TokenSet, data: SessionData) -> None:
+        """RFC 7009 for tokens no session holds (refresh token first), at the provider that
+        issued them; best effort."""
+        oidc = self.oidc_for(data)
         if tokens.refresh_token:
-            await self._oidc.revoke(tokens.refresh_token, "refresh_token")
-        await self._oidc.revoke(tokens.access_token, "access_token")
+            await oidc.revoke(tokens.refresh_token, "refresh_token")
+        await oidc.revoke(tokens.access_token, "access_token")

@@ -53,7 +53,8 @@ _RESERVED_AUTH_PARAMS: Final = frozenset({
     "code_challenge", "code_challenge_method", "response_mode", "request", "request_uri",
 })  # fmt: skip
 # A DNS name or an IPv4 address, as in a Host header without its port.
-_HOST_NAME: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+_LABEL: Final = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_HOST_NAME: Final = re.compile(rf"{_LABEL}(\.{_LABEL})*")
 
 
 def build_settings(ctx: Context, data: dict[str, Any], base: Path) -> Settings | None:
