@@ -347,6 +347,8 @@ class OidcProvider(ChildProcess):
     ``"rfc8414"`` or ``"none"``); ``revoke_grant=False`` makes revoking a token revoke only that
     token (oidc-provider itself revokes the whole grant). ``discovery_patch`` is merged into the
     discovery document (``None`` removes a key): an OP that advertises less than it offers.
+    ``par`` is ``"optional"`` (oidc-provider's default: PAR offered), ``"required"`` or ``"off"``;
+    ``cookie_prefix`` renames the OP's cookies, so one browser can log in at two test OPs.
     """
 
     name = "oidc-provider"
@@ -365,8 +367,12 @@ class OidcProvider(ChildProcess):
         revocation_in: str = "discovery",
         revoke_grant: bool = True,
         discovery_patch: Mapping[str, Any] | None = None,
+        par: str = "optional",
+        cookie_prefix: str = "",
     ) -> None:
         super().__init__(port, startup_timeout=startup_timeout)
+        self.par = par
+        self.cookie_prefix = cookie_prefix
         self.persistent = persistent
         self.fixed_kids = fixed_kids
         self.revocation_in = revocation_in
@@ -397,6 +403,8 @@ class OidcProvider(ChildProcess):
             "OP_REVOCATION_IN": self.revocation_in,
             "OP_REVOKE_GRANT": "1" if self.revoke_grant else "0",
             "OP_DISCOVERY_PATCH": json.dumps(self.discovery_patch),
+            "OP_PAR": self.par,
+            "OP_COOKIE_PREFIX": self.cookie_prefix,
             "NODE_ENV": "test",
         }
         return [self.node, str(OP_DIR / "server.mjs")], OP_DIR, env
