@@ -299,7 +299,7 @@ class _Builder(Reader):
         return OidcSettings(
             name=self.get(d, p, "name", "default"),
             hosts=self.hosts(d, p),
-            par=self.get(d, p, "par", "auto"),
+            par=self.get(d, p, "par", "auto") or "off",  # a bare YAML `off` is false
             issuer=issuer if isinstance(issuer, str) else "",
             client_id=client_id,
             client_secret=client_secret,

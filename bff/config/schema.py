@@ -43,7 +43,8 @@ _NAME: Final = {
 _PROVIDER_PROPS: Final[dict[str, Any]] = {
     "name": _NAME,
     "hosts": _STR_LIST,
-    "par": {"enum": ["auto", "required", "off"]},
+    # YAML 1.1 reads a bare `off` as false: that spelling means "off" too.
+    "par": {"enum": ["auto", "required", "off", False], "x-expected": "auto, required or off"},
     "issuer": _NONEMPTY,
     "client_id": _NONEMPTY,
     "client_secret": {"type": ["string", "null"], "minLength": 1},

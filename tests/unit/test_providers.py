@@ -76,6 +76,15 @@ def test_a_list_of_named_providers_parses_and_the_first_is_the_default() -> None
     assert s.redirect_uri_for(s.providers[1]) == "https://app.example.com/bff/callback/customers"
 
 
+@pytest.mark.parametrize(
+    ("spelling", "mode"), [("off", "off"), ("'off'", "off"), ("required", "required")]
+)
+def test_par_off_may_be_written_bare_although_yaml_reads_it_as_false(
+    spelling: str, mode: str
+) -> None:
+    assert parse_settings(TWO.replace("par: required", f"par: {spelling}")).oidc.par == mode
+
+
 def test_the_single_mapping_form_is_the_provider_named_default() -> None:
     s = parse_settings(
         f"public_url: https://app.example.com\noidc:\n  issuer: https://idp.example.com\n"
@@ -104,7 +113,7 @@ def test_names_issuers_and_hosts_must_be_unique_and_names_present() -> None:
 @pytest.mark.parametrize(
     ("line", "expected"),
     [
-        ("    par: sometimes\n", "oidc[0].par: expected one of 'auto', 'required', 'off'"),
+        ("    par: sometimes\n", "oidc[0].par: expected auto, required or off, got 'sometimes'"),
         ("    hosts: [https://staff.example.com]\n", "expected a host name"),
         ("    hosts: [staff.example.com:443]\n", "expected a host name"),
         ("    name: Staff Portal\n", "expected a provider name"),
