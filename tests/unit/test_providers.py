@@ -85,6 +85,20 @@ def test_par_off_may_be_written_bare_although_yaml_reads_it_as_false(
     assert parse_settings(TWO.replace("par: required", f"par: {spelling}")).oidc.par == mode
 
 
+def test_the_readme_example_of_several_providers_parses() -> None:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("## Several OpenID Providers")
+    block = readme[readme.index("```yaml\n", start) + 8 : readme.index("```\n", start + 40)]
+    env = {
+        "STAFF_CLIENT_SECRET": "x",
+        "CUSTOMERS_CLIENT_SECRET": "y",
+        "BFF_KEY_CURRENT": "z" * 40,
+    }
+    s = parse_settings(block, "bff.yaml", env)
+    assert [p.name for p in s.providers] == ["staff", "customers"]
+    assert s.callback_path(s.providers[1]) == "/bff/callback/customers"
+
+
 def test_the_single_mapping_form_is_the_provider_named_default() -> None:
     s = parse_settings(
         f"public_url: https://app.example.com\noidc:\n  issuer: https://idp.example.com\n"
