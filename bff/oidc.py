@@ -244,6 +244,7 @@ class OidcClient:
                         "oidc.no_revocation_endpoint",
                         extra={
                             "event": "oidc.no_revocation_endpoint",
+                            "idp": self.name,
                             "hint": "logout cannot revoke tokens at the OP; set "
                             "oidc.revocation_endpoint if it has one",
                         },

@@ -115,9 +115,12 @@ class TokenRefresher:
     def effective_skew(self, data: SessionData) -> float:
         """``min(skew, lifetime / 2)``: a token shorter-lived than the skew is not refreshed at
         once and on every call, but once half of its life has passed."""
+        oidc = self.oidc_for(data)
+        # The default provider's skew is ``skew``; another provider's is its own refresh_skew.
+        skew = self.skew if oidc is self._oidc else oidc.settings.refresh_skew
         if data.access_lifetime is None:
-            return self.skew
-        return min(self.skew, data.access_lifetime / 2)
+            return skew
+        return min(skew, data.access_lifetime / 2)
 
     def needs_refresh(self, session: Session) -> bool:
         expires_at = session.data.access_expires_at

@@ -404,3 +404,18 @@ async def test_an_op_refusing_the_pushed_request_gives_503_not_a_500(par_op: Par
         with pytest.raises(ProviderUnavailable) as info:
             await client.authorization_url(state="st", nonce="n", code_challenge="ch")
     assert info.value.status == 503 and "invalid_request" in str(info.value)
+
+
+def test_each_provider_refreshes_with_its_own_skew() -> None:
+    from bff.refresh import TokenRefresher
+
+    store = MemoryStore()
+    sessions = SessionManager(store, idle_timeout=600, absolute_timeout=3600, issuers=ISSUERS)
+    a = OidcClient(OidcSettings(name="a", issuer=ISSUERS["a"], client_id="c"), None, "r")  # type: ignore[arg-type]
+    b_settings = OidcSettings(name="b", issuer=ISSUERS["b"], client_id="c", refresh_skew=5.0)
+    b = OidcClient(b_settings, None, "r")  # type: ignore[arg-type]
+    refresher = TokenRefresher(sessions, a, skew=60.0, providers={"a": a, "b": b})
+    assert refresher.oidc_for(session_data("u", None, "b")) is b
+    assert refresher.oidc_for(session_data("u", None, None)) is a
+    assert refresher.effective_skew(session_data("u", None, "b")) == 5.0
+    assert refresher.effective_skew(session_data("u", None, "a")) == 60.0
