@@ -62,6 +62,7 @@ class Two:
     b: OidcProvider
     client_a: dict[str, Any]
     client_b: dict[str, Any]
+    yaml: str
 
     @property
     def url(self) -> str:
@@ -137,7 +138,7 @@ async def two_providers(
             port, a, client_a, b, client_b, redis.url, static_dir(tmp_path), api=api, **hosts
         )
         async with running_bff(parse_settings(text)) as bff:
-            yield Two(bff, a, b, client_a, client_b)
+            yield Two(bff, a, b, client_a, client_b, text)
 
 
 @pytest.fixture
@@ -392,3 +393,29 @@ def test_check_config_checks_and_reports_each_provider(
         assert f"{subject} offers token exchange (RFC 8693):" in out
     assert f"oidc b ({op_b.issuer}): redirect_uri http://127.0.0.1:" in out
     assert "/bff/callback/b" in out
+
+
+async def test_the_sessions_cli_works_on_one_providers_subjects(two: Two, tmp_path: Path) -> None:
+    config = tmp_path / "bff.yaml"
+    config.write_text(two.yaml)
+
+    async def cli(*args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bff", "sessions", *args, "--config", str(config),
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode()
+
+    async with browser_session(two.url) as at_a, browser_session(two.url) as at_b:
+        await login(at_a, two, "cli-frank")
+        await login(at_b, two, "cli-frank", "?idp=b")
+        assert "1 live session(s)" in (await cli("list", "--sub", "cli-frank", "--idp", "b"))[1]
+        code, out = await cli("revoke", "--sub", "cli-frank", "--idp", "b")
+        assert code == 0 and "ended 1 session(s)" in out
+        await wait_for_status(401, two.url, browser=at_b)
+        assert (await get_user(two.url, browser=at_a))[0] == 200
+        assert "1 live session(s)" in (await cli("list", "--sub", "cli-frank"))[1]  # a: default
+        code, out = await cli("list", "--sub", "cli-frank", "--idp", "nope")
+        assert code == 2 and "no provider named 'nope'" in out
