@@ -98,11 +98,8 @@ def _par(doc: Mapping[str, Any]) -> str:
     endpoint = par_endpoint(doc)
     if endpoint is None:
         return "pushed authorization requests (PAR, RFC 9126): no"
-    required = (
-        "required by the OP"
-        if _yes(doc.get("require_pushed_authorization_requests"))
-        else ("optional")
-    )
+    required_by_op = _yes(doc.get("require_pushed_authorization_requests"))
+    required = "required by the OP" if required_by_op else "optional"
     return f"pushed authorization requests (PAR, RFC 9126): yes, {required} ({endpoint})"
 
 
