@@ -8,6 +8,9 @@ session ids only. A session's tokens are encrypted under a key that lives only i
 cookie (design invariant 3), so from here we can end a session, but neither read its tokens nor
 revoke them at the OP: for a compromised account, also revoke the user's grants at the OP.
 
+Subjects and OP session ids are per provider (a ``sub`` at one OP is not the same user at
+another): ``--idp NAME`` says which provider's (default: the first configured).
+
 A revoked session is gone from the shared store at once; instances that cached it stop serving
 it within ``session.cache_ttl``.
 """
@@ -42,12 +45,14 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     listing = actions.add_parser("list", help="print the live sessions of a subject")
     listing.add_argument("--config", help="YAML config file (default: $BFF_CONFIG)")
     listing.add_argument("--sub", required=True, help="the user's subject (sub claim)")
+    listing.add_argument("--idp", help="the provider (its oidc name) of --sub; default: the first")
     listing.set_defaults(func=cmd_list)
 
     revoke = actions.add_parser(
         "revoke", help="end every session of a subject or OP session, or the sessions named"
     )
     revoke.add_argument("--config", help="YAML config file (default: $BFF_CONFIG)")
+    revoke.add_argument("--idp", help="the provider of --sub/--sid; default: the first")
     target = revoke.add_mutually_exclusive_group(required=True)
     target.add_argument("--sub", help="end all sessions of this subject")
     target.add_argument("--sid", help="end all sessions of this OP session id")
@@ -61,7 +66,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    return _run(_list(_settings(args.config), args.sub))
+    settings = _settings(args.config)
+    return _run(_list(settings, args.sub, _idp(settings, args.idp)))
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
@@ -73,7 +79,14 @@ def cmd_revoke(args: argparse.Namespace) -> int:
                 [f"--session: not a session id as `bff sessions list` prints them: {bad[0][:40]!r}"]
             )
         return _run(_revoke_ids(settings, [StoreKey(i) for i in args.session]))
-    return _run(_revoke(settings, sub=args.sub, sid=args.sid))
+    return _run(_revoke(settings, sub=args.sub, sid=args.sid, idp=_idp(settings, args.idp)))
+
+
+def _idp(settings: Settings, name: str | None) -> str | None:
+    names = [p.name for p in settings.providers]
+    if name is not None and name not in names:
+        raise ConfigError([f"--idp: no provider named {name!r} (configured: {', '.join(names)})"])
+    return name
 
 
 def _settings(path: str | None) -> Settings:
@@ -101,13 +114,14 @@ def _manager(settings: Settings) -> SessionManager:
         idle_timeout=cfg.idle_timeout,
         absolute_timeout=cfg.absolute_timeout,
         cache_ttl=0,
+        issuers={p.name: p.issuer for p in settings.providers},
     )
 
 
-async def _list(settings: Settings, sub: str) -> int:
+async def _list(settings: Settings, sub: str, idp: str | None) -> int:
     manager = _manager(settings)
     try:
-        ids = await manager.ids_for(sub=sub)
+        ids = await manager.ids_for(sub=sub, idp=idp)
         print(f"{len(ids)} live session(s) of sub {sub!r}")
         for sid in ids:
             left = await manager.store.ttl(session_key(sid))
@@ -117,14 +131,14 @@ async def _list(settings: Settings, sub: str) -> int:
     return 0
 
 
-async def _revoke(settings: Settings, *, sub: str | None, sid: str | None) -> int:
+async def _revoke(settings: Settings, *, sub: str | None, sid: str | None, idp: str | None) -> int:
     manager = _manager(settings)
     what = f"sub {sub!r}" if sub is not None else f"OP sid {sid!r}"
     try:
-        ids = await manager.ids_for(sub=sub, sid=sid)
+        ids = await manager.ids_for(sub=sub, sid=sid, idp=idp)
         for found in ids:
             print(f"  ending session {found}")
-        ended = await manager.end_matching(sub=sub, sid=sid)
+        ended = await manager.end_matching(sub=sub, sid=sid, idp=idp)
     finally:
         await manager.store.close()
     print(f"ended {ended} session(s) of {what}")

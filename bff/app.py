@@ -72,13 +72,19 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
             # Server-to-server calls for every user: no cookie may carry over between them.
             cookie_jar=aiohttp.DummyCookieJar(),
         )
-        oidc = OidcClient(settings.oidc, http, redirect_uri=settings.redirect_uri)
+        # One client per provider, each with its own redirect URI; the first is the default.
+        providers = {
+            p.name: OidcClient(p, http, redirect_uri=settings.redirect_uri_for(p))
+            for p in settings.providers
+        }
+        oidc = providers[settings.oidc.name]
         sessions = SessionManager(
             session_store,
             idle_timeout=cfg.idle_timeout,
             absolute_timeout=cfg.absolute_timeout,
             login_timeout=cfg.login_timeout,
             cache_ttl=cfg.cache_ttl,
+            issuers={name: client.issuer for name, client in providers.items()},
         )
         metrics = Metrics()
         app[SERVICES] = Services(
@@ -97,7 +103,11 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
             oidc=oidc,
             http=http,
             refresher=TokenRefresher(
-                sessions, oidc, skew=settings.oidc.refresh_skew, metrics=metrics
+                sessions,
+                oidc,
+                skew=settings.oidc.refresh_skew,
+                metrics=metrics,
+                providers=providers,
             ),
             metrics=metrics,
             upstreams=upstreams,
@@ -111,19 +121,23 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
             rate_limiter=RateLimiter(session_store, settings.rate_limits, metrics)
             if settings.rate_limits.enabled
             else None,
+            providers=providers,
         )
         services = app[SERVICES]
         services.route_tokens = route_tokens.RouteTokens(
             sessions, oidc, services.refresher, skew=settings.oidc.refresh_skew, metrics=metrics
         )
-        oidc.login_resources = route_tokens.login_resources(settings)
-        oidc.required_grants = route_tokens.required_grants(settings)
+        for client in providers.values():  # a session's route tokens come from its provider
+            client.login_resources = route_tokens.login_resources(settings)
+            client.required_grants = route_tokens.required_grants(settings)
         # An OP that is down at start must not stop us from serving: discover in the background.
-        discovery = asyncio.create_task(oidc.discover_forever())
+        discovery = [asyncio.create_task(c.discover_forever()) for c in providers.values()]
         yield
-        discovery.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await discovery
+        for task in discovery:
+            task.cancel()
+        for task in discovery:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await http.close()
         await session_store.close()
         tracing.stop()

@@ -13,6 +13,9 @@ A token is renewed ``min(skew, a quarter of its lifetime)`` before it expires, a
 upstream refused it (``reject=``), at most once per ``min_forced_interval`` per process. When the
 store is down the token is fetched and kept locally, so client routes keep working; an OP that
 fails gives 503.
+
+With several providers (``oidc:`` as a list), client-credentials tokens come from the default
+(first) provider: a route cannot name another one (issue 12, point 5).
 """
 
 from __future__ import annotations

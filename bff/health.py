@@ -1,4 +1,4 @@
-"""``/healthz`` (the process runs), ``/readyz`` (store and OP metadata reachable), ``/metrics``.
+"""``/healthz`` (the process runs), ``/readyz`` (store and every OP's metadata), ``/metrics``.
 
 ``/metrics`` is not for the public: by default it is served only on a listener of its own
 (``metrics.listen``, loopback unless configured otherwise), which ``add_metrics_listener`` starts
@@ -50,7 +50,15 @@ async def _readiness(app: web.Application) -> web.Response:
         checks["store"] = "ok"
     except BffError as exc:
         checks["store"] = exc.error
-    checks["provider"] = "ok" if services.oidc.ready else "provider_unavailable"
+    # Every provider must have loaded its metadata (each one is someone's only way in). The
+    # default is "provider", the others "provider:<name>"; a provider whose OP's discovery
+    # document refuses its settings (bff.features) says "provider_refused".
+    for name, client in services.providers.items():
+        key = "provider" if client is services.oidc else f"provider:{name}"
+        if client.ready:
+            checks[key] = "ok"
+        else:
+            checks[key] = "provider_refused" if client.refused else "provider_unavailable"
     ready = all(v == "ok" for v in checks.values())
     return web.json_response(
         {"status": "ok" if ready else "unavailable", "checks": checks},

@@ -35,7 +35,7 @@ from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, OKPKey, RSAKey
 
-from bff import dpop, metrics, tracing
+from bff import dpop, features, metrics, tracing
 from bff.errors import ProviderUnavailable
 
 if TYPE_CHECKING:
@@ -50,10 +50,12 @@ __all__ = [
     "OidcClient",
     "OidcError",
     "ProviderMetadata",
+    "ProviderRefused",
     "TokenRequestRefused",
     "TokenSet",
     "authorization_server_metadata_url",
     "new_pkce_pair",
+    "unverified_issuer",
     "user_claims",
 ]
 
@@ -76,6 +78,12 @@ class InvalidToken(OidcError):
 
 class InvalidGrant(OidcError):
     """The OP refused the grant (``invalid_grant``): the code or refresh token is dead."""
+
+
+class ProviderRefused(ProviderUnavailable):
+    """The OP's discovery document does not allow this provider's settings (``features``)."""
+
+    description = "the OpenID Provider does not offer what this provider's settings require"
 
 
 class TokenRequestRefused(OidcError):
@@ -106,6 +114,8 @@ class ProviderMetadata:
     dpop_algs: tuple[str, ...] = ()  # dpop_signing_alg_values_supported (RFC 9449 5.1)
     # grant_types_supported as advertised; None when the document names none (issue 12)
     grant_types: tuple[str, ...] | None = None
+    # RFC 9126: where to push authorization requests, when bff does (``features.uses_par``).
+    par_endpoint: str | None = None
 
     @classmethod
     def parse(cls, doc: Mapping[str, Any], expected_issuer: str) -> ProviderMetadata:
@@ -205,6 +215,7 @@ class OidcClient:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self.name: str = settings.name  # the provider's name in the config (``idp``)
         self.issuer: str = settings.issuer
         self.client_id: str = settings.client_id
         self.redirect_uri = redirect_uri
@@ -214,6 +225,8 @@ class OidcClient:
         self._metadata: ProviderMetadata | None = None
         self._discovery_lock = asyncio.Lock()
         self._last_discovery_try = 0.0
+        self.refused: str | None = None  # why the last discovery document was refused
+        self.document: Mapping[str, Any] | None = None  # the raw discovery document, once loaded
         self._jwks: KeySet | None = None
         # JWKS fetches are numbered as they start; ``_jwks_number`` is the fetch whose keys we
         # hold. ``_jwks_fetch`` is the newest fetch in flight, which callers join.
@@ -248,6 +261,8 @@ class OidcClient:
             if self._metadata is None:
                 # Requests arriving while the OP is down must not each hammer it.
                 if self._clock() - self._last_discovery_try < 1.0:
+                    if self.refused:
+                        raise ProviderRefused(f"provider {self.name}: {self.refused}")
                     raise ProviderUnavailable("the OpenID Provider's metadata is not loaded yet")
                 self._last_discovery_try = self._clock()
                 self._metadata = await self._discover()
@@ -256,6 +271,7 @@ class OidcClient:
                         "oidc.no_revocation_endpoint",
                         extra={
                             "event": "oidc.no_revocation_endpoint",
+                            "idp": self.name,
                             "hint": "logout cannot revoke tokens at the OP; set "
                             "oidc.revocation_endpoint if it has one",
                         },
@@ -269,14 +285,23 @@ class OidcClient:
             try:
                 await self.metadata()
                 log.info(
-                    "oidc.discovered", extra={"event": "oidc.discovered", "issuer": self.issuer}
+                    "oidc.discovered",
+                    extra={"event": "oidc.discovered", "idp": self.name, "issuer": self.issuer},
                 )
                 return
+            except ProviderRefused as exc:
+                # Not a moment's trouble: this config cannot work with this OP as it is now.
+                log.error(
+                    "oidc.feature_refused",
+                    extra={"event": "oidc.feature_refused", "idp": self.name, "err": str(exc),
+                           "retry_in": delay},
+                )  # fmt: skip
             except ProviderUnavailable as exc:
                 log.warning(
                     "oidc.discovery_failed",
-                    extra={"event": "oidc.discovery_failed", "err": str(exc), "retry_in": delay},
-                )
+                    extra={"event": "oidc.discovery_failed", "idp": self.name, "err": str(exc),
+                           "retry_in": delay},
+                )  # fmt: skip
             await asyncio.sleep(delay)
             delay = min(max_delay, delay * 2)
 
@@ -287,6 +312,7 @@ class OidcClient:
             meta = ProviderMetadata.parse(doc, self.issuer)
         except ValueError as exc:
             raise ProviderUnavailable(f"bad discovery document: {exc}") from exc
+        problems = features.refusals(self.settings, doc)
         for grant, why in self.required_grants.items():
             if meta.grant_types is not None and grant not in meta.grant_types:
                 # Refused, not ignored: every call on that route would fail. Discovery keeps
@@ -295,15 +321,9 @@ class OidcClient:
                     "oidc.grant_type_unsupported",
                     extra={"event": "oidc.grant_type_unsupported", "grant": grant, "why": why},
                 )
-                raise ProviderUnavailable(
-                    f"the OP's grant_types_supported lacks {grant}, which {why} needs"
-                )
-        revocation = self.settings.revocation_endpoint or meta.revocation_endpoint
-        if revocation is None:
-            revocation = await self._rfc8414_revocation_endpoint()
+                problems.append(f"the OP's grant_types_supported lacks {grant}, which {why} needs")
         if self.settings.dpop and dpop.choose_alg(meta.dpop_algs) is None:
-            # Not a moment's trouble, but it is the OP's answer: refused like any bad document.
-            raise ProviderUnavailable(
+            problems.append(
                 "oidc.dpop is on but the OP's discovery document "
                 + (
                     f"lists no DPoP algorithm bff can sign with ({meta.dpop_algs}; bff: "
@@ -312,7 +332,15 @@ class OidcClient:
                     else "does not advertise dpop_signing_alg_values_supported (RFC 9449 5.1)"
                 )
             )
-        return dataclasses.replace(meta, revocation_endpoint=revocation)
+        self.refused = "; ".join(problems) or None
+        if self.refused:
+            raise ProviderRefused(f"provider {self.name}: {self.refused}")
+        revocation = self.settings.revocation_endpoint or meta.revocation_endpoint
+        if revocation is None:
+            revocation = await self._rfc8414_revocation_endpoint()
+        self.document = doc
+        par = features.par_endpoint(doc) if features.uses_par(self.settings, doc) else None
+        return dataclasses.replace(meta, revocation_endpoint=revocation, par_endpoint=par)
 
     async def dpop_alg(self) -> str:
         """The algorithm of new sessions' DPoP keys (discovery made sure there is one)."""
@@ -351,8 +379,11 @@ class OidcClient:
     # -- authorization request --------------------------------------------------------------
 
     async def authorization_url(self, *, state: str, nonce: str, code_challenge: str) -> str:
+        """Where to send the browser. With PAR (RFC 9126) the parameters go to the OP from
+        server to server, authenticated like a token request, and the browser's URL carries only
+        ``client_id`` and the ``request_uri`` the OP answered: nothing to tamper with or leak."""
         meta = await self.metadata()
-        params = {
+        params: dict[str, str] = {
             **self.settings.extra_auth_params,
             "response_type": "code",
             "client_id": self.client_id,
@@ -363,12 +394,54 @@ class OidcClient:
             "code_challenge": code_challenge,
             "code_challenge_method": "S256",
         }
+        # RFC 8707 2.1: one `resource` parameter per resource, pushed with the rest under PAR.
+        resources = tuple(("resource", r) for r in self.login_resources)
+        if meta.par_endpoint is not None:
+            request_uri = await self._push(meta, params, resources)
+            params, resources = {"client_id": self.client_id, "request_uri": request_uri}, ()
         sep = "&" if "?" in meta.authorization_endpoint else "?"
-        query = urlencode(params, quote_via=quote)
-        if self.login_resources:  # RFC 8707 2.1: one `resource` parameter per resource
-            pairs = [("resource", r) for r in self.login_resources]
-            query += "&" + urlencode(pairs, quote_via=quote)
+        query = urlencode([*params.items(), *resources], quote_via=quote)
         return f"{meta.authorization_endpoint}{sep}{query}"
+
+    @metrics.op_call("par")
+    @tracing.traced("bff.oidc.par", kind="client")
+    async def _push(
+        self,
+        meta: ProviderMetadata,
+        params: dict[str, str],
+        extra: tuple[tuple[str, str], ...] = (),
+    ) -> str:
+        """RFC 9126 section 2: POST the authorization request; the ``request_uri`` answered.
+        ``extra``: repeatable parameters (RFC 8707 ``resource``), after the others."""
+        assert meta.par_endpoint is not None
+        body, headers = self._client_auth(params, meta)
+        headers["Accept"] = "application/json"
+        data: dict[str, str] | list[tuple[str, str]] = [*body.items(), *extra] if extra else body
+        try:
+            async with self._http.post(
+                meta.par_endpoint, data=data, headers=headers, timeout=self._timeout
+            ) as resp:
+                status = resp.status
+                raw = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ProviderUnavailable(
+                "the OP's pushed authorization endpoint is unreachable"
+            ) from exc
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            payload = None
+        if status == 201 and isinstance(payload, dict):
+            request_uri = payload.get("request_uri")
+            if isinstance(request_uri, str) and request_uri:
+                return request_uri
+        error = str(payload.get("error", status)) if isinstance(payload, dict) else str(status)
+        # A refusal is bff's configuration or the OP's, never the user's: 503, logged.
+        log.error(
+            "oidc.par_refused",
+            extra={"event": "oidc.par_refused", "idp": self.name, "status": status, "error": error},
+        )
+        raise ProviderUnavailable(f"the OP refused the pushed authorization request ({error})")
 
     async def check_response_issuer(self, iss: str | None) -> None:
         """RFC 9207: a present ``iss`` must be ours; a supporting OP must send one."""
@@ -834,6 +907,19 @@ class OidcClient:
 _PROTOCOL_CLAIMS = frozenset(
     {"nonce", "at_hash", "c_hash", "s_hash", "aud", "azp", "exp", "iat", "nbf", "jti", "sid"}
 )
+
+
+def unverified_issuer(token: str) -> str | None:
+    """The ``iss`` a compact JWS claims, *unverified*: only to choose which provider's keys and
+    rules judge it (the chosen provider checks ``iss`` again, signed). None when unreadable."""
+    if not isinstance(token, str) or len(token) > _MAX_JWT or token.count(".") != 2:
+        return None
+    try:
+        claims = json.loads(jws.extract_compact(token.encode()).payload)
+    except (JoseError, ValueError, TypeError):
+        return None
+    iss = claims.get("iss") if isinstance(claims, dict) else None
+    return iss if isinstance(iss, str) else None
 
 
 def user_claims(claims: Mapping[str, Any]) -> dict[str, Any]:

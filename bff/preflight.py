@@ -12,7 +12,13 @@ lines of three levels:
   leaves the OP session alive; no back-channel logout; no revocation endpoint; PKCE not
   advertised; access tokens shorter than ``refresh_skew``; no ``static`` folder or no
   ``index.html`` in it). Exit 0.
-* **info**: what was found.
+* **info**: what was found, including what each OP's discovery document offers (PAR, DPoP,
+  token exchange, revocation, logout: ``bff.features.offered``) and each provider's redirect URI.
+
+Every configured provider is checked the same way (issue 12, points 5 and 6); a provider whose
+settings its OP's discovery document refuses (``bff.features.refusals``: ``par: required``
+without a PAR endpoint, ``par: off`` when the OP requires PAR, and what other features add) is an
+error, as it is at run time.
 
 ``check-config --offline`` runs none of these: it is meant for CI and image builds, where neither
 the network nor the deployed files (``static``) are there.
@@ -29,8 +35,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 
-from bff import dpop
-from bff.config import Settings, dump_redacted
+from bff import dpop, features
+from bff.config import OidcSettings, Settings, dump_redacted
 from bff.errors import ProviderUnavailable, StoreUnavailable
 from bff.oidc import OidcClient, OidcError, TokenRequestRefused
 from bff.route_tokens import login_resources, required_grants
@@ -60,7 +66,10 @@ async def run_checks(settings: Settings) -> Report:
     report = Report()
     logging.disable(logging.WARNING)  # the store's and the client's own log lines repeat ours
     try:
-        await asyncio.gather(_check_store(settings, report), _check_issuer(settings, report))
+        await asyncio.gather(
+            _check_store(settings, report),
+            *(_check_issuer(settings, provider, report) for provider in settings.providers),
+        )
     finally:
         logging.disable(logging.NOTSET)
     _check_static(settings.static, report)
@@ -151,16 +160,25 @@ def _check_static(static: Path, report: Report) -> None:
 # -- OP ------------------------------------------------------------------------------------------
 
 
-async def _check_issuer(settings: Settings, report: Report) -> None:
+async def _check_issuer(settings: Settings, provider: OidcSettings, report: Report) -> None:
     """Discovery, then what the OP offers against what this config relies on."""
-    issuer = settings.oidc.issuer
-    subject = f"oidc.issuer {issuer}"
+    issuer = provider.issuer
+    single = len(settings.providers) == 1
+    subject = f"oidc.issuer {issuer}" if single else f"oidc {provider.name} ({issuer})"
     async with aiohttp.ClientSession() as http:
-        client = OidcClient(settings.oidc, http, redirect_uri=settings.redirect_uri)
+        redirect_uri = settings.redirect_uri_for(provider)
+        client = OidcClient(provider, http, redirect_uri=redirect_uri)
         try:
-            doc = await _discovery_document(http, issuer, settings.oidc.http_timeout)
+            doc = await _discovery_document(http, issuer, provider.http_timeout)
         except ProviderUnavailable as exc:
             report.errors.append(f"{subject} is unreachable: {exc}")
+            return
+        if not single:
+            report.infos.append(f"{subject}: redirect_uri {redirect_uri}")
+        report.infos.extend(f"{subject} offers {line}" for line in features.offered(doc))
+        refused = features.refusals(provider, doc)
+        if refused:
+            report.errors.extend(f"{subject}: {problem}" for problem in refused)
             return
         try:
             meta = await client.metadata()
@@ -168,8 +186,9 @@ async def _check_issuer(settings: Settings, report: Report) -> None:
             report.errors.append(f"{subject}: its discovery document is refused: {exc}")
             return
         report.infos.append(f"{subject}: discovery OK")
-        _check_offers(doc, settings, subject, report)
-        report.infos.append(f"{subject}: {dpop.feature_line(meta.dpop_algs, settings.oidc.dpop)}")
+        _check_offers(doc, provider, subject, report)
+        _check_route_grants(doc, settings, subject, report)
+        report.infos.append(f"{subject}: {dpop.feature_line(meta.dpop_algs, provider.dpop)}")
         if meta.revocation_endpoint:
             report.infos.append(f"{subject}: revocation endpoint {meta.revocation_endpoint}")
         else:
@@ -178,7 +197,7 @@ async def _check_issuer(settings: Settings, report: Report) -> None:
                 "RFC 8414 metadata, and oidc.revocation_endpoint is not set: logout cannot "
                 "revoke the user's tokens at the OP"
             )
-        await _check_token_lifetime(client, settings, subject, report)
+        await _check_token_lifetime(client, provider, subject, report)
 
 
 async def _discovery_document(
@@ -198,7 +217,9 @@ async def _discovery_document(
     return doc
 
 
-def _check_offers(doc: dict[str, Any], settings: Settings, subject: str, report: Report) -> None:
+def _check_offers(
+    doc: dict[str, Any], provider: OidcSettings, subject: str, report: Report
+) -> None:
     """PKCE, client authentication, end_session and back-channel logout, from discovery."""
     pkce = doc.get("code_challenge_methods_supported")
     if not isinstance(pkce, list):
@@ -207,7 +228,7 @@ def _check_offers(doc: dict[str, Any], settings: Settings, subject: str, report:
             f"{subject}: code_challenge_methods_supported is not advertised; bff always sends "
             "PKCE S256 and an OP that ignores it is not protected against code injection"
         )
-    method = settings.oidc.token_endpoint_auth_method
+    method = provider.token_endpoint_auth_method
     methods = doc.get("token_endpoint_auth_methods_supported")
     if isinstance(methods, list):
         if method not in methods:
@@ -227,7 +248,6 @@ def _check_offers(doc: dict[str, Any], settings: Settings, subject: str, report:
             f"{subject}: no end_session_endpoint: logout ends the bff session only; the OP "
             "session lives on, so the next login may not ask for a password"
         )
-    _check_route_grants(doc, settings, subject, report)
     if doc.get("backchannel_logout_supported") is True:
         report.infos.append(f"{subject}: back-channel logout supported")
     else:
@@ -238,11 +258,11 @@ def _check_offers(doc: dict[str, Any], settings: Settings, subject: str, report:
 
 
 async def _check_token_lifetime(
-    client: OidcClient, settings: Settings, subject: str, report: Report
+    client: OidcClient, provider: OidcSettings, subject: str, report: Report
 ) -> None:
     """Only a token tells its lifetime: we ask for a client_credentials token (and revoke it).
     An OP may give user tokens another lifetime; bff also logs it at the first login."""
-    skew = settings.oidc.refresh_skew
+    skew = provider.refresh_skew
     try:
         tokens = await client.client_credentials()
     except (OidcError, ProviderUnavailable) as exc:

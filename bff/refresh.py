@@ -35,6 +35,9 @@ and stores whatever tokens arrive. Only a request that never got a connection fa
 with ``lifetime`` the token's ``expires_in`` at issue (kept in the session), so an OP issuing
 8-second tokens costs one refresh per 4 seconds of use, not one per call.
 
+**Each session refreshes at its own provider** (issue 12, point 5): ``providers`` maps the
+config names to their clients; a session's ``idp`` picks one (none: the default, ``oidc``).
+
 **A refresh that finishes after a logout** (point 10) finds its session gone: the tokens it just
 got are revoked at the OP at once, so no token outlives the logout.
 """
@@ -47,7 +50,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from bff import dpop, metrics, tracing
@@ -82,9 +85,11 @@ class TokenRefresher:
         answer_timeout: float = 60.0,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        providers: Mapping[str, OidcClient] | None = None,
     ) -> None:
         self._sessions = sessions
         self._oidc = oidc
+        self._providers = dict(providers or {})
         self.skew = skew
         self.lease = lease
         # Waiting longer than the OP's own timeout plus a lease gains nothing.
@@ -101,12 +106,21 @@ class TokenRefresher:
         self._inflight: dict[str, asyncio.Future[Session]] = {}
         self._forced_at: dict[str, float] = {}
 
+    def oidc_for(self, data: SessionData) -> OidcClient:
+        """The client of the provider the session was logged in at (the default: ``oidc``)."""
+        if data.idp is None:
+            return self._oidc
+        return self._providers.get(data.idp, self._oidc)
+
     def effective_skew(self, data: SessionData) -> float:
         """``min(skew, lifetime / 2)``: a token shorter-lived than the skew is not refreshed at
         once and on every call, but once half of its life has passed."""
+        oidc = self.oidc_for(data)
+        # The default provider's skew is ``skew``; another provider's is its own refresh_skew.
+        skew = self.skew if oidc is self._oidc else oidc.settings.refresh_skew
         if data.access_lifetime is None:
-            return self.skew
-        return min(self.skew, data.access_lifetime / 2)
+            return skew
+        return min(skew, data.access_lifetime / 2)
 
     def needs_refresh(self, session: Session) -> bool:
         expires_at = session.data.access_expires_at
@@ -250,15 +264,14 @@ class TokenRefresher:
         tokens: TokenSet | None = None
         try:
             # A DPoP session's new tokens are bound to the same key (bff/dpop.py).
+            oidc = self.oidc_for(fresh.data)
             key = dpop.session_key(fresh)
             bound: dict[str, Any] = {"dpop_key": key} if key is not None else {}
-            tokens = await self._oidc.refresh(
-                refresh_token, answer_timeout=self.answer_timeout, **bound
-            )
+            tokens = await oidc.refresh(refresh_token, answer_timeout=self.answer_timeout, **bound)
             claims, id_token = fresh.data.claims, fresh.data.id_token
             if tokens.id_token:
                 try:
-                    validated = await self._oidc.validate_id_token(
+                    validated = await oidc.validate_id_token(
                         tokens.id_token, nonce=None, expected_sub=fresh.data.sub
                     )
                 except ProviderUnavailable:
@@ -281,7 +294,7 @@ class TokenRefresher:
             self._metrics.inc("bff_refreshes_total", outcome="bad_id_token")
             await self._sessions.end(fresh)
             if tokens is not None:
-                await self._revoke(tokens)
+                await self._revoke(tokens, fresh.data)
             raise SessionExpired(f"the refreshed ID token is invalid: {exc}") from None
         except TokenRequestRefused as exc:
             self._metrics.inc("bff_refreshes_total", outcome="refused")
@@ -309,7 +322,7 @@ class TokenRefresher:
                 # tokens: the logout revoked the old ones; these must not outlive it either.
                 log.info("refresh.after_logout", extra={"event": "refresh.after_logout"})
                 self._metrics.inc("bff_refreshes_total", outcome="session_gone")
-                await self._revoke(tokens)
+                await self._revoke(tokens, fresh.data)
                 raise SessionExpired()
             # Only possible if our lease lapsed; whoever wrote holds the newer tokens.
             log.warning("refresh.lost_race", extra={"event": "refresh.lost_race"})
@@ -319,8 +332,10 @@ class TokenRefresher:
         log.info("session.refreshed", extra={"event": "session.refreshed", "session": fresh.id[:8]})
         return saved
 
-    async def _revoke(self, tokens: TokenSet) -> None:
-        """RFC 7009 for tokens no session holds (refresh token first); best effort."""
+    async def _revoke(self, tokens: TokenSet, data: SessionData) -> None:
+        """RFC 7009 for tokens no session holds (refresh token first), at the provider that
+        issued them; best effort."""
+        oidc = self.oidc_for(data)
         if tokens.refresh_token:
-            await self._oidc.revoke(tokens.refresh_token, "refresh_token")
-        await self._oidc.revoke(tokens.access_token, "access_token")
+            await oidc.revoke(tokens.refresh_token, "refresh_token")
+        await oidc.revoke(tokens.access_token, "access_token")

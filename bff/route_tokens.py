@@ -336,7 +336,7 @@ class RouteTokens:
             # A DPoP session's resource tokens are bound to its key too (invariant 22).
             key = dpop.session_key(fresh)
             bound: dict[str, Any] = {"dpop_key": key} if key is not None else {}
-            tokens = await self._oidc.refresh(
+            tokens = await self._refresher.oidc_for(fresh.data).refresh(
                 refresh_token, answer_timeout=self.answer_timeout, resources=plan.resources, **bound
             )
         except InvalidGrant:
@@ -366,7 +366,7 @@ class RouteTokens:
         if saved is None:
             current = await self._sessions.load(session.secret, fresh=True)
             if current is None:  # logged out meanwhile: these tokens must not outlive it
-                await self._revoke(tokens)
+                await self._revoke(tokens, fresh.data)
                 raise SessionExpired()
             log.warning("route_token.lost_race", extra={"event": "route_token.lost_race"})
             return current
@@ -377,10 +377,11 @@ class RouteTokens:
         )
         return saved
 
-    async def _revoke(self, tokens: TokenSet) -> None:
+    async def _revoke(self, tokens: TokenSet, data: SessionData) -> None:
+        oidc = self._refresher.oidc_for(data)  # the provider that minted them
         if tokens.refresh_token:
-            await self._oidc.revoke(tokens.refresh_token, "refresh_token")
-        await self._oidc.revoke(tokens.access_token, "access_token")
+            await oidc.revoke(tokens.refresh_token, "refresh_token")
+        await oidc.revoke(tokens.access_token, "access_token")
 
     # -- exchanged tokens: their own sealed key ---------------------------------------------------
 
@@ -443,7 +444,7 @@ class RouteTokens:
     async def _exchange(self, session: Session, plan: RoutePlan) -> _Exchanged:
         _, subject = await self._refresher.access_token(session)
         try:
-            tokens = await self._oidc.token_exchange(
+            tokens = await self._refresher.oidc_for(session.data).token_exchange(
                 subject, audience=plan.audience, resources=plan.resources, scopes=plan.scopes
             )
         except (InvalidGrant, TokenRequestRefused) as exc:

@@ -5,6 +5,7 @@ Handlers reach them as ``request.app[SERVICES]``; nothing here is built per requ
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from bff.cookies import CookiePolicy
+from bff.errors import BadRequest
 from bff.keys import Keyring
 from bff.metrics import Metrics
 from bff.oidc import OidcClient
@@ -26,7 +28,12 @@ if TYPE_CHECKING:
     from bff.ratelimit import RateLimiter
     from bff.route_tokens import RouteTokens
 
-__all__ = ["SERVICES", "Services", "session_of"]
+__all__ = ["SERVICES", "Services", "UnknownProvider", "session_of"]
+
+
+class UnknownProvider(BadRequest):
+    error = "unknown_idp"
+    description = "no such identity provider"
 
 
 @dataclass(slots=True)
@@ -36,7 +43,7 @@ class Services:
     cookies: CookiePolicy
     store: SessionStore
     sessions: SessionManager
-    oidc: OidcClient
+    oidc: OidcClient  # the default provider (the first configured)
     http: aiohttp.ClientSession  # to the OP only; upstreams have their own pools
     refresher: TokenRefresher
     metrics: Metrics = field(default_factory=Metrics)
@@ -44,6 +51,32 @@ class Services:
     client_tokens: ClientTokens | None = None  # client-credentials tokens (bff.client_tokens)
     rate_limiter: RateLimiter | None = None  # per-address limits (bff.ratelimit); None = off
     route_tokens: RouteTokens | None = None  # resource and exchanged tokens (bff.route_tokens)
+    # Every provider by its config name, the default first; empty means just ``oidc``.
+    providers: Mapping[str, OidcClient] = field(default_factory=dict)
+    # A host name (as in ``Host``) -> the provider its logins go to (``hosts:``; login.py).
+    host_providers: Mapping[str, str] = field(init=False)
+    by_issuer: Mapping[str, OidcClient] = field(init=False)  # issuers are unique (config)
+
+    def __post_init__(self) -> None:
+        if not self.providers:
+            self.providers = {self.oidc.name: self.oidc}
+        self.by_issuer = {client.issuer: client for client in self.providers.values()}
+        self.host_providers = {host: p.name for p in self.settings.providers for host in p.hosts}
+
+    def provider(self, name: str | None) -> OidcClient:
+        """The provider of that name (None: the default); ``UnknownProvider`` (400) else."""
+        if name is None:
+            return self.oidc
+        client = self.providers.get(name)
+        if client is None:
+            raise UnknownProvider()
+        return client
+
+    def provider_for(self, session: Session) -> OidcClient:
+        """The provider a session was logged in at: its refresh, revocation and logout go there
+        and nowhere else. Records without ``idp`` belong to the default provider; one whose
+        provider left the config never gets here (``SessionManager`` ends it when read)."""
+        return self.providers.get(session.data.idp or self.oidc.name, self.oidc)
 
 
 SERVICES = web.AppKey("bff_services", Services)

@@ -12,14 +12,22 @@ key                         value                                               
                             AES-GCM under the session's cookie-derived key
 ``bff:{<id>}:x:<route>:lock``  its exchange lock (``route_tokens.py``)             lease
 ``bff:{<tx>}:tx``           a login transaction, under the browser-binding key    login_timeout
-``bff:{sub:<h>}:sessions``  index sub -> session ids (no tokens)                  longest member
-``bff:{sid:<h>}:sessions``  index OP sid -> session ids (no tokens)               longest member
-``bff:{jti:<h>}:seen``      a back-channel logout token's ``jti`` (replay guard)  token lifetime
+``bff:{sub:<h>}:sessions``  index (issuer, sub) -> session ids (no tokens)        longest member
+``bff:{sid:<h>}:sessions``  index (issuer, OP sid) -> session ids (no tokens)     longest member
+``bff:{jti:<h>}:seen``      a logout token's (issuer, ``jti``) (replay guard)     token lifetime
 ``bff:{rl:<h>}:<route>``    an address's rate-limit bucket (``ratelimit.py``)    until refilled
 ==========================  ===================================================  ===============
 
 ``<id>`` is a one-way hash of the cookie secret, so a store dump reveals neither the cookie nor the
 tokens. A session and its lock share one Redis Cluster hash slot through the ``{<id>}`` tag.
+
+**Indexes are per issuer** (issue 12, point 5): ``<h>`` hashes the issuer with the value, so
+``sub`` "alice" at one OP and "alice" at another are two users, and one issuer's logout token
+cannot find another issuer's sessions. A session names its provider in ``idp`` (its config name);
+a record without one (written before several providers existed) belongs to the default provider,
+whose index is also read, and cleaned, under the issuer-less key such records were indexed under
+(``_index_key(..., None)``), until they are gone. A session whose ``idp`` is no longer configured
+has no OP to refresh or end it at: it is ended when read.
 
 Reads go through a small per-process cache (``session.cache_ttl``, 1 s by default) so the hot
 path needs neither a store round trip nor a decryption per request; a logout on another instance
@@ -34,7 +42,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,8 +96,10 @@ def exchange_key(sid: StoreKey, route: str) -> str:
     return f"bff:{{{sid}}}:x:{route}"
 
 
-def _index_key(kind: str, value: str) -> str:
-    digest = hashlib.sha256(value.encode()).hexdigest()[:32]
+def _index_key(kind: str, value: str, issuer: str | None = None) -> str:
+    """``issuer`` None: the issuer-less key of records from before per-issuer indexes."""
+    material = value if issuer is None else f"{issuer}\x00{value}"
+    digest = hashlib.sha256(material.encode()).hexdigest()[:32]
     return f"bff:{{{kind}:{digest}}}:sessions"
 
 
@@ -118,6 +128,9 @@ class SessionData:
     # (route_tokens.py): {"t": token, "e": expires_at or None, "l": lifetime or None}. Empty in
     # sessions stored before this field existed; refreshed one by one, each on its own expiry.
     resource_tokens: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    # The provider (its name in the config) the session was logged in at; None in records from
+    # before several providers existed: the default provider.
+    idp: str | None = None
 
     def to_bytes(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
@@ -157,6 +170,8 @@ class LoginTransaction:
     # The store id of the session this browser had when the login started: it ends when the new
     # one begins. Taken at /bff/login: the cross-site callback never carries a Strict cookie.
     previous: str | None = None
+    # The provider (its config name) the login went to: the callback finishes it there only.
+    idp: str | None = None
 
 
 class LoginTooSlow(LoginFailed):
@@ -183,8 +198,13 @@ class SessionManager:
         login_timeout: float = 600.0,
         cache_ttl: float = 1.0,
         clock: Callable[[], float] = time.time,
+        issuers: Mapping[str, str] | None = None,
     ) -> None:
+        """``issuers``: each provider's name -> its issuer, the default first. Without it
+        (one-provider tools and tests) the indexes use the issuer-less keys."""
         self.store = store
+        self._issuers: dict[str, str] = dict(issuers or {})
+        self.default_idp: str | None = next(iter(self._issuers), None)
         self.idle_timeout = idle_timeout
         self.absolute_timeout = absolute_timeout
         self.login_timeout = login_timeout
@@ -255,6 +275,13 @@ class SessionManager:
         if data.expires_at <= now:
             await self.end_ids(sid)
             return None
+        if self._issuers and data.idp is not None and data.idp not in self._issuers:
+            # Its provider left the config: nothing could refresh, revoke or end it there.
+            log.warning(
+                "session.unknown_idp", extra={"event": "session.unknown_idp", "idp": data.idp}
+            )
+            await self.end_ids(sid)
+            return None
         if now - self._touched.get(sid, 0.0) >= self._touch_interval:
             await self.store.expire(session_key(sid), self._ttl(data))
             await self._index(sid, data)  # index entries idle out with the session, not later
@@ -276,9 +303,28 @@ class SessionManager:
 
     async def end(self, session: Session) -> None:
         await self.end_ids(session.id)
-        await self.store.index_remove(_index_key("sub", session.data.sub), session.id)
-        if session.data.sid:
-            await self.store.index_remove(_index_key("sid", session.data.sid), session.id)
+        data = session.data
+        for key in self._index_keys("sub", data.sub, data.idp):
+            await self.store.index_remove(key, session.id)
+        if data.sid:
+            for key in self._index_keys("sid", data.sid, data.idp):
+                await self.store.index_remove(key, session.id)
+
+    def issuer_of(self, idp: str | None) -> str | None:
+        """The issuer of a provider (None: the default); None when no issuers are configured.
+        KeyError for a name that is not configured."""
+        if not self._issuers:
+            return None
+        return self._issuers[idp or self.default_idp or ""]
+
+    def _index_keys(self, kind: str, value: str, idp: str | None) -> list[str]:
+        """The index keys that may hold a provider's sessions under ``value``: its per-issuer
+        key, and for the default provider the issuer-less key of older records too."""
+        issuer = self.issuer_of(idp)
+        keys = [_index_key(kind, value, issuer)]
+        if issuer is not None and (idp or self.default_idp) == self.default_idp:
+            keys.append(_index_key(kind, value, None))
+        return keys
 
     async def end_ids(self, *ids: StoreKey) -> int:
         """End sessions by id, without their cookie (back-channel logout, operators)."""
@@ -286,28 +332,40 @@ class SessionManager:
             self._forget(sid)
         return await self.store.delete(*(session_key(sid) for sid in ids))
 
-    async def ids_for(self, *, sub: str | None = None, sid: str | None = None) -> list[StoreKey]:
-        """Ids of the live sessions of a subject and/or an OP session."""
+    async def ids_for(
+        self, *, sub: str | None = None, sid: str | None = None, idp: str | None = None
+    ) -> list[StoreKey]:
+        """Ids of the live sessions of a subject and/or an OP session at provider ``idp``
+        (None: the default provider)."""
         found: set[str] = set()
-        if sub is not None:
-            found.update(await self.store.index_members(_index_key("sub", sub)))
-        if sid is not None:
-            found.update(await self.store.index_members(_index_key("sid", sid)))
+        for kind, value in (("sub", sub), ("sid", sid)):
+            if value is not None:
+                for key in self._index_keys(kind, value, idp):
+                    found.update(await self.store.index_members(key))
         live = [
             StoreKey(i) for i in sorted(found) if await self.store.ttl(session_key(StoreKey(i)))
         ]
         return live
 
-    async def end_matching(self, *, sub: str | None = None, sid: str | None = None) -> int:
-        ids = await self.ids_for(sub=sub, sid=sid)
+    async def end_matching(
+        self, *, sub: str | None = None, sid: str | None = None, idp: str | None = None
+    ) -> int:
+        ids = await self.ids_for(sub=sub, sid=sid, idp=idp)
         ended = await self.end_ids(*ids) if ids else 0
-        if sub is not None:
-            await self.store.index_remove(_index_key("sub", sub), *ids)
-        if sid is not None:
-            await self.store.index_remove(_index_key("sid", sid), *ids)
+        await self._unindex(ids, sub=sub, sid=sid, idp=idp)
         return ended
 
-    async def end_op_session(self, *, sid: str | None, sub: str | None) -> int:
+    async def _unindex(
+        self, ids: list[StoreKey], *, sub: str | None, sid: str | None, idp: str | None
+    ) -> None:
+        for kind, value in (("sub", sub), ("sid", sid)):
+            if value is not None and ids:
+                for key in self._index_keys(kind, value, idp):
+                    await self.store.index_remove(key, *ids)
+
+    async def end_op_session(
+        self, *, sid: str | None, sub: str | None, idp: str | None = None
+    ) -> int:
         """Back-Channel Logout 1.0, 2.7: end the sessions a logout token names.
 
         With ``sid``, only the sessions of that OP session (and, when ``sub`` is given too, only
@@ -315,26 +373,25 @@ class SessionManager:
         with ``sub`` alone, every session of the subject.
         """
         if sid is None:
-            return await self.end_matching(sub=sub) if sub is not None else 0
-        ids = await self.ids_for(sid=sid)
+            return await self.end_matching(sub=sub, idp=idp) if sub is not None else 0
+        ids = await self.ids_for(sid=sid, idp=idp)
         if sub is not None:
-            of_sub = set(await self.ids_for(sub=sub))
+            of_sub = set(await self.ids_for(sub=sub, idp=idp))
             ids = [i for i in ids if i in of_sub]
         if not ids:
             return 0
         ended = await self.end_ids(*ids)
-        await self.store.index_remove(_index_key("sid", sid), *ids)
-        if sub is not None:
-            await self.store.index_remove(_index_key("sub", sub), *ids)
+        await self._unindex(ids, sub=sub, sid=sid, idp=idp)
         return ended
 
-    async def jti_seen(self, jti: str) -> bool:
-        """Whether a logout token with this ``jti`` was already acted on."""
-        return await self.store.get(_jti_key(jti)) is not None
+    async def jti_seen(self, jti: str, idp: str | None = None) -> bool:
+        """Whether a logout token of this provider with this ``jti`` was already acted on
+        (``jti`` is unique per issuer only)."""
+        return await self.store.get(_jti_key(jti, self.issuer_of(idp))) is not None
 
-    async def record_jti(self, jti: str, ttl: float) -> None:
+    async def record_jti(self, jti: str, ttl: float, idp: str | None = None) -> None:
         """Remember a logout token's ``jti`` for as long as the token could be accepted."""
-        await self.store.add(_jti_key(jti), b"1", max(1.0, ttl))
+        await self.store.add(_jti_key(jti, self.issuer_of(idp)), b"1", max(1.0, ttl))
 
     def idle_deadline(self, session: Session) -> float:
         """When the session ends if the user does nothing more (bounded by its absolute end)."""
@@ -343,9 +400,10 @@ class SessionManager:
 
     async def _index(self, sid: StoreKey, data: SessionData) -> None:
         ttl = self._ttl(data)
-        await self.store.index_add(_index_key("sub", data.sub), sid, ttl)
+        issuer = self.issuer_of(data.idp)
+        await self.store.index_add(_index_key("sub", data.sub, issuer), sid, ttl)
         if data.sid:
-            await self.store.index_add(_index_key("sid", data.sid), sid, ttl)
+            await self.store.index_add(_index_key("sid", data.sid, issuer), sid, ttl)
 
     def _ttl(self, data: SessionData) -> float:
         return max(0.001, min(self.idle_timeout, data.expires_at - self._clock()))
@@ -408,8 +466,9 @@ class SessionManager:
         return tx
 
 
-def _jti_key(jti: str) -> str:
-    return f"bff:{{jti:{hashlib.sha256(jti.encode()).hexdigest()[:32]}}}:seen"
+def _jti_key(jti: str, issuer: str | None) -> str:
+    material = jti if issuer is None else f"{issuer}\x00{jti}"
+    return f"bff:{{jti:{hashlib.sha256(material.encode()).hexdigest()[:32]}}}:seen"
 
 
 def _tx_key(state: str) -> str:

@@ -66,14 +66,15 @@ async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
 
 
 async def _announce_ready(app: web.Application, ready_fd: int | None) -> None:
-    """Tell the parent "serving" once the OP's metadata is loaded (bounded: an OP that is down
+    """Tell the parent "serving" once every OP's metadata is loaded (bounded: an OP that is down
     must not block a reload forever; bff then answers 503 on login as it would anyway)."""
     if ready_fd is None:
         return
     from bff.services import SERVICES
 
     deadline = time.monotonic() + READY_WAIT
-    while not app[SERVICES].oidc.ready and time.monotonic() < deadline:  # noqa: ASYNC110
+    providers = app[SERVICES].providers.values()
+    while not all(p.ready for p in providers) and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     with contextlib.suppress(OSError):
         os.write(ready_fd, b"R")

@@ -8,6 +8,7 @@ the config (private_key_file) are checked for readability now rather than at the
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -53,6 +54,9 @@ _RESERVED_AUTH_PARAMS: Final = frozenset({
     "response_type", "client_id", "redirect_uri", "scope", "state", "nonce",
     "code_challenge", "code_challenge_method", "response_mode", "request", "request_uri",
 })  # fmt: skip
+# A DNS name or an IPv4 address, as in a Host header without its port.
+_LABEL: Final = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_HOST_NAME: Final = re.compile(rf"{_LABEL}(\.{_LABEL})*")
 
 
 def build_settings(ctx: Context, data: dict[str, Any], base: Path) -> Settings | None:
@@ -74,14 +78,14 @@ class _Builder(Reader):
         )
         static = self.local_path(self.get(data, (), "static", "static"))
         prefix = self.prefix(data)
-        has_oidc = isinstance(data.get("oidc"), dict) and self.ctx.ok(("oidc",))
-        oidc = self.oidc(self.section(data, "oidc")) if has_oidc else None
+        providers = self.providers(data)
+        oidc = providers[0] if providers else None
         session = self.session(self.section(data, "session"), dev, public_url is not None)
         keys = self.keys(data)
         upstreams = build_upstreams(self, data, prefix)
-        if oidc is not None:
-            self.route_scopes(data, oidc.scopes)
-            if oidc.dpop:
+        if providers:
+            self.route_scopes(data, tuple(s for p in providers for s in p.scopes))
+            if any(p.dpop for p in providers):
                 self.no_exchange_with_dpop(upstreams)
         sec, sp = self.section(data, "security"), ("security",)
         csp = self.get(sec, sp, "content_security_policy", DEFAULT_CSP)
@@ -118,6 +122,7 @@ class _Builder(Reader):
             static=static,
             prefix=prefix,
             oidc=oidc,
+            providers=providers,
             session=session,
             keys=keys,
             upstreams=upstreams,
@@ -178,8 +183,58 @@ class _Builder(Reader):
             return None
         return str(raw)
 
-    def oidc(self, d: dict[str, Any]) -> OidcSettings | None:
-        p: Key = ("oidc",)
+    def providers(self, data: dict[str, Any]) -> tuple[OidcSettings, ...]:
+        """``oidc:`` as one mapping (the provider ``default``) or a list of named mappings, the
+        first being the default. Names, issuers and hosts must be unique: a logout token's
+        ``iss`` and a request's host each name one provider."""
+        raw = data.get("oidc")
+        if not self.ctx.ok(("oidc",)):
+            return ()
+        if isinstance(raw, dict):
+            one = self.oidc(raw, ("oidc",))
+            return (one,) if one is not None else ()
+        if not isinstance(raw, list):
+            return ()
+        built: list[OidcSettings] = []
+        names: dict[str, int] = {}
+        issuers: dict[str, int] = {}
+        hosts: dict[str, int] = {}
+        for i, item in enumerate(raw):
+            p: Key = ("oidc", i)
+            if not isinstance(item, dict) or not self.ctx.ok(p):
+                continue
+            provider = self.oidc(item, p)
+            if provider is None:
+                continue
+            for value, seen, key in (
+                (provider.name, names, "name"),
+                (provider.issuer, issuers, "issuer"),
+            ):
+                if value in seen and self.ctx.ok((*p, key)):
+                    self.ctx.report((*p, key), f"oidc[{seen[value]}] has the same {key} already")
+                seen.setdefault(value, i)
+            for host in provider.hosts:
+                if host in hosts and hosts[host] != i:
+                    self.ctx.report((*p, "hosts"), f"{host} is mapped by oidc[{hosts[host]}] too")
+                hosts.setdefault(host, i)
+            built.append(provider)
+        return tuple(built) if len(built) == len(raw) else ()
+
+    def hosts(self, d: dict[str, Any], p: Key) -> tuple[str, ...]:
+        """Host names as a browser sends them in ``Host`` (no scheme, port or path)."""
+        found: list[str] = []
+        for j, raw in enumerate(self.str_tuple(d, p, "hosts", ())):
+            host = raw.strip().lower().rstrip(".")
+            if not _HOST_NAME.fullmatch(host):
+                self.ctx.report(
+                    (*p, "hosts", j),
+                    f"expected a host name like staff.example.com (no scheme or port), got {raw!r}",
+                )
+                continue
+            found.append(host)
+        return tuple(found)
+
+    def oidc(self, d: dict[str, Any], p: Key = ("oidc",)) -> OidcSettings | None:
         issuer = self.get(d, p, "issuer")
         if issuer is not MISSING:
             parts = self.url((*p, "issuer"), issuer, ("http", "https"))
@@ -246,6 +301,9 @@ class _Builder(Reader):
             elif rparts.scheme == "http" and not is_loopback_host(rparts.hostname):
                 self.ctx.report(rp, "must be https:// (http:// only for a loopback OP in dev)")
         return OidcSettings(
+            name=self.get(d, p, "name", "default"),
+            hosts=self.hosts(d, p),
+            par=self.get(d, p, "par", "auto") or "off",  # a bare YAML `off` is false
             issuer=issuer if isinstance(issuer, str) else "",
             client_id=client_id,
             client_secret=client_secret,

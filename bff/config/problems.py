@@ -107,6 +107,8 @@ def _is_sensitive(path: Key) -> bool:
         return False
     if path[0] == "keys" or path[:2] in (("oidc", "client_secret"), ("session", "store")):
         return True
+    if path[0] == "oidc" and path[2:3] == ("client_secret",):  # the list form: oidc[i]
+        return True
     if path[:2] == ("session", "redis") and path[2:3] in (("password",), ("sentinel_password",)):
         return True
     return len(path) >= 4 and path[0] == "upstreams" and path[2] == "set_headers"

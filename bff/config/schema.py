@@ -37,6 +37,60 @@ _BUCKET: Final = {
 _LISTEN: Final = {"host": _NONEMPTY, "port": {"type": "integer", "minimum": 0, "maximum": 65535}}
 
 
+_NAME: Final = {
+    "type": "string",
+    "pattern": r"^[a-z0-9][a-z0-9_-]{0,31}$",
+    "x-expected": "a provider name (lower-case letters, digits, '-', '_'; at most 32)",
+}
+#: One OpenID Provider. ``oidc:`` is one of these (the single-provider form), or a list of them,
+#: each with a ``name`` (issue 12, point 5); the first is the default.
+_PROVIDER_PROPS: Final[dict[str, Any]] = {
+    "name": _NAME,
+    "hosts": _STR_LIST,
+    # YAML 1.1 reads a bare `off` as false: that spelling means "off" too.
+    "par": {"enum": ["auto", "required", "off", False], "x-expected": "auto, required or off"},
+    "issuer": _NONEMPTY,
+    "client_id": _NONEMPTY,
+    "client_secret": {"type": ["string", "null"], "minLength": 1},
+    "private_key_file": {"type": ["string", "null"], "minLength": 1},
+    "private_key_kid": {"type": ["string", "null"], "minLength": 1},
+    "token_endpoint_auth_method": {
+        "enum": ["client_secret_basic", "client_secret_post", "private_key_jwt"]
+    },
+    "scopes": {**_STR_LIST, "minItems": 1},
+    "id_token_algs": {**_STR_LIST, "minItems": 1},
+    "extra_auth_params": {
+        "type": "object",
+        "additionalProperties": {"type": ["string", "integer"]},
+    },
+    "refresh_skew": _DURATION,
+    "clock_skew": _DURATION,
+    "http_timeout": _DURATION,
+    "jwks_refetch_interval": _DURATION,
+    "post_logout_redirect": _NONEMPTY,
+    "revocation_endpoint": {"type": ["string", "null"], "minLength": 1},
+    "logout_id_token_hint": _BOOL,
+    "dpop": _BOOL,
+    "resource_parameter": {"enum": ["resource", "audience"]},
+    "login_resources": _BOOL,
+}
+#: A mapping (one provider) or a list of mappings: ``properties`` apply to the one, ``items`` to
+#: the other (JSON Schema applies each keyword only to its own type).
+_OIDC: Final[dict[str, Any]] = {
+    "type": ["object", "array"],
+    "additionalProperties": False,
+    "properties": _PROVIDER_PROPS,
+    "required": ["issuer", "client_id"],
+    "minItems": 1,
+    "items": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": _PROVIDER_PROPS,
+        "required": ["name", "issuer", "client_id"],
+    },
+}
+
+
 def _obj(props: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
     schema: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": props}
     if required:
@@ -61,35 +115,7 @@ SCHEMA: Final[dict[str, Any]] = {
             "listen": _obj(_LISTEN),
             "static": _NONEMPTY,
             "prefix": _NONEMPTY,
-            "oidc": _obj(
-                {
-                    "issuer": _NONEMPTY,
-                    "client_id": _NONEMPTY,
-                    "client_secret": {"type": ["string", "null"], "minLength": 1},
-                    "private_key_file": {"type": ["string", "null"], "minLength": 1},
-                    "private_key_kid": {"type": ["string", "null"], "minLength": 1},
-                    "token_endpoint_auth_method": {
-                        "enum": ["client_secret_basic", "client_secret_post", "private_key_jwt"]
-                    },
-                    "scopes": {**_STR_LIST, "minItems": 1},
-                    "id_token_algs": {**_STR_LIST, "minItems": 1},
-                    "extra_auth_params": {
-                        "type": "object",
-                        "additionalProperties": {"type": ["string", "integer"]},
-                    },
-                    "refresh_skew": _DURATION,
-                    "clock_skew": _DURATION,
-                    "http_timeout": _DURATION,
-                    "jwks_refetch_interval": _DURATION,
-                    "post_logout_redirect": _NONEMPTY,
-                    "revocation_endpoint": {"type": ["string", "null"], "minLength": 1},
-                    "logout_id_token_hint": _BOOL,
-                    "dpop": _BOOL,
-                    "resource_parameter": {"enum": ["resource", "audience"]},
-                    "login_resources": _BOOL,
-                },
-                required=("issuer", "client_id"),
-            ),
+            "oidc": _OIDC,
             "session": _obj(
                 {
                     "store": _NONEMPTY,
@@ -271,7 +297,7 @@ def _all_property_paths() -> dict[str, list[str]]:
             found.setdefault(name, []).append(dotted)
             walk(sub, dotted)
         items = schema.get("items")
-        if isinstance(items, dict):
+        if isinstance(items, dict) and not schema.get("properties"):  # oidc: one name suffices
             walk(items, f"{prefix}[]")
 
     walk(SCHEMA, "")

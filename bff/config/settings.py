@@ -30,6 +30,7 @@ DEFAULT_CSP: Final = (
 TokenMode: TypeAlias = Literal["user", "client", "user_or_none", "none", "exchange"]
 ResourceParameter: TypeAlias = Literal["resource", "audience"]
 AuthMethod: TypeAlias = Literal["client_secret_basic", "client_secret_post", "private_key_jwt"]
+ParMode: TypeAlias = Literal["auto", "required", "off"]
 SameSite: TypeAlias = Literal["strict", "lax"]
 LogLevel: TypeAlias = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat: TypeAlias = Literal["json", "text"]
@@ -113,8 +114,12 @@ class TracingSettings:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OidcSettings:
-    """The OpenID Provider and how bff authenticates to it as a confidential client."""
+    """An OpenID Provider and how bff authenticates to it as a confidential client."""
 
+    name: str = "default"  # the provider's name: /bff/login?idp=NAME, the session's `idp`
+    # Host names whose logins go to this provider when the login names no `idp` (see login.py)
+    hosts: tuple[str, ...] = ()
+    par: ParMode = "auto"  # RFC 9126 pushed authorization requests: auto | required | off
     issuer: str  # OP issuer URL, verbatim (compared exactly with `iss`); discovery lives below it
     client_id: str  # our client_id at the OP
     client_secret: Secret | None = None  # for client_secret_basic / client_secret_post
@@ -270,7 +275,7 @@ class Settings:
     listen: Listen = Listen()  # where to bind
     static: Path = Path("static")  # the SPA folder (absolute once loaded from a file)
     prefix: str = "/bff"  # prefix of bff's own endpoints (login, callback, user, logout, ...)
-    oidc: OidcSettings  # the OpenID Provider
+    oidc: OidcSettings  # the default OpenID Provider (the first of `providers`)
     session: SessionSettings = SessionSettings()  # session store, cookie and lifetimes
     keys: tuple[Secret, ...]  # signing/encryption keys: the first signs, all verify (rotation)
     # Proxied routes, sorted longest path first whatever the given order, so that the first one
@@ -287,10 +292,16 @@ class Settings:
     workers: int | None = None  # worker processes; None = one per core; `bff run --workers` wins
     limits: LimitSettings = LimitSettings()  # request size limits of the HTTP parser
     shutdown: ShutdownSettings = ShutdownSettings()  # drain and grace on SIGTERM
+    # Every OpenID Provider, the default first; empty when built: `(oidc,)`.
+    providers: tuple[OidcSettings, ...] = ()
     dev: bool = field(init=False)  # derived: public_url is http:// on a loopback host
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dev", is_dev_url(self.public_url))
+        if len(self.providers) <= 1:  # also after dataclasses.replace(settings, oidc=...)
+            object.__setattr__(self, "providers", (self.oidc,))
+        elif self.providers[0] is not self.oidc:
+            raise ValueError("oidc must be the first of providers (the default)")
         ordered = tuple(sorted(self.upstreams, key=lambda u: (-len(u.path), u.path)))
         object.__setattr__(self, "upstreams", ordered)
 
@@ -298,6 +309,17 @@ class Settings:
     def redirect_uri(self) -> str:
         """The OAuth redirect_uri registered at the OP: `<public_url><prefix>/callback`."""
         return f"{self.public_url}{self.prefix}/callback"
+
+    def callback_path(self, provider: OidcSettings) -> str:
+        """The callback path of a provider: `<prefix>/callback` for the default (first) one,
+        `<prefix>/callback/<name>` for the others. A redirect URI of its own per provider is the
+        mix-up defense (RFC 9207 section 1) that holds even for an OP that sends no `iss`."""
+        base = f"{self.prefix}/callback"
+        return base if provider is self.providers[0] else f"{base}/{provider.name}"
+
+    def redirect_uri_for(self, provider: OidcSettings) -> str:
+        """The redirect_uri to register at that provider: `public_url` + its callback path."""
+        return self.public_url + self.callback_path(provider)
 
 
 def is_loopback_host(host: str | None) -> bool:

@@ -13,6 +13,13 @@ the sessions of that OP session (of that ``sub`` too when both are given); with 
 all of the subject's sessions. Finding none is not an error: the user may have logged out here
 first, and the OP still notifies us.
 
+**Several providers** (issue 12, point 5): the token's (unverified) ``iss`` chooses which
+provider judges it; that provider then checks the signature with its own keys and ``iss``,
+``aud`` against itself, so a token of issuer B is judged by B's rules alone. The ``sid``/``sub``
+indexes and the ``jti`` record are per issuer (``sessions.py``): B's logout token naming a ``sub``
+or ``sid`` that also exists at A ends nothing at A. A token whose ``iss`` is no configured
+provider's is judged by the default provider, which refuses it (another issuer).
+
 Answers (2.8): 200 with ``Cache-Control: no-store``, or 400 with a JSON error. Bodies are read
 with a small cap, so a huge or odd body is a 400, never a 500. Anyone can post here, so each
 address is rate-limited (``rate_limits.backchannel_logout``, generous: the OP posts from few
@@ -29,7 +36,7 @@ from urllib.parse import parse_qs
 from aiohttp import web
 
 from bff.errors import BadRequest
-from bff.oidc import InvalidToken
+from bff.oidc import InvalidToken, unverified_issuer
 from bff.ratelimit import enforce
 from bff.services import SERVICES
 
@@ -52,30 +59,34 @@ async def handle(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     await enforce(request, "backchannel_logout")
     token = await _logout_token(request)
+    oidc = services.by_issuer.get(unverified_issuer(token) or "", services.oidc)
     try:
-        claims = await services.oidc.validate_logout_token(token)
+        claims = await oidc.validate_logout_token(token)
     except InvalidToken as exc:
         log.warning(
             "backchannel.rejected", extra={"event": "backchannel.rejected", "reason": str(exc)}
         )
         raise InvalidLogoutToken(str(exc)) from None
-    ttl = _remaining_life(claims, time.time(), services.settings.oidc.clock_skew)
+    ttl = _remaining_life(claims, time.time(), oidc.settings.clock_skew)
     if ttl <= 0:
         raise InvalidLogoutToken("the logout token is too old")
-    if await services.sessions.jti_seen(claims["jti"]):
+    if await services.sessions.jti_seen(claims["jti"], oidc.name):
         log.warning(
             "backchannel.replayed", extra={"event": "backchannel.rejected", "reason": "replay"}
         )
         raise InvalidLogoutToken("the logout token was already used (jti)")
     sid = claims.get("sid") if isinstance(claims.get("sid"), str) and claims["sid"] else None
     sub = claims.get("sub") if isinstance(claims.get("sub"), str) and claims["sub"] else None
-    ended = await services.sessions.end_op_session(sid=sid, sub=sub)
+    ended = await services.sessions.end_op_session(sid=sid, sub=sub, idp=oidc.name)
     # Recorded only once the sessions are gone: if ending them failed (503), the OP's retry of
     # the same token (Back-Channel Logout 1.0, 2.8) must still be accepted. Two deliveries
     # racing each other both end the same sessions, which is harmless.
-    await services.sessions.record_jti(claims["jti"], ttl)
+    await services.sessions.record_jti(claims["jti"], ttl, oidc.name)
     services.metrics.inc("bff_logouts_total", ended, cause="backchannel")
-    log.info("backchannel.logout", extra={"event": "backchannel.logout", "ended": ended})
+    log.info(
+        "backchannel.logout",
+        extra={"event": "backchannel.logout", "ended": ended, "idp": oidc.name},
+    )
     return web.Response(status=200, headers={"Cache-Control": "no-store"})
 
 

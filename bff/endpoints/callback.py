@@ -9,6 +9,11 @@ A failed login is not a dead end. A browser navigation (``redirects.is_navigatio
 to the app with a 303: to the login's ``returnTo`` when the transaction is known, else ``/``, with
 ``?bff_error=<code>``, the code being one of ``OP_ERRORS`` or bff's own fixed error codes, never
 the OP's free text. Anything else (a script, an API client) gets the JSON error as before.
+
+**Several providers** (issue 12, point 5): the login transaction names the provider the login
+went to; the code is exchanged there and nowhere else, and two mix-up defenses (RFC 9207) hold:
+the callback must arrive on that provider's own redirect URI (``Settings.callback_path``), and
+an ``iss`` parameter must be that provider's issuer (required when its OP advertises it).
 """
 
 from __future__ import annotations
@@ -123,16 +128,22 @@ async def _finish(request: web.Request, attempt: _Attempt) -> web.Response:
     tx = await services.sessions.finish_login(browser, query.get("state"))
     attempt.return_to = tx.return_to
     code = query.get("code")
+    oidc = services.providers.get(tx.idp or services.oidc.name)
+    if oidc is None:
+        raise LoginFailed("the login's provider is no longer configured")
+    if request.path != services.settings.callback_path(oidc.settings):
+        services.metrics.inc("bff_logins_total", outcome="rejected")
+        raise LoginFailed("the authorization response came to another provider's redirect URI")
     try:
-        await services.oidc.check_response_issuer(query.get("iss"))
+        await oidc.check_response_issuer(query.get("iss"))
         if not code:
             raise LoginFailed("the authorization response has no code")
         # A new key for each login (RFC 9449): the session's tokens are bound to it.
-        key = dpop.generate(await services.oidc.dpop_alg()) if services.settings.oidc.dpop else None
-        tokens = await services.oidc.exchange_code(code, tx.code_verifier, dpop_key=key)
+        key = dpop.generate(await oidc.dpop_alg()) if oidc.settings.dpop else None
+        tokens = await oidc.exchange_code(code, tx.code_verifier, dpop_key=key)
         if tokens.id_token is None:
             raise LoginFailed("the OP returned no ID token (is the openid scope requested?)")
-        claims = await services.oidc.validate_id_token(tokens.id_token, nonce=tx.nonce)
+        claims = await oidc.validate_id_token(tokens.id_token, nonce=tx.nonce)
     except InvalidGrant:
         services.metrics.inc("bff_logins_total", outcome="invalid_code")
         raise LoginFailed("the authorization code is invalid, expired or already used") from None
@@ -142,7 +153,7 @@ async def _finish(request: web.Request, attempt: _Attempt) -> web.Response:
         raise LoginFailed(str(exc)) from None
     profile = user_claims(claims)
     try:
-        info = await services.oidc.userinfo(tokens.access_token, dpop_key=key)
+        info = await oidc.userinfo(tokens.access_token, dpop_key=key)
         # Core 5.3.2: userinfo about another subject must not be merged.
         if info.get("sub") == claims["sub"]:
             profile = {**user_claims(info), **profile}
@@ -161,13 +172,12 @@ async def _finish(request: web.Request, attempt: _Attempt) -> web.Response:
             access_lifetime=tokens.lifetime,
             refresh_token=tokens.refresh_token,
             id_token=tokens.id_token,
-            scopes=tokens.scope
-            if tokens.scope is not None
-            else tuple(services.settings.oidc.scopes),
+            scopes=tokens.scope if tokens.scope is not None else tuple(oidc.settings.scopes),
             created_at=now,
             expires_at=now + services.settings.session.absolute_timeout,
             sid=claims.get("sid") if isinstance(claims.get("sid"), str) else None,
             dpop_jwk=key.record() if key is not None else None,
+            idp=oidc.name,
         )
     )
     services.refresher.note_lifetime(tokens.lifetime)

@@ -23,6 +23,10 @@ it answers, and revokes the tokens it got (``refresh.py``): no token outlives th
 with no revocation endpoint at all (discovery, RFC 8414 metadata, ``oidc.revocation_endpoint``)
 is reported at start-up and by ``bff check-config``; logout can then only forget the tokens.
 
+With several providers (issue 12, point 5), all of this happens at the provider the session was
+logged in at (``Services.provider_for``): its revocation endpoint, its ``end_session_endpoint``,
+its ``client_id`` and its ``post_logout_redirect``.
+
 An OP without an ``end_session_endpoint`` (or whose metadata is not loaded) cannot end its own
 session; the browser then lands on ``oidc.post_logout_redirect`` directly. A request with no live
 session also lands there: a stale cookie is cleared; with no cookie nothing is cleared, since a
@@ -39,7 +43,7 @@ from urllib.parse import quote, urlencode
 from aiohttp import web
 
 from bff.errors import BadRequest, ProviderUnavailable
-from bff.oidc import ProviderMetadata
+from bff.oidc import OidcClient, ProviderMetadata
 from bff.services import SERVICES, Services
 from bff.sessions import Session
 
@@ -55,10 +59,10 @@ class LogoutRefused(BadRequest):
 
 async def handle(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    landing = services.settings.oidc.post_logout_redirect
     secret = services.cookies.session_secret(request)
     session = await services.sessions.load(secret, fresh=True)
     if session is None:
+        landing = services.settings.oidc.post_logout_redirect
         # A stale cookie is cleared. No cookie at all may just mean a cross-site link (a Strict
         # cookie stays home): clearing then would let any site log the user out.
         return _redirect(services, landing, clear=secret is not None)
@@ -68,38 +72,45 @@ async def handle(request: web.Request) -> web.Response:
         raise LogoutRefused()
     await services.sessions.end(session)
     services.metrics.inc("bff_logouts_total", cause="user")
-    log.info("session.logout", extra={"event": "session.logout", "session": session.id[:8]})
+    oidc = services.provider_for(session)
+    landing = oidc.settings.post_logout_redirect
+    log.info(
+        "session.logout",
+        extra={"event": "session.logout", "session": session.id[:8], "idp": oidc.name},
+    )
     try:
-        meta = await services.oidc.metadata()
+        meta = await oidc.metadata()
     except ProviderUnavailable:
         log.warning("logout.op_unavailable", extra={"event": "logout.op_unavailable"})
         return _redirect(services, landing)
-    await _revoke_tokens(services, session)
+    await _revoke_tokens(oidc, session)
     if not meta.end_session_endpoint:
         return _redirect(services, landing)
-    return _redirect(services, _end_session_url(services, meta, session))
+    return _redirect(services, _end_session_url(services, oidc, meta, session))
 
 
-async def _revoke_tokens(services: Services, session: Session) -> None:
+async def _revoke_tokens(oidc: OidcClient, session: Session) -> None:
     """RFC 7009: refresh token first (many OPs then drop the grant's access tokens too)."""
     data = session.data
     pending = []
     if data.refresh_token:
-        pending.append(services.oidc.revoke(data.refresh_token, "refresh_token"))
+        pending.append(oidc.revoke(data.refresh_token, "refresh_token"))
     if data.access_token:
-        pending.append(services.oidc.revoke(data.access_token, "access_token"))
+        pending.append(oidc.revoke(data.access_token, "access_token"))
     # revoke() never raises for an OP that fails; the session is already gone either way.
     await asyncio.gather(*pending)
 
 
-def _end_session_url(services: Services, meta: ProviderMetadata, session: Session) -> str:
-    settings = services.settings
+def _end_session_url(
+    services: Services, oidc: OidcClient, meta: ProviderMetadata, session: Session
+) -> str:
+    provider = oidc.settings
     params = {
-        "client_id": settings.oidc.client_id,
-        "post_logout_redirect_uri": settings.public_url + settings.oidc.post_logout_redirect,
+        "client_id": provider.client_id,
+        "post_logout_redirect_uri": services.settings.public_url + provider.post_logout_redirect,
         "logout_hint": session.data.sid or session.data.sub,
     }
-    if settings.oidc.logout_id_token_hint and session.data.id_token:
+    if provider.logout_id_token_hint and session.data.id_token:
         params["id_token_hint"] = session.data.id_token
     endpoint = meta.end_session_endpoint or ""
     sep = "&" if "?" in endpoint else "?"

@@ -21,6 +21,7 @@ async def handle(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "sub": data.sub,
+            "idp": services.provider_for(session).name,  # the provider of the login
             "claims": data.claims,
             "expires_at": int(data.expires_at),
             "idle_expires_at": int(services.sessions.idle_deadline(session)),

@@ -49,7 +49,10 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def oidc_op() -> Iterator[OidcProvider]:
     _require("node")
-    with OidcProvider(access_ttl=OP_ACCESS_TTL) as op:
+    # PAR off: these tests read the authorization request's parameters in the browser's URL,
+    # which PAR (bff's default whenever the OP offers it) replaces by a request_uri. PAR has its
+    # own OPs (``par_op``, test_par.py).
+    with OidcProvider(access_ttl=OP_ACCESS_TTL, par="off") as op:
         yield op
 
 

@@ -802,7 +802,8 @@ async def test_an_issuer_down_at_start_gives_503_at_login_until_it_comes_up(
         assert status == 503 and body["error"] == "provider_unavailable"
         assert "Retry-After" in headers
 
-        with OidcProvider(port=op_port) as late:
+        # PAR off: "late-client" is registered nowhere, and a pushed request would be refused.
+        with OidcProvider(port=op_port, par="off") as late:
             assert late.issuer == issuer
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:

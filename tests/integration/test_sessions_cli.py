@@ -122,7 +122,7 @@ async def test_revoke_by_op_sid_ends_the_sessions_of_that_op_session(
         assert session is not None and session.data.sid
 
         code, out, err = await bff_cli(
-            "sessions", "revoke", "--config", str(config_file), "--sid", session.data.sid
+            "sessions", "revoke", "--config", str(config_file), f"--sid={session.data.sid}"
         )
         assert code == 0, err
         assert "ended 1 session(s) of OP sid" in out

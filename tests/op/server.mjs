@@ -37,6 +37,15 @@
 //                    and an `audience` or `resource` among OP_RESOURCE_SERVERS give a JWT for
 //                    it; any other target is invalid_target. Default: off
 //
+// --- PAR and several OPs (issue 12, points 4-5) ---
+//   OP_PAR           pushed authorization requests (RFC 9126): "optional" (default, as
+//                    oidc-provider ships: the endpoint is advertised, PAR is not required),
+//                    "required" (require_pushed_authorization_requests) or "off" (no endpoint)
+//   OP_COOKIE_PREFIX prefix of the OP's own cookie names (default none), so that one browser can
+//                    hold sessions at two test OPs on 127.0.0.1 (cookies ignore the port)
+//   /__test/stats also counts `par_requests`: pushed authorization requests answered 201
+// --- end PAR and several OPs ---
+//
 // Besides the OP endpoints (see /.well-known/openid-configuration) it serves:
 //   GET  /interaction/:uid           login form (any login + any non-empty password) or consent
 //   POST /interaction/:uid/login     fields: login, password
@@ -404,8 +413,37 @@ if (DPOP) {
   };
 }
 // -- DPoP: end --
+// --- PAR and several OPs (issue 12, points 4-5): configuration ---
+const PAR = process.env.OP_PAR || 'optional';
+if (!['optional', 'required', 'off'].includes(PAR)) {
+  console.error(`OP_PAR must be optional, required or off, got ${PAR}`);
+  process.exit(2);
+}
+configuration.features.pushedAuthorizationRequests = {
+  enabled: PAR !== 'off',
+  requirePushedAuthorizationRequests: PAR === 'required',
+};
+const COOKIE_PREFIX = process.env.OP_COOKIE_PREFIX || '';
+if (COOKIE_PREFIX) {
+  configuration.cookies.names = {
+    session: `${COOKIE_PREFIX}_session`,
+    interaction: `${COOKIE_PREFIX}_interaction`,
+    resume: `${COOKIE_PREFIX}_interaction_resume`,
+    state: `${COOKIE_PREFIX}_state`,
+  };
+}
+// --- end PAR and several OPs: configuration ---
 
 const provider = new Provider(ISSUER, configuration);
+
+// --- PAR and several OPs (issue 12, points 4-5): count pushed authorization requests ---
+provider.use(async (ctx, next) => {
+  await next();
+  if (ctx.method === 'POST' && ctx.path === '/request' && ctx.status === 201) {
+    stats.par_requests = (stats.par_requests ?? 0) + 1;
+  }
+});
+// --- end PAR and several OPs: counting ---
 
 provider.on('server_error', (ctx, err) => console.error('server_error', err));
 provider.on('backchannel.success', () => { stats.backchannel_logouts_sent += 1; });

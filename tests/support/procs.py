@@ -350,6 +350,8 @@ class OidcProvider(ChildProcess):
     ``dpop`` turns on DPoP (RFC 9449) at the OP, ``dpop_nonce`` makes it require its nonces.
     ``resource_servers`` (RFC 8707 URI -> ``{"scope", "ttl"}``) get JWT access tokens;
     ``token_exchange=True`` registers the RFC 8693 grant (issue 12).
+    ``par`` is ``"optional"`` (oidc-provider's default: PAR offered), ``"required"`` or ``"off"``;
+    ``cookie_prefix`` renames the OP's cookies, so one browser can log in at two test OPs.
     """
 
     name = "oidc-provider"
@@ -372,11 +374,15 @@ class OidcProvider(ChildProcess):
         dpop_nonce: bool = False,
         resource_servers: Mapping[str, Mapping[str, Any]] | None = None,
         token_exchange: bool = False,
+        par: str = "optional",
+        cookie_prefix: str = "",
     ) -> None:
         super().__init__(port, startup_timeout=startup_timeout)
         # issue 12: OP_RESOURCE_SERVERS and OP_TOKEN_EXCHANGE (see tests/op/server.mjs)
         self.resource_servers = {k: dict(v) for k, v in (resource_servers or {}).items()}
         self.token_exchange = token_exchange
+        self.par = par
+        self.cookie_prefix = cookie_prefix
         self.persistent = persistent
         self.fixed_kids = fixed_kids
         self.revocation_in = revocation_in
@@ -412,6 +418,8 @@ class OidcProvider(ChildProcess):
             "OP_DPOP_NONCE": "1" if self.dpop_nonce else "0",
             "OP_RESOURCE_SERVERS": json.dumps(self.resource_servers),
             "OP_TOKEN_EXCHANGE": "1" if self.token_exchange else "0",
+            "OP_PAR": self.par,
+            "OP_COOKIE_PREFIX": self.cookie_prefix,
             "NODE_ENV": "test",
         }
         return [self.node, str(OP_DIR / "server.mjs")], OP_DIR, env
