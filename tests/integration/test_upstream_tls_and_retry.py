@@ -49,7 +49,11 @@ class TlsUpstream:
     key: Path
     port: int = field(default_factory=free_port)
     seen: list[str] = field(default_factory=list)
+    sni: list[str | None] = field(default_factory=list)  # the server name of each handshake
     runner: web.AppRunner | None = None
+
+    def _sni(self, _conn: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        self.sni.append(name)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.seen.append(f"{request.method} {request.path_qs}")
@@ -78,6 +82,7 @@ class TlsUpstream:
     async def start(self) -> None:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self.cert, self.key)
+        context.sni_callback = self._sni
         app = web.Application(client_max_size=4 * SIZE)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         self.runner = web.AppRunner(app, access_log=None)
@@ -300,6 +305,7 @@ async def test_an_https_upstream_by_name_is_resolved_and_its_certificate_checked
         status, body = await setup.call(f"/tls-name/n{i}")
         assert status == 200, body
         assert json.loads(body)["path"] == f"/up/n{i}"
+    assert setup.good.sni and set(setup.good.sni) == {"localhost"}  # SNI: the URL's host
 
 
 async def test_an_upstream_certificate_from_an_untrusted_ca_gives_502_and_nothing_is_sent(
