@@ -18,22 +18,31 @@ skipped; errors as aiohttp's own exception types (``ClientError`` subclasses, an
 ``ConnectionTimeoutError`` for a connect that took longer than ``connect_timeout``); a connection
 reused only once its answer was read to the end and neither side asked to close; one retry on a
 fresh connection of an idempotent body-less request whose pooled connection turned out closed
-(RFC 9112 9.3.1); at most ``limit`` connections; idle ones closed after ``keepalive_timeout``.
-WebSockets still use an ``aiohttp.ClientSession`` (``Route.http``).
+(RFC 9112 9.3.1); at most ``limit`` connections; idle ones closed after ``keepalive_timeout``;
+the upstream's name resolved once per ``DNS_TTL`` (aiohttp's ``ttl_dns_cache=300``) and its
+addresses tried as aiohttp does (happy eyeballs, ``aiohappyeyeballs``); ``https`` verified with
+the system's CAs (``SSL_CERT_FILE``/``SSL_CERT_DIR`` honoured) and the host name, ALPN
+``http/1.1``, as aiohttp's default context; connect errors as aiohttp's
+``ClientConnector*Error`` (the proxy logs the type's name). WebSockets still use an
+``aiohttp.ClientSession`` (``Route.http``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import socket
 import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Sequence
-from typing import Final, cast
+from typing import Any, Final, cast
 
+import aiohappyeyeballs
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ConnectionKey
 from aiohttp.http_writer import StreamWriter, _serialize_headers
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -47,6 +56,61 @@ _READ_BUFSIZE: Final = 2**16  # aiohttp's defaults for the response parser
 _MAX_LINE: Final = 8190
 _MAX_FIELD: Final = 8190
 _MAX_HEADERS: Final = 128
+DNS_TTL: Final = 300.0  # seconds a resolved upstream name is reused (aiohttp's ttl_dns_cache)
+_HAPPY_EYEBALLS_DELAY: Final = 0.25  # aiohttp's default
+
+AddrInfo = tuple[int, int, int, str, tuple[Any, ...]]
+
+
+def verified_context() -> ssl.SSLContext:
+    """What aiohttp's client verifies with by default: the system's CAs (OpenSSL reads
+    ``SSL_CERT_FILE``/``SSL_CERT_DIR`` here), host name checked, ALPN ``http/1.1``."""
+    context = ssl.create_default_context()
+    context.set_alpn_protocols(("http/1.1",))
+    return context
+
+
+class _Resolver:
+    """One upstream name's addresses, kept ``DNS_TTL`` seconds; concurrent connects share one
+    look-up. One entry per pool (a pool has one origin), so it is bounded by the routes."""
+
+    __slots__ = ("_addrs", "_expires", "_host", "_pending", "_port", "clock")
+
+    def __init__(self, host: str, port: int) -> None:
+        self._host = host
+        self._port = port
+        self._addrs: list[AddrInfo] = []
+        self._expires = 0.0
+        self._pending: asyncio.Future[list[AddrInfo]] | None = None
+        self.clock = time.monotonic  # tests move time on
+
+    async def resolve(self) -> list[AddrInfo]:
+        if self._addrs and self.clock() < self._expires:
+            return self._addrs
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = asyncio.ensure_future(self._lookup())
+            pending.add_done_callback(self._done)
+        return await asyncio.shield(pending)  # a cancelled caller leaves the look-up to others
+
+    async def _lookup(self) -> list[AddrInfo]:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(
+            self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_ADDRCONFIG
+        )
+        addrs: list[AddrInfo] = [
+            (int(family), int(kind), proto, name, tuple(addr))
+            for family, kind, proto, name, addr in infos
+        ]
+        if not addrs:
+            raise OSError(f"no address for {self._host}")
+        return addrs
+
+    def _done(self, future: asyncio.Future[list[AddrInfo]]) -> None:
+        self._pending = None
+        if not future.cancelled() and future.exception() is None:
+            self._addrs = future.result()  # failures are not kept: the next connect asks again
+            self._expires = self.clock() + DNS_TTL
 
 
 class _Items:
@@ -142,14 +206,22 @@ class UpstreamPool:
         connect_timeout: float | None,
         limit: int = 1000,
         keepalive_timeout: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         url = URL(origin)
         self._host = url.raw_host or ""
         self._port = url.port or (443 if url.scheme == "https" else 80)
         self._host_header = url.host_port_subcomponent or self._host
-        self._ssl: ssl.SSLContext | None = (
-            ssl.create_default_context() if url.scheme == "https" else None
+        self._ssl: ssl.SSLContext | None = None
+        self._server_hostname: str | None = None
+        if url.scheme == "https":
+            self._ssl = ssl_context if ssl_context is not None else verified_context()
+            self._server_hostname = self._host.rstrip(".")  # as aiohttp: SNI without the root dot
+        self._key = ConnectionKey(
+            self._host, self._port, self._ssl is not None, self._ssl or True, None, None, None
         )
+        # An address needs no look-up (asyncio takes it as it is); a name gets the cache.
+        self._resolver = None if _is_address(self._host) else _Resolver(self._host, self._port)
         self._connect_timeout = connect_timeout
         self._limit = limit
         self._keepalive = keepalive_timeout
@@ -273,20 +345,44 @@ class UpstreamPool:
             raise
 
     async def _connect(self) -> ResponseHandler:
+        """A new connection, errors as aiohttp's connector raises them. ``connect_timeout``
+        bounds what aiohttp's ``sock_connect`` bounded: the TCP connect and the TLS handshake
+        (the name's look-up, cached, is under the route's own timeout, as before)."""
         loop = asyncio.get_running_loop()
+        addrs: list[AddrInfo] | None = None
+        if self._resolver is not None:
+            try:
+                addrs = await self._resolver.resolve()
+            except OSError as exc:
+                raise aiohttp.ClientConnectorDNSError(self._key, exc) from None
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, protocol = await loop.create_connection(
-                    lambda: ResponseHandler(loop),
-                    self._host,
-                    self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host if self._ssl is not None else None,
-                )
+                if addrs is None:
+                    _, protocol = await loop.create_connection(
+                        lambda: ResponseHandler(loop),
+                        self._host,
+                        self._port,
+                        ssl=self._ssl,
+                        server_hostname=self._server_hostname,
+                    )
+                else:
+                    sock = await aiohappyeyeballs.start_connection(
+                        addrs, happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY, loop=loop
+                    )
+                    _, protocol = await loop.create_connection(
+                        lambda: ResponseHandler(loop),
+                        sock=sock,
+                        ssl=self._ssl,
+                        server_hostname=self._server_hostname,
+                    )
         except TimeoutError:
             raise aiohttp.ConnectionTimeoutError("connection timeout to the upstream") from None
+        except ssl.CertificateError as exc:
+            raise aiohttp.ClientConnectorCertificateError(self._key, exc) from None
+        except ssl.SSLError as exc:
+            raise aiohttp.ClientConnectorSSLError(self._key, exc) from None
         except OSError as exc:
-            raise aiohttp.ClientOSError(exc.errno, exc.strerror) from None
+            raise aiohttp.ClientConnectorError(self._key, exc) from None
         return protocol
 
     def _put(self, protocol: ResponseHandler) -> None:
@@ -319,6 +415,14 @@ class UpstreamPool:
         while self._idle:
             self._idle.pop()[0].close()
             self._open -= 1
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    return True
 
 
 def _get(headers: Sequence[tuple[str, str]], name: str) -> str | None:

@@ -331,6 +331,14 @@ async def test_a_burst_of_100_calls_at_expiry_makes_one_refresh(setup: Setup) ->
 
     bad = [(a.status, a.body[:200]) for a in answers if a.status != 200]
     assert not bad, f"{len(bad)} of 100 calls failed, e.g. {bad[:3]}"
+    # Should a call reach the upstream without a bearer, say what the edge sent in its place
+    # (the scheme word only, or "absent"): a placeholder's text points at the edge's config.
+    unbearered = [
+        [v.split(" ", 1)[0][:48] for v in s.header("Authorization")] or ["absent"]
+        for s in setup.upstream.seen()
+        if s.token is None
+    ]
+    assert not unbearered, f"{len(unbearered)} reached the upstream without a bearer: {unbearered}"
     assert await refresh_grants(setup.op) == 1
     after = await setup.session(cookie)
     assert after is not None and after.access_token != before.access_token

@@ -615,14 +615,22 @@ async def test_the_prefix_is_replaced_by_the_upstream_path_and_the_query_kept(
 
 
 async def test_a_dead_upstream_gives_502_json_without_its_address(
-    bff: Bff, browser: aiohttp.ClientSession
+    bff: Bff, browser: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
     await bff.login(browser)
+    caplog.set_level(logging.WARNING, logger="bff")
     async with browser.get(f"{bff.url}/api/dead/x", headers=CSRF) as resp:
         assert resp.status == 502
         text = await resp.text()
-    assert json.loads(text)["error"] == "upstream_error"
+    assert json.loads(text) == {
+        "error": "upstream_error",
+        "error_description": "the upstream service failed",
+    }
     assert "127.0.0.1" not in text and "Traceback" not in text
+    # The log line as it was with aiohttp's ClientSession: the event, the route, the error type.
+    [failed] = [r for r in caplog.records if getattr(r, "event", None) == "proxy.upstream_failed"]
+    assert (failed.route, failed.error) == ("/api/dead", "ClientConnectorError")  # type: ignore[attr-defined]
+    assert str(bff.settings.upstreams[0].url) not in failed.getMessage()
 
 
 async def test_a_slow_upstream_gives_504_json_after_the_routes_timeout(

@@ -8,6 +8,7 @@ body-less and streamed requests, and errors as aiohttp's client raises them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -156,6 +157,30 @@ async def test_no_more_connections_than_the_limit(upstream: Upstream) -> None:
 
 async def test_a_refused_connection_is_a_client_error() -> None:
     pool = UpstreamPool(f"http://127.0.0.1:{free_port()}", connect_timeout=5)
-    with pytest.raises(aiohttp.ClientOSError):
+    with pytest.raises(aiohttp.ClientConnectorError):  # as aiohttp's client: the proxy logs it
         await pool.request("GET", "/", [], None)
     assert pool._open == 0  # nothing leaked towards the limit
+
+
+async def test_connect_timeout_bounds_the_tls_handshake_too() -> None:
+    """As aiohttp's ``sock_connect`` did: a server that accepts and then never answers the
+    ClientHello is a ``ConnectionTimeoutError`` (the proxy's 504), not a wait for the route's
+    whole timeout."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            while await asyncio.wait_for(reader.read(65536), 10):
+                pass
+        writer.close()
+
+    port = free_port()
+    server = await asyncio.start_server(silent, "127.0.0.1", port)
+    pool = UpstreamPool(f"https://127.0.0.1:{port}", connect_timeout=0.3)
+    try:
+        with pytest.raises(aiohttp.ConnectionTimeoutError):
+            await pool.request("GET", "/", [], None)
+        assert pool._open == 0
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
