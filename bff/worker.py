@@ -112,8 +112,10 @@ async def serve_worker(
     for task in waits:
         task.cancel()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
-        loop.remove_signal_handler(signum)
-        signal.signal(signum, signal.SIG_IGN)  # a second signal must not cut the graceful stop
+        # A second signal must not cut the graceful stop. Replaced, never removed: removing
+        # restores SIG_DFL for a moment, and a second SIGTERM in that moment (killpg and the
+        # parent's forward arrive together) killed the worker mid-drain.
+        loop.add_signal_handler(signum, _ignore)
     if watcher is not None:
         watcher.cancel()
     lifecycle = app[LIFECYCLE]
@@ -162,6 +164,10 @@ def _install_fast_loop() -> None:
     except ImportError:
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _ignore() -> None:
+    """A signal during the graceful stop: already stopping."""
 
 
 def _exit_before_serving(signum: int, frame: object) -> None:

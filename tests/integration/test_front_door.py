@@ -663,6 +663,51 @@ def _listening(port: int) -> int:
     )
 
 
+def test_a_burst_of_signals_during_the_graceful_stop_does_not_kill_a_worker(
+    bff: BffProcess,
+) -> None:
+    """killpg and the parent's own forward reach a worker together, and an impatient operator
+    sends more: a burst of SIGTERMs after the first must not cut the graceful stop (a worker
+    left with SIG_DFL after its first signal dies here with -15)."""
+    proc = BffProcess(bff.config, workers=1)
+    try:
+        proc.start()
+        assert proc.pid is not None
+        deadline = time.monotonic() + 20
+        while _listening(proc.port) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert len(workers) == 1, workers
+        os.killpg(proc.pid, signal.SIGTERM)
+        for _ in range(3000):  # bounded: a few hundred ms of signals, then stop
+            try:
+                os.kill(workers[0], signal.SIGTERM)
+            except ProcessLookupError:
+                break
+        deadline = time.monotonic() + 30
+        while proc.is_running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not proc.is_running(), "bff run did not stop"
+        assert proc._proc is not None and proc._proc.returncode == 0, proc.logs()
+        assert "worker.died" not in proc.full_logs()
+    finally:
+        proc.close()
+
+
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_bff_run_cleanly(bff: BffProcess, signum: int) -> None:
     """The front door's runner keeps ``web.run_app``'s contract: a signal is a graceful stop with
