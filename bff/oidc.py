@@ -916,7 +916,7 @@ def unverified_issuer(token: str) -> str | None:
         return None
     try:
         claims = json.loads(jws.extract_compact(token.encode()).payload)
-    except (JoseError, ValueError, TypeError):
+    except (JoseError, ValueError, TypeError, RecursionError):  # anyone may post one: never 500
         return None
     iss = claims.get("iss") if isinstance(claims, dict) else None
     return iss if isinstance(iss, str) else None
