@@ -522,7 +522,7 @@ async def test_edge_mode_answers_the_token_with_a_proof_the_upstream_accepts(
     assert status == 200, body
 
 
-# -- a DPoP session's per-route (RFC 8707 resource) tokens ------------------------------------------
+# -- a DPoP session's per-route (RFC 8707 resource) tokens ---------------------------------------
 
 RESOURCE = "https://orders.test/api"
 
