@@ -419,3 +419,24 @@ def test_each_provider_refreshes_with_its_own_skew() -> None:
     assert refresher.oidc_for(session_data("u", None, None)) is a
     assert refresher.effective_skew(session_data("u", None, "b")) == 5.0
     assert refresher.effective_skew(session_data("u", None, "a")) == 60.0
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "dpop_signing_alg_values_supported",
+        "id_token_signing_alg_values_supported",
+        "grant_types_supported",
+    ],
+)
+@pytest.mark.parametrize("value", [5, True, {"ES256": 1}, "ES256"])
+def test_an_odd_algorithm_list_in_discovery_reads_as_none_listed_not_a_crash(
+    key: str, value: object
+) -> None:
+    """A TypeError here would end the discovery task for good (it retries ProviderUnavailable
+    only) and make every login at that provider a 500."""
+    from bff.oidc import ProviderMetadata
+
+    doc = {"issuer": "i", "authorization_endpoint": "a", "token_endpoint": "t", "jwks_uri": "j"}
+    meta = ProviderMetadata.parse({**doc, key: value}, "i")
+    assert meta.dpop_algs == () and meta.id_token_algs == ()
