@@ -445,6 +445,11 @@ class RouteTokens:
             return self._remember(session, plan, await self._exchange(session, plan))
 
     async def _exchange(self, session: Session, plan: RoutePlan) -> _Exchanged:
+        if session.data.dpop_jwk is not None:
+            # Config refuses exchange with oidc.dpop, but a session logged in while DPoP was on
+            # outlives a config without it: a bound token is never traded, without a proof, for
+            # an unbound one (invariant 22).
+            raise TokenRefused("a DPoP-bound session's token is not exchanged")
         _, subject = await self._refresher.access_token(session)
         try:
             tokens = await self._refresher.oidc_for(session.data).token_exchange(

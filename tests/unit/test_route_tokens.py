@@ -575,3 +575,22 @@ upstreams:
 """
     found = problems(text)
     assert len(found) == 1 and "one audience per route" in found[0], found
+
+
+async def test_a_dpop_sessions_token_is_never_exchanged_for_an_unbound_one(
+    pair: tuple[Instance, Instance], op: ResourceOp
+) -> None:
+    """Config refuses ``token: exchange`` with ``oidc.dpop``, but a session logged in while DPoP
+    was on outlives a config that turned it off: its bound token must not be traded, without a
+    proof, for an unbound one (invariant 22). 403, and the OP is not asked."""
+    from bff import dpop as dpop_mod
+
+    a, _ = pair
+    data = _data(access_in=600)
+    data.dpop_jwk = dpop_mod.generate("ES256").record()
+    session = await a.sessions.create(data)
+    plan = a.tokens.plan(REPORTS)
+    assert plan is not None
+    with pytest.raises(TokenRefused):
+        await a.tokens.token(session, plan)
+    assert op.exchanges == []
