@@ -128,7 +128,7 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
             sessions, oidc, services.refresher, skew=settings.oidc.refresh_skew, metrics=metrics
         )
         for client in providers.values():  # a session's route tokens come from its provider
-            client.login_resources = route_tokens.login_resources(settings)
+            client.login_resources = route_tokens.login_resources(settings, client.settings)
             client.required_grants = route_tokens.required_grants(settings)
         # An OP that is down at start must not stop us from serving: discover in the background.
         discovery = [asyncio.create_task(c.discover_forever()) for c in providers.values()]

@@ -128,7 +128,6 @@ class ProviderMetadata:
         methods = doc.get("code_challenge_methods_supported")
         if isinstance(methods, list) and "S256" not in methods:
             raise ValueError("the OP does not support PKCE S256")
-        algs = doc.get("id_token_signing_alg_values_supported") or []
         return cls(
             issuer=doc["issuer"],
             authorization_endpoint=doc["authorization_endpoint"],
@@ -138,10 +137,9 @@ class ProviderMetadata:
             revocation_endpoint=doc.get("revocation_endpoint"),
             end_session_endpoint=doc.get("end_session_endpoint"),
             iss_parameter_supported=bool(doc.get("authorization_response_iss_parameter_supported")),
-            id_token_algs=tuple(a for a in algs if isinstance(a, str)),
-            dpop_algs=tuple(
-                a for a in doc.get("dpop_signing_alg_values_supported") or [] if isinstance(a, str)
-            ),
+            # A list of strings, whatever else the OP wrote (a TypeError would end discovery).
+            id_token_algs=_str_tuple(doc.get("id_token_signing_alg_values_supported")) or (),
+            dpop_algs=_str_tuple(doc.get("dpop_signing_alg_values_supported")) or (),
             grant_types=_str_tuple(doc.get("grant_types_supported")),
         )
 
@@ -916,7 +914,7 @@ def unverified_issuer(token: str) -> str | None:
         return None
     try:
         claims = json.loads(jws.extract_compact(token.encode()).payload)
-    except (JoseError, ValueError, TypeError):
+    except (JoseError, ValueError, TypeError, RecursionError):  # anyone may post one: never 500
         return None
     iss = claims.get("iss") if isinstance(claims, dict) else None
     return iss if isinstance(iss, str) else None

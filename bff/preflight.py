@@ -187,7 +187,7 @@ async def _check_issuer(settings: Settings, provider: OidcSettings, report: Repo
             return
         report.infos.append(f"{subject}: discovery OK")
         _check_offers(doc, provider, subject, report)
-        _check_route_grants(doc, settings, subject, report)
+        _check_route_grants(doc, settings, provider, subject, report)
         report.infos.append(f"{subject}: {dpop.feature_line(meta.dpop_algs, provider.dpop)}")
         if meta.revocation_endpoint:
             report.infos.append(f"{subject}: revocation endpoint {meta.revocation_endpoint}")
@@ -289,7 +289,7 @@ async def _check_token_lifetime(
 
 
 def _check_route_grants(
-    doc: dict[str, Any], settings: Settings, subject: str, report: Report
+    doc: dict[str, Any], settings: Settings, provider: OidcSettings, subject: str, report: Report
 ) -> None:
     """Issue 12: ``token: exchange`` needs the RFC 8693 grant; RFC 8707 has no discovery key."""
     for grant, why in required_grants(settings).items():
@@ -303,9 +303,10 @@ def _check_route_grants(
             report.warnings.append(
                 f"{subject}: advertises no grant_types_supported; {why} needs {grant}"
             )
-    if login_resources(settings):
+    asked = login_resources(settings, provider)
+    if asked:
         report.infos.append(
-            f"{subject}: login asks for resources {', '.join(login_resources(settings))} "
+            f"{subject}: login asks for resources {', '.join(asked)} "
             "(RFC 8707 has no discovery key; set oidc.login_resources: false for an OP that "
             "refuses the parameter)"
         )

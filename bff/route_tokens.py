@@ -53,7 +53,7 @@ from bff.oidc import TOKEN_EXCHANGE_GRANT, InvalidGrant, OidcClient, TokenReques
 from bff.sessions import Session, SessionData, SessionManager, exchange_key, lock_key
 
 if TYPE_CHECKING:
-    from bff.config import Settings, Upstream
+    from bff.config import OidcSettings, Settings, Upstream
     from bff.refresh import TokenRefresher
 
 __all__ = [
@@ -108,11 +108,14 @@ def plan_for(upstream: Upstream) -> RoutePlan | None:
     return None
 
 
-def login_resources(settings: Settings) -> tuple[str, ...]:
-    """The resources login asks for (RFC 8707 2.1): those of the user routes, when the OP takes
-    the ``resource`` parameter and ``oidc.login_resources`` is on. An OP ignores parameters it
-    does not know (RFC 6749 3.1), so this is safe where resource indicators are unsupported."""
-    if settings.oidc.resource_parameter != "resource" or not settings.oidc.login_resources:
+def login_resources(settings: Settings, provider: OidcSettings | None = None) -> tuple[str, ...]:
+    """The resources a login at ``provider`` (None: the default) asks for (RFC 8707 2.1): those
+    of the user routes, when that OP takes the ``resource`` parameter and its
+    ``login_resources`` is on; each provider by its own settings, never the default's. An OP
+    ignores parameters it does not know (RFC 6749 3.1), so this is safe where resource
+    indicators are unsupported."""
+    oidc = provider if provider is not None else settings.oidc
+    if oidc.resource_parameter != "resource" or not oidc.login_resources:
         return ()
     found: dict[str, None] = {}
     for upstream in settings.upstreams:
@@ -442,6 +445,11 @@ class RouteTokens:
             return self._remember(session, plan, await self._exchange(session, plan))
 
     async def _exchange(self, session: Session, plan: RoutePlan) -> _Exchanged:
+        if session.data.dpop_jwk is not None:
+            # Config refuses exchange with oidc.dpop, but a session logged in while DPoP was on
+            # outlives a config without it: a bound token is never traded, without a proof, for
+            # an unbound one (invariant 22).
+            raise TokenRefused("a DPoP-bound session's token is not exchanged")
         _, subject = await self._refresher.access_token(session)
         try:
             tokens = await self._refresher.oidc_for(session.data).token_exchange(

@@ -275,8 +275,9 @@ class SessionManager:
         if data.expires_at <= now:
             await self.end_ids(sid)
             return None
-        if self._issuers and data.idp is not None and data.idp not in self._issuers:
-            # Its provider left the config: nothing could refresh, revoke or end it there.
+        if self._issuers and not self._provider_unchanged(data):
+            # Its provider left the config, or its name now stands for another issuer: nothing
+            # could refresh, revoke or end it there, and its tokens must not go to another OP.
             log.warning(
                 "session.unknown_idp", extra={"event": "session.unknown_idp", "idp": data.idp}
             )
@@ -289,6 +290,14 @@ class SessionManager:
         session = Session(secret, sid, data, blob, public_handle(secret))
         self._remember(session, now)
         return session
+
+    def _provider_unchanged(self, data: SessionData) -> bool:
+        """The session's provider is configured, with the issuer its ID token named (when the
+        record holds one: ``iss`` is kept among the claims)."""
+        if data.idp is not None and data.idp not in self._issuers:
+            return False
+        iss = data.claims.get("iss")
+        return not isinstance(iss, str) or iss == self.issuer_of(data.idp)
 
     async def save(self, session: Session, data: SessionData) -> Session | None:
         """Replace ``session`` with ``data`` unless someone wrote a newer version first."""

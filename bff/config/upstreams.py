@@ -45,7 +45,9 @@ def _check_resource_parameter(
 ) -> None:
     """An OP that says ``audience`` (Auth0 style) issues a token for one audience at a time."""
     oidc = data.get("oidc")
-    if not isinstance(oidc, dict) or oidc.get("resource_parameter") != "audience":
+    providers = oidc if isinstance(oidc, list) else [oidc]  # a route serves every provider's
+    named = [p.get("resource_parameter") for p in providers if isinstance(p, dict)]
+    if "audience" not in named:
         return
     for i, up in routes:
         if up.token != "exchange" and len(up.resource) > 1:  # noqa: S105 (a mode)

@@ -61,7 +61,10 @@ _METHOD_HEADERS: Final = ("X-Original-Method", "X-Forwarded-Method")
 
 def _target_of_url(url: str) -> str:
     """The path and query of an absolute ``X-Original-URL``."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "http://[::1/x": a bad IPv6 literal
+        raise BadRequest(_NO_ORIGINAL) from None
     if parts.scheme not in ("http", "https") or not parts.path:
         raise BadRequest(_NO_ORIGINAL)
     return parts.path + ("?" + parts.query if parts.query else "")

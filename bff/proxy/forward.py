@@ -270,7 +270,13 @@ async def _http(
         and not has_body
         and request.method in _IDEMPOTENT
     ):
-        new_token = await _renew_token(services, route, session, token)
+        try:
+            new_token = await _renew_token(services, route, session, token)
+        except BaseException:
+            # The 401's body may still be streaming: without this the connection would stay
+            # checked out of the route's pool for good (one slot per failed renewal).
+            resp.close()
+            raise
         if new_token is not None:
             resp.close()
             headers = outgoing(new_token)

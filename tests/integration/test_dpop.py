@@ -98,7 +98,13 @@ class Bff:
 
 
 def settings_for(
-    port: int, op: OidcProvider, client: dict[str, Any], redis: str, up: str, static: Path
+    port: int,
+    op: OidcProvider,
+    client: dict[str, Any],
+    redis: str,
+    up: str,
+    static: Path,
+    extra_routes: tuple[dict[str, Any], ...] = (),
 ) -> Settings:
     return parse_settings(
         json.dumps(
@@ -119,6 +125,7 @@ def settings_for(
                     {"path": "/api", "url": f"{up}/up"},
                     {"path": "/api/public", "url": f"{up}/public", "token": "none"},
                     {"path": "/api/ws", "url": f"{up}/ws", "websocket": True},
+                    *extra_routes,
                 ],
                 "trusted_proxies": ["127.0.0.1/32"],  # for edge mode's /bff/authz
             }
@@ -513,3 +520,74 @@ async def test_edge_mode_answers_the_token_with_a_proof_the_upstream_accepts(
     headers = {"Authorization": answer["Authorization"], "DPoP": answer["DPoP"]}
     status, body = await bff.upstream.send("DELETE", "/up/edge/x?y=1", headers)
     assert status == 200, body
+
+
+# -- a DPoP session's per-route (RFC 8707 resource) tokens ---------------------------------------
+
+RESOURCE = "https://orders.test/api"
+
+
+@pytest.fixture(scope="module")
+def dpop_resource_op() -> Iterator[OidcProvider]:
+    """A DPoP OP (nonces required) that also issues JWT access tokens for one resource server."""
+    if shutil.which("node") is None:
+        pytest.skip("node not found on PATH")
+    servers = {RESOURCE: {"scope": "api:read", "ttl": 60}}
+    with OidcProvider(access_ttl=60, dpop=True, dpop_nonce=True, resource_servers=servers) as op:
+        yield op
+
+
+async def test_a_dpop_sessions_resource_route_gets_a_bound_token_a_validating_upstream_accepts(
+    redis_server: RedisServer, dpop_resource_op: OidcProvider, tmp_path: Path
+) -> None:
+    """The merge seam of DPoP and per-route tokens: the resource token is obtained with the
+    session's key (a proof on the refresh grant, the OP's nonce dance included), so it is a JWT
+    for that resource alone whose ``cnf.jkt`` is the session's key; bff sends it as ``DPoP`` with
+    a proof for the upstream URL, and an upstream that verifies the JWT, its audience, the proof
+    and the binding accepts it. The session's main token never reaches that upstream."""
+    op = dpop_resource_op
+    upstream = DpopUpstream(
+        introspection=f"{op.issuer}/token/introspection",
+        client=await introspection_client(op),
+        jwt_audience=RESOURCE,
+        jwks=f"{op.issuer}/jwks",
+        require_nonce=True,
+    )
+    await upstream.start()
+    port = free_port()
+    client = await op.register_client(
+        redirect_uris=[f"http://127.0.0.1:{port}/bff/callback"],
+        scope="openid profile api:read",
+        dpop_bound_access_tokens=True,
+    )
+    (tmp_path / "static").mkdir()
+    route = {"path": "/orders", "url": f"{upstream.url}/rs", "resource": RESOURCE}
+    settings = settings_for(
+        port, op, client, redis_server.url, upstream.url, tmp_path / "static", (route,)
+    )
+    app, runner = await start_bff(settings, port)
+    try:
+        bff = Bff(f"http://127.0.0.1:{port}", settings, app, upstream, op, runner)
+        async with browser_session(bff.url) as browser:
+            session = await bff.login(browser)
+            key = dpop.session_key(session)
+            assert key is not None
+            for n in range(2):  # the second call: the token kept in the session, a new proof
+                async with browser.get(f"{bff.url}/orders/7?x={n}", headers=CSRF) as resp:
+                    assert resp.status == 200, await resp.text()
+            after = await bff.session(browser)
+        accepted = [c for c in upstream.calls if c.verdict == "ok"]
+        assert len(accepted) == 2, [c.verdict for c in upstream.calls]
+        assert after is not None
+        resource_token = after.data.resource_tokens[RESOURCE]["t"]
+        for call in accepted:
+            assert call.header("authorization") == f"DPoP {resource_token}"
+            assert call.token != session.data.access_token  # never the main token
+            assert call.claims["htu"] == f"{upstream.url}/rs/7"  # no query
+            assert call.claims["nonce"] == upstream.nonce
+            assert call.jkt == key.thumbprint()
+        info = await upstream._token_info(resource_token)
+        assert info["aud"] == RESOURCE and info["cnf"]["jkt"] == key.thumbprint()
+    finally:
+        await runner.cleanup()
+        await upstream.close()

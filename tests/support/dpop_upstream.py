@@ -9,6 +9,9 @@ fragment, as RFC 9449 4.3 compares it), ``ath`` against the token, ``iat`` withi
 (401 ``use_dpop_nonce`` with a ``DPoP-Nonce`` otherwise), and that the token is active at the OP
 and bound to that very key (``cnf.jkt`` from the OP's introspection endpoint equals the RFC 7638
 thumbprint of the proof's key). ``Authorization: Bearer`` with a DPoP-bound token is refused.
+With ``jwt_audience`` set, the token is a JWT access token for that audience (an RFC 8707
+resource server's, which the OP does not introspect): it is verified with the OP's JWKS
+(``jwks``), its ``aud`` must be ``jwt_audience``, and ``cnf.jkt`` is read from it.
 
 A WebSocket handshake is checked the same way (a GET), then the socket echoes text.
 Each request is recorded (:class:`Call`) with the verdict, for the tests to look at.
@@ -27,7 +30,7 @@ import aiohttp
 from aiohttp import web
 from joserfc import jws, jwt
 from joserfc.errors import JoseError
-from joserfc.jwk import ECKey, OKPKey, RSAKey
+from joserfc.jwk import ECKey, KeySet, OKPKey, RSAKey
 
 from tests.support.procs import free_port
 
@@ -67,6 +70,8 @@ class DpopUpstream:
     require_nonce: bool = False
     calls: list[Call] = field(default_factory=list)
     nonce: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    jwt_audience: str | None = None  # set: tokens are JWTs for it, checked with ``jwks``
+    jwks: str | None = None  # the OP's JWKS URL (for ``jwt_audience``)
     _jtis: set[str] = field(default_factory=set)
     _runner: web.AppRunner | None = None
     _http: aiohttp.ClientSession | None = None
@@ -115,7 +120,7 @@ class DpopUpstream:
         scheme, _, token = auth[0].partition(" ")
         call.token = token
         if scheme.lower() == "bearer":
-            info = await self._introspect(token)
+            info = await self._token_info(token)
             if info.get("cnf", {}).get("jkt"):
                 raise Refused("a DPoP-bound token used as a bearer token")
             raise Refused("this API only takes DPoP-bound tokens")
@@ -162,11 +167,28 @@ class DpopUpstream:
         self._jtis.add(jti)
         if self.require_nonce and claims.get("nonce") != self.nonce:
             raise Refused("use_dpop_nonce")
-        info = await self._introspect(token)
+        info = await self._token_info(token)
         if not info.get("active"):
             raise Refused("token not active")
         if info.get("cnf", {}).get("jkt") != call.jkt:
             raise Refused("the token is not bound to the proof's key (cnf.jkt)")
+
+    async def _token_info(self, token: str) -> dict[str, Any]:
+        """What introspection would say: for ``jwt_audience``, from the verified JWT itself."""
+        if self.jwt_audience is None:
+            return await self._introspect(token)
+        assert self._http is not None and self.jwks is not None
+        async with self._http.get(self.jwks) as resp:
+            keys = KeySet.import_key_set(await resp.json())
+        try:
+            claims = dict(jwt.decode(token, keys).claims)
+        except (JoseError, ValueError) as exc:
+            raise Refused("the token is not a JWT the OP signed") from exc
+        if claims.get("aud") != self.jwt_audience:
+            raise Refused(f"the token is for another audience: {claims.get('aud')!r}")
+        if not isinstance(claims.get("exp"), int) or claims["exp"] < time.time():
+            raise Refused("token expired")
+        return {"active": True, **claims}
 
     async def _introspect(self, token: str) -> dict[str, Any]:
         assert self._http is not None

@@ -250,3 +250,18 @@ async def test_a_logout_that_failed_on_the_store_is_accepted_when_the_op_retries
     assert await post(services, form(token)) == 200  # the OP's retry of the same token
     assert await alive(services, victim) == [False]
     assert await post(services, form(token)) == 400  # and now it is a replay
+
+
+async def test_a_logout_token_with_deeply_nested_claims_gets_400_never_500(
+    services: Services,
+) -> None:
+    """The unverified ``iss`` that picks the provider is read before any signature check: a
+    payload nested deeper than the JSON parser recurses must be a 400, not a RecursionError."""
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    nested = b"[" * 5000 + b"]" * 5000
+    token = f"{b64(json.dumps({'alg': 'RS256'}).encode())}.{b64(nested)}.{b64(b'sig')}"
+    assert len(token) < 16_384  # under the cap: it reaches the parser
+    assert await post(services, form(token)) == 400

@@ -419,3 +419,47 @@ def test_each_provider_refreshes_with_its_own_skew() -> None:
     assert refresher.oidc_for(session_data("u", None, None)) is a
     assert refresher.effective_skew(session_data("u", None, "b")) == 5.0
     assert refresher.effective_skew(session_data("u", None, "a")) == 60.0
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "dpop_signing_alg_values_supported",
+        "id_token_signing_alg_values_supported",
+        "grant_types_supported",
+    ],
+)
+@pytest.mark.parametrize("value", [5, True, {"ES256": 1}, "ES256"])
+def test_an_odd_algorithm_list_in_discovery_reads_as_none_listed_not_a_crash(
+    key: str, value: object
+) -> None:
+    """A TypeError here would end the discovery task for good (it retries ProviderUnavailable
+    only) and make every login at that provider a 500."""
+    from bff.oidc import ProviderMetadata
+
+    doc = {"issuer": "i", "authorization_endpoint": "a", "token_endpoint": "t", "jwks_uri": "j"}
+    meta = ProviderMetadata.parse({**doc, key: value}, "i")
+    assert meta.dpop_algs == () and meta.id_token_algs == ()
+
+
+async def test_a_session_whose_provider_now_names_another_issuer_ends_when_read(
+    manager: SessionManager,
+) -> None:
+    """Provider ``b`` kept its name but its issuer changed: its sessions' refresh tokens (and
+    DPoP proofs, and logout hints) must not go to the new issuer, which never issued them."""
+    before = SessionManager(
+        manager.store, idle_timeout=600, absolute_timeout=3600, cache_ttl=0,
+        issuers={**ISSUERS, "b": "https://old-b.example"},
+    )  # fmt: skip
+    data = session_data("carol", None, "b")
+    data.claims = {"iss": "https://old-b.example", "name": "Carol"}
+    moved = await before.create(data)
+    assert await before.load(moved.secret) is not None
+    assert await manager.load(moved.secret, fresh=True) is None
+    # A record whose claims hold the provider's own issuer, or none (older records), is kept.
+    same = session_data("dave", None, "b")
+    same.claims = {"iss": ISSUERS["b"]}
+    kept = await manager.create(same)
+    legacy = await manager.create(session_data("erin", None, "b"))
+    assert await manager.load(kept.secret, fresh=True) is not None
+    assert await manager.load(legacy.secret, fresh=True) is not None

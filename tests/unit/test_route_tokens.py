@@ -507,3 +507,90 @@ async def test_the_token_requests_carry_one_parameter_per_value(name: str) -> No
         "audience": "aud",
         "resource": "x:r",
     }
+
+
+async def test_each_provider_asks_for_login_resources_by_its_own_settings(
+    aiohttp_client: Any,
+) -> None:
+    """With several providers, ``login_resources: false`` or ``resource_parameter: audience`` on
+    one of them keeps the ``resource`` parameters out of that provider's authorization request
+    (an OP that refuses them would fail every login there); the default's do not decide."""
+    text = f"""\
+public_url: https://app.example.com
+oidc:
+  - name: main
+    issuer: http://127.0.0.1:9/main
+    client_id: shop
+    client_secret: s3cret
+  - name: partners
+    issuer: http://127.0.0.1:9/partners
+    client_id: shop
+    client_secret: s3cret
+    login_resources: false
+  - name: auth0
+    issuer: http://127.0.0.1:9/auth0
+    client_id: shop
+    client_secret: s3cret
+    resource_parameter: audience
+keys: [{KEY}]
+upstreams:
+  - path: /a
+    url: http://a
+    resource: x:a
+"""
+    from bff.app import create_app
+    from bff.services import SERVICES
+    from bff.store.memory import MemoryStore
+
+    settings = parse(text)
+    client = await aiohttp_client(create_app(settings, store=MemoryStore()))
+    providers = client.app[SERVICES].providers
+    assert providers["main"].login_resources == ("x:a",)
+    assert providers["partners"].login_resources == ()
+    assert providers["auth0"].login_resources == ()
+    for name in ("partners", "auth0"):
+        providers[name]._metadata = _metadata(None)
+        url = await providers[name].authorization_url(state="s", nonce="n", code_challenge="c")
+        assert "resource" not in parse_qs(urlsplit(url).query), name
+
+
+def test_one_audience_per_route_holds_when_any_of_several_providers_names_audience() -> None:
+    text = f"""\
+public_url: https://app.example.com
+oidc:
+  - name: main
+    issuer: https://idp.example.com
+    client_id: shop
+    client_secret: s3cret
+  - name: auth0
+    issuer: https://auth0.example.com
+    client_id: shop
+    client_secret: s3cret
+    resource_parameter: audience
+keys: [{KEY}]
+upstreams:
+  - path: /a
+    url: http://a
+    resource: [x:a, x:b]
+"""
+    found = problems(text)
+    assert len(found) == 1 and "one audience per route" in found[0], found
+
+
+async def test_a_dpop_sessions_token_is_never_exchanged_for_an_unbound_one(
+    pair: tuple[Instance, Instance], op: ResourceOp
+) -> None:
+    """Config refuses ``token: exchange`` with ``oidc.dpop``, but a session logged in while DPoP
+    was on outlives a config that turned it off: its bound token must not be traded, without a
+    proof, for an unbound one (invariant 22). 403, and the OP is not asked."""
+    from bff import dpop as dpop_mod
+
+    a, _ = pair
+    data = _data(access_in=600)
+    data.dpop_jwk = dpop_mod.generate("ES256").record()
+    session = await a.sessions.create(data)
+    plan = a.tokens.plan(REPORTS)
+    assert plan is not None
+    with pytest.raises(TokenRefused):
+        await a.tokens.token(session, plan)
+    assert op.exchanges == []
