@@ -262,6 +262,9 @@ class TestMinimalAclClusterStore(StoreContract):
     async def store(self, cluster: RedisClusterGroup) -> AsyncIterator[Prefixed]:
         cluster.flush()
         inner = RedisStore.from_url(cluster.url, timeout=2.0, redis=min_settings())
+        # redis-py 8's cluster client spends ~150 ms discovering the cluster on its first
+        # command, longer than the contract's short TTLs: connect before the clock matters.
+        await inner.ping()
         yield Prefixed(inner)
         await inner.close()
 
