@@ -20,13 +20,14 @@ import base64
 import dataclasses
 import json
 import logging
+import re
 import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeGuard
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeGuard
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import aiohttp
@@ -361,7 +362,7 @@ class OidcClient:
             async with self._http.get(url, timeout=self._timeout) as resp:
                 if resp.status != 200:
                     return None
-                doc = json.loads(await resp.read())
+                doc = _loads(await resp.read())
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ProviderUnavailable(f"{url} is unreachable") from exc
         except ValueError:
@@ -426,7 +427,7 @@ class OidcClient:
                 "the OP's pushed authorization endpoint is unreachable"
             ) from exc
         try:
-            payload = json.loads(raw)
+            payload = _loads(raw)
         except ValueError:
             payload = None
         if status == 201 and isinstance(payload, dict):
@@ -434,6 +435,8 @@ class OidcClient:
             if isinstance(request_uri, str) and request_uri:
                 return request_uri
         error = str(payload.get("error", status)) if isinstance(payload, dict) else str(status)
+        # Only an OAuth error code reaches the answer, never the OP's free text.
+        error = error if _ERROR_CODE.fullmatch(error) else str(status)
         # A refusal is bff's configuration or the OP's, never the user's: 503, logged.
         log.error(
             "oidc.par_refused",
@@ -566,7 +569,7 @@ class OidcClient:
                         continue
                     if resp.status != 200:
                         raise ProviderUnavailable(f"{url} answered {resp.status}")
-                    data = json.loads(await resp.read())
+                    data = _loads(await resp.read())
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 raise ProviderUnavailable(f"{url} is unreachable or not JSON") from exc
             if not isinstance(data, dict):
@@ -603,7 +606,7 @@ class OidcClient:
         if status >= 500:
             raise ProviderUnavailable(f"the OpenID Provider's token endpoint answered {status}")
         try:
-            payload = json.loads(raw)
+            payload = _loads(raw)
             if not isinstance(payload, dict):
                 raise ValueError("not an object")
         except ValueError as exc:
@@ -701,7 +704,7 @@ class OidcClient:
             async with self._http.get(url, headers=headers, timeout=self._timeout) as resp:
                 if resp.status != 200:
                     raise ProviderUnavailable(f"{url} answered {resp.status}")
-                data = json.loads(await resp.read())
+                data = _loads(await resp.read())
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise ProviderUnavailable(f"{url} is unreachable or not JSON") from exc
         if not isinstance(data, dict):
@@ -930,10 +933,22 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}".lower()
 
 
+_ERROR_CODE: Final = re.compile(r"[a-z0-9_]{1,64}")
+
+
+def _loads(raw: bytes | str) -> Any:
+    """``json.loads`` for an OP's answers: a document nested too deeply for the parser
+    (``RecursionError``) is refused like any other bad JSON, never a 500."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def _oauth_error(raw: bytes) -> str | None:
     """The ``error`` of an OAuth error answer, or None."""
     try:
-        payload = json.loads(raw)
+        payload = _loads(raw)
     except ValueError:
         return None
     error = payload.get("error") if isinstance(payload, dict) else None

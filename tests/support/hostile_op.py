@@ -139,6 +139,7 @@ class HostileOp:
         self.token_status: int | None = None
         self.token_error: str | None = None
         self.token_delay: float = 0.0
+        self.token_raw: bytes | None = None  # answer these bytes as the token response (200)
         self.expires_in = 300  # access token lifetime; 0 makes bff refresh on its next use
         self.discovery_issuer: str | None = None
         self.iss_parameter_supported = True
@@ -392,6 +393,8 @@ class HostileOp:
         headers = dict(request.headers)
         status, body = await self._token_answer(form, headers)
         self.token_requests.append(TokenRequest(form, headers, status))
+        if self.token_raw is not None:
+            return web.Response(body=self.token_raw, content_type="application/json")
         return web.json_response(body, status=status, headers={"Cache-Control": "no-store"})
 
     async def _token_answer(

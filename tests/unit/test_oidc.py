@@ -589,3 +589,14 @@ async def test_token_endpoint_oauth_errors_map_to_their_exceptions(
     op.token_error = error
     with pytest.raises(expected):
         await client.exchange_code(code, verifier)
+
+
+async def test_a_token_answer_nested_too_deeply_is_provider_unavailable_never_a_crash(
+    op: HostileOp, client: OidcClient, http: aiohttp.ClientSession
+) -> None:
+    """json.loads raises RecursionError, not ValueError, on deep nesting: an OP (broken, or in
+    the middle) must not turn a login or a refresh into a 500."""
+    code, verifier = await authorize_code(op, client, http)
+    op.token_raw = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(ProviderUnavailable, match="other than JSON"):
+        await client.exchange_code(code, verifier)

@@ -302,6 +302,7 @@ class ParOp:
 
     def __init__(self, *, par_status: int = 201, require: bool = False) -> None:
         self.par_status = par_status
+        self.par_error = "invalid_request"
         self.require = require
         self.pushed: list[tuple[dict[str, list[str]], str | None]] = []
         self.url = ""
@@ -323,7 +324,7 @@ class ParOp:
             form = parse_qs(await request.text())
             self.pushed.append((form, request.headers.get("Authorization")))
             if self.par_status != 201:
-                return web.json_response({"error": "invalid_request"}, status=self.par_status)
+                return web.json_response({"error": self.par_error}, status=self.par_status)
             body = {"request_uri": "urn:ietf:params:oauth:request_uri:abc", "expires_in": 60}
             return web.json_response(body, status=201)
 
@@ -404,6 +405,31 @@ async def test_an_op_refusing_the_pushed_request_gives_503_not_a_500(par_op: Par
         with pytest.raises(ProviderUnavailable) as info:
             await client.authorization_url(state="st", nonce="n", code_challenge="ch")
     assert info.value.status == 503 and "invalid_request" in str(info.value)
+
+
+async def test_only_an_oauth_error_code_of_a_refused_push_reaches_the_answer(
+    par_op: ParOp,
+) -> None:
+    par_op.par_status = 400
+    par_op.par_error = "<script>alert(1)</script> call +1 555 0100"
+    async with aiohttp.ClientSession() as http:
+        client = par_client(par_op, http, "required")
+        with pytest.raises(ProviderUnavailable) as info:
+            await client.authorization_url(state="st", nonce="n", code_challenge="ch")
+    assert "script" not in str(info.value) and "555" not in str(info.value)
+    assert "(400)" in str(info.value)
+
+
+async def test_login_resources_are_pushed_with_the_request_not_put_in_the_url(
+    par_op: ParOp,
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        client = par_client(par_op, http, "auto")
+        client.login_resources = ("https://orders.example/", "https://billing.example/")
+        url = URL(await client.authorization_url(state="st", nonce="n", code_challenge="ch"))
+    assert set(url.query) == {"client_id", "request_uri"}
+    ((form, _),) = par_op.pushed
+    assert form["resource"] == ["https://orders.example/", "https://billing.example/"]
 
 
 def test_each_provider_refreshes_with_its_own_skew() -> None:
