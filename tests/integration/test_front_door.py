@@ -49,6 +49,7 @@ from tests.support.bff_procs import (
     read_session,
     write_config,
 )
+from tests.support.procfs import children, tcp_sockets
 from tests.support.procs import HOST, OidcProvider, RedisServer
 
 LIMITS = {"max_request_line": 1024, "max_header_size": 2048, "max_headers": 30}
@@ -653,16 +654,6 @@ async def test_an_exception_after_the_handler_is_logged_without_its_message(
     assert MARK not in caplog.text and "Traceback" not in caplog.text
 
 
-def _listening(port: int) -> int:
-    """How many IPv4 sockets listen on ``port`` (state 0A in /proc/net/tcp)."""
-    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    return sum(
-        1
-        for fields in (line.split() for line in lines)
-        if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A"
-    )
-
-
 def test_a_burst_of_signals_during_the_graceful_stop_does_not_kill_a_worker(
     bff: BffProcess,
 ) -> None:
@@ -674,9 +665,9 @@ def test_a_burst_of_signals_during_the_graceful_stop_does_not_kill_a_worker(
         proc.start()
         assert proc.pid is not None
         deadline = time.monotonic() + 20
-        while _listening(proc.port) < 1 and time.monotonic() < deadline:
+        while len(tcp_sockets(proc.port, "0A")) < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-        workers = _children(proc.pid)
+        workers = children(proc.pid)
         assert len(workers) == 1, workers
         os.killpg(proc.pid, signal.SIGTERM)
         for _ in range(3000):  # bounded: a few hundred ms of signals, then stop
@@ -694,20 +685,6 @@ def test_a_burst_of_signals_during_the_graceful_stop_does_not_kill_a_worker(
         proc.close()
 
 
-def _children(pid: int) -> list[int]:
-    """The pids whose parent is ``pid`` (from /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rpartition(")")[2].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_bff_run_cleanly(bff: BffProcess, signum: int) -> None:
     """The front door's runner keeps ``web.run_app``'s contract: a signal is a graceful stop with
@@ -720,9 +697,9 @@ def test_a_signal_stops_bff_run_cleanly(bff: BffProcess, signum: int) -> None:
             # Each worker installs its signal handlers before it binds its own SO_REUSEPORT
             # socket: once all are listening, none can be caught half started.
             deadline = time.monotonic() + 20
-            while _listening(proc.port) < workers and time.monotonic() < deadline:
+            while len(tcp_sockets(proc.port, "0A")) < workers and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert _listening(proc.port) == workers
+            assert len(tcp_sockets(proc.port, "0A")) == workers
             os.killpg(proc.pid, signum)
             deadline = time.monotonic() + 20
             while proc.is_running() and time.monotonic() < deadline:

@@ -21,8 +21,8 @@ import yaml
 from aiohttp import web
 
 from tests.integration.test_proxy import KEY
-from tests.integration.test_proxy_workers import children, socket_inodes, tcp_sockets
 from tests.support.bff_procs import BffProcess, base_config, write_config
+from tests.support.procfs import children, socket_inodes, tcp_sockets
 from tests.support.procs import HOST, OidcProvider, RedisServer, free_port
 
 API = {"X-CSRF": "1"}

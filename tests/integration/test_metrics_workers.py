@@ -19,7 +19,6 @@ import aiohttp
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from tests.integration.test_proxy_workers import children, socket_inodes, tcp_sockets
 from tests.support.bff_procs import (
     COOKIE_NAME,
     BffProcess,
@@ -29,6 +28,7 @@ from tests.support.bff_procs import (
     read_session,
     write_config,
 )
+from tests.support.procfs import children, socket_inodes, tcp_sockets
 from tests.support.procs import OidcProvider, RedisServer, free_port
 from tests.support.scrape import sample, samples
 

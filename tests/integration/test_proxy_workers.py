@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 
@@ -11,44 +10,8 @@ import aiohttp
 
 from tests.integration.test_proxy import KEY, Upstream
 from tests.support.bff_procs import COOKIE_NAME, BffProcess, base_config, login, write_config
+from tests.support.procfs import children, socket_inodes, tcp_sockets
 from tests.support.procs import OidcProvider, RedisServer, free_port
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            # The command name may hold spaces; the parent pid is the 2nd field after ")".
-            if int(stat.rpartition(")")[2].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def tcp_sockets(port: int, state: str) -> set[int]:
-    """Inodes of IPv4 TCP sockets on local ``port`` in ``state`` (0A listen, 01 established)."""
-    inodes = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if int(fields[1].split(":")[1], 16) == port and fields[3] == state:
-            inodes.add(int(fields[9]))
-    return inodes
-
-
-def socket_inodes(pid: int) -> set[int]:
-    inodes = set()
-    fd_dir = Path(f"/proc/{pid}/fd")
-    for fd in fd_dir.iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
 
 
 async def test_two_workers_serve_one_port_and_share_sessions(
