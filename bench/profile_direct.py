@@ -78,7 +78,7 @@ def _table(stats: pstats.Stats, requests: int) -> None:
     print(f"| total | | {sum(calls.values()) / requests:.0f} |")
 
 
-async def main(seconds: int, profile: bool) -> None:
+async def main(seconds: int, profile: bool, edge: bool, top: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="bff-profile-"))
     upstream, port = free_port(), free_port()
     nginx = _nginx(work, upstream)
@@ -92,6 +92,7 @@ session: {{store: {redis.url}, cookie: {{name: bff-session, secure: false}}}}
 keys: ["{"k" * 50}"]
 rate_limits: {{enabled: false}}
 upstreams: [{{path: /api, url: "http://127.0.0.1:{upstream}", token: user}}]
+trusted_proxies: ["127.0.0.0/8"]
 """,
                 base_dir=work,
             )
@@ -112,12 +113,16 @@ upstreams: [{{path: /api, url: "http://127.0.0.1:{upstream}", token: user}}]
                 cookie = f"bff-session={response.cookies['bff-session'].value}"
                 url = f"http://127.0.0.1:{port}/api/items"
                 cmd = ["wrk", "-t1", "-c32", "-H", f"Cookie: {cookie}", "-H", "X-CSRF: 1"]
+                if edge:  # what nginx's auth_request asks for each API call
+                    url = f"http://127.0.0.1:{port}/bff/authz"
+                    cmd += ["-H", "X-Original-URI: /api/items", "-H", "X-Original-Method: GET"]
                 warm = await asyncio.create_subprocess_exec(
                     *cmd, "-d2s", url, stdout=subprocess.DEVNULL
                 )
                 await warm.wait()
                 profiler = cProfile.Profile()
                 started = time.process_time()
+                times = os.times()
                 if profile:
                     profiler.enable()
                 load = await asyncio.create_subprocess_exec(
@@ -126,6 +131,7 @@ upstreams: [{{path: /api, url: "http://127.0.0.1:{upstream}", token: user}}]
                 out = (await load.communicate())[0].decode()
                 profiler.disable()
                 cpu = time.process_time() - started
+                kernel = os.times().system - times.system
             finally:
                 await runner.cleanup()
     finally:
@@ -134,16 +140,24 @@ upstreams: [{{path: /api, url: "http://127.0.0.1:{upstream}", token: user}}]
     found = re.search(r"(\d+) requests in", out)
     requests = int(found.group(1)) if found else 1
     rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    print(f"{requests} requests, {rate.group(1) if rate else '?'}/s, 32 connections")
-    print(f"CPU per request (this process, everything in it): {cpu / requests * 1e6:.0f} us")
+    print(f"{requests} requests, {rate.group(1) if rate else '?'}/s, 32 connections, {url}")
+    print(
+        f"CPU per request (this process, everything in it): {cpu / requests * 1e6:.0f} us, "
+        f"of which in the kernel (sockets): {kernel / requests * 1e6:.0f} us"
+    )
     if profile:
-        _table(pstats.Stats(profiler), requests)
+        stats = pstats.Stats(profiler)
+        _table(stats, requests)
+        if top:
+            stats.sort_stats("tottime").print_stats(top)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench.profile_direct")
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="under cProfile, with the table")
+    parser.add_argument("--edge", action="store_true", help="edge mode: the auth endpoint alone")
+    parser.add_argument("--top", type=int, default=0, help="with --profile: the N costliest")
     args = parser.parse_args()
     os.environ["PATH"] += ":/usr/sbin"
     try:
@@ -152,4 +166,4 @@ if __name__ == "__main__":
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(main(args.seconds, args.profile))
+    asyncio.run(main(args.seconds, args.profile, args.edge, args.top))
