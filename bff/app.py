@@ -152,23 +152,23 @@ def create_app(settings: Settings, *, store: SessionStore | None = None) -> web.
     authz = app.router.add_route("*", authz_path, proxy.authz)
     own = [resource.canonical for resource in app.router.resources()]
     proxied = proxy.add_routes(app, upstreams)  # before the SPA's catch-all
+    secure = security_headers(
+        csp=settings.security.content_security_policy,
+        hsts=settings.security.hsts and settings.public_url.startswith("https://"),
+        no_store_prefixes=(settings.prefix,),
+    )
     if not settings.tracing.enabled:  # the server span needs the middleware chain
         # Proxied requests and the edge's auth calls skip the router and the middlewares
         # (bff.proxy.direct, bff.server).
         app[DIRECT] = DirectPath(
             app,
             proxied,
-            exact=[(authz_path, authz)],
+            exact=[(authz_path, authz, proxy.authz_now)],
             reserved=own,
             access_log=settings.log.access,
+            security=secure,
         )
     spa.add_routes(app, settings.static, reserved=(*api_prefixes, *private))
     app.on_response_prepare.append(request_id_header)
-    app.on_response_prepare.append(
-        security_headers(
-            csp=settings.security.content_security_policy,
-            hsts=settings.security.hsts and settings.public_url.startswith("https://"),
-            no_store_prefixes=(settings.prefix,),
-        )
-    )
+    app.on_response_prepare.append(secure)
     return app

@@ -57,7 +57,9 @@ from typing import Any, Final, cast
 from aiohttp import web
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
+from aiohttp.http_writer import StreamWriter
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
@@ -135,6 +137,7 @@ _CL: Final = b"content-length"
 _EXPECT: Final = b"expect"
 _CONNECTION: Final = b"connection"
 _UPGRADE: Final = b"upgrade"
+_EXPECT_NAME: Final = "Expect"
 
 
 def framing_problem(
@@ -286,10 +289,106 @@ async def _refuse(request: BaseRequest, refusal: Refusal) -> web.StreamResponse:
     return response
 
 
-class FrontDoorHandler(RequestHandler):
-    """aiohttp's per-connection protocol with fixed error answers and logs without request data."""
+class _LaneParser:
+    """aiohttp's request parser, with the fast lane's answers taken out of what it returns.
 
-    __slots__ = ()
+    :class:`FrontDoorHandler` puts it in place of the parser it was built with; every other
+    use of the parser (pausing, ``message_consumed``, upgrades) goes to the real one.
+    """
+
+    __slots__ = ("_handler", "_inner")
+
+    def __init__(self, inner: Any, handler: FrontDoorHandler) -> None:
+        self._inner = inner
+        self._handler = handler
+
+    def feed_data(self, data: bytes) -> tuple[Sequence[Any], bool, bytes]:
+        messages, upgraded, tail = self._inner.feed_data(data)
+        while messages and not upgraded:
+            kept = self._handler.answer_now(messages)
+            if kept or len(messages) < MAX_MSG_QUEUE_SIZE:
+                return kept, upgraded, tail
+            # The parser stopped at its queue limit and every message is answered: go on with
+            # the bytes it kept back, or they would wait for the client's next packet.
+            messages, upgraded, tail = self._inner.feed_data(b"")
+        return messages, upgraded, tail
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class FrontDoorHandler(RequestHandler):
+    """aiohttp's per-connection protocol with fixed error answers and logs without request data,
+    and a fast lane for the calls that :meth:`DirectPath.answer_now` can answer."""
+
+    __slots__ = ("_lane",)
+
+    def __init__(self, manager: Server, *, lane: DirectPath | None, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._lane = lane
+        if lane is not None and lane.now_paths:
+            self._parser = cast(Any, _LaneParser(self._parser, self))
+
+    def answer_now(self, messages: Sequence[Any]) -> Sequence[Any]:
+        """Answer what can be answered at once, in order; the rest goes the usual way.
+
+        The fast lane (issue 11, point 4): a request with no body to a path of
+        :attr:`DirectPath.now_paths` (edge mode's auth endpoint), that passes the gate's
+        framing rules, asks for no ``Expect`` handling and no close, arriving while the
+        connection is idle (nothing queued, nothing in progress, so answers keep their order) and
+        its writing is not paused (so nothing waits on a client that does not read), is answered
+        right here in ``data_received`` when the session cache can decide it: the same answer,
+        request id, metrics and access line as through :meth:`DirectPath.handle`, without a task,
+        a coroutine or a second turn of the event loop. Anything else, including a call that
+        needs the store or a refresh, is left in the queue for ``start()``.
+        """
+        waiter = self._waiter
+        if self._messages or waiter is None or waiter.done() or self._close:
+            return messages
+        for index, (message, payload) in enumerate(messages):
+            if not self._answered(message, payload):
+                return messages[index:]
+        return ()
+
+    def _answered(self, message: Any, payload: Any) -> bool:
+        lane = self._lane
+        entry = lane.exact(message.path) if lane is not None else None
+        transport = self.transport
+        if (
+            entry is None
+            or message.method != "GET"
+            or message.version != HttpVersion11
+            or payload is not EMPTY_PAYLOAD
+            or message.should_close
+            or self._paused
+            or transport is None
+            or self._request_factory is None
+            or _EXPECT_NAME in message.headers
+            or framing_problem(message.version, message.method, message.path, message.raw_headers)
+        ):
+            return False
+        assert lane is not None
+        request = self._request_factory(
+            message, payload, self, StreamWriter(self, self._loop), cast(Any, self._task_handler)
+        )
+        try:
+            if not lane.answer_now(cast(web.Request, request), entry, transport.write):
+                return False
+        except Exception as exc:  # a bug: the usual way answers it (a 500), and logs it
+            self.log_exception("fast lane", exc_info=exc)
+            return False
+        if self._parser is not None:
+            self._parser.message_consumed()
+        self._request_count += 1
+        if self._manager is not None:
+            self._manager.requests_count += 1
+        # As start() does after each request: the idle connection closes keepalive_timeout
+        # after this answer, not after the last one that went the usual way.
+        close_time = self._loop.time() + self._keepalive_timeout
+        self._next_keepalive_close_time = close_time
+        if self._keepalive_handle is None:
+            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+        return True
 
     def data_received(self, data: bytes) -> None:
         """A parse error in the middle of a body (a bad chunk arriving after the headers went
@@ -348,6 +447,7 @@ class FrontDoorServer(Server):
     ) -> None:
         super().__init__(handler, **kwargs)
         self.request_handler = self._gate(handler, direct)
+        self._direct = direct
 
     @staticmethod
     def _gate(handler: Handler, direct: DirectPath | None) -> Handler:
@@ -377,7 +477,7 @@ class FrontDoorServer(Server):
         return gate
 
     def __call__(self) -> RequestHandler:
-        return FrontDoorHandler(self, loop=self._loop, **self._kwargs)
+        return FrontDoorHandler(self, lane=self._direct, loop=self._loop, **self._kwargs)
 
 
 class FrontDoorRunner(web.AppRunner):

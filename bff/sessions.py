@@ -233,23 +233,40 @@ class SessionManager:
         log.info("session.created", extra={"event": "session.created", "session": sid[:8]})
         return session
 
-    async def load(self, secret: SessionSecret | None, *, fresh: bool = False) -> Session | None:
-        """The live session of a cookie secret, or None. ``fresh`` skips the local cache."""
-        if secret is None:
-            return None
-        now = self._clock()
+    def _sid(self, secret: SessionSecret) -> StoreKey:
         sid = self._ids.get(secret)
         if sid is None:  # a hash per cookie per process, not per request (hot path)
             sid = store_id(secret)
             if len(self._ids) >= _CACHE_MAX:
                 self._ids.pop(next(iter(self._ids)))
             self._ids[secret] = sid
+        return sid
+
+    def cached(self, secret: SessionSecret) -> Session | None:
+        """The session as this process's cache holds it (younger than ``cache_ttl``, not
+        expired), or None: then only :meth:`load` can tell. No I/O, so the front door's fast
+        lane (:mod:`bff.server`) can answer from it without a task; :meth:`load` reads it too."""
+        sid = self._sid(secret)
+        cached = self._cache.get(sid)
+        if cached is None:
+            return None
+        now = self._clock()
+        if now - cached.fetched_at < self.cache_ttl:
+            if cached.session.data.expires_at > now:
+                return cached.session
+            self._cache.pop(sid, None)
+        return None
+
+    async def load(self, secret: SessionSecret | None, *, fresh: bool = False) -> Session | None:
+        """The live session of a cookie secret, or None. ``fresh`` skips the local cache."""
+        if secret is None:
+            return None
+        sid = self._sid(secret)
         if not fresh:
-            cached = self._cache.get(sid)
-            if cached is not None and now - cached.fetched_at < self.cache_ttl:
-                if cached.session.data.expires_at > now:
-                    return cached.session
-                self._cache.pop(sid, None)
+            session = self.cached(secret)
+            if session is not None:
+                return session
+            now = self._clock()
             # When the cached copy lapses, every concurrent request of the session would read
             # the store at once (hundreds, under load); one read serves them all instead.
             pending = self._loading.get(sid)
@@ -258,7 +275,7 @@ class SessionManager:
                 self._loading[sid] = pending
                 pending.add_done_callback(lambda _: self._loading.pop(sid, None))
             return await asyncio.shield(pending)
-        return await self._read(secret, sid, now)
+        return await self._read(secret, sid, self._clock())
 
     async def _read(self, secret: SessionSecret, sid: StoreKey, now: float) -> Session | None:
         # ``now`` is taken before the read: the cached copy ages from when the store answered

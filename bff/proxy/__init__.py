@@ -50,7 +50,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
-from bff.proxy.edge import AUTHZ_PATH, authz
+from bff.proxy.edge import AUTHZ_PATH, authz, authz_now
 from bff.proxy.forward import SMALL_BODY, add_routes, authorize, forward
 from bff.proxy.headers import HOP_BY_HOP, downstream_headers, upstream_headers
 from bff.proxy.routing import Route, UpstreamTable, normalise_path
@@ -68,6 +68,7 @@ __all__ = [
     "add_routes",
     "authorize",
     "authz",
+    "authz_now",
     "downstream_headers",
     "forward",
     "normalise_path",

@@ -24,16 +24,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
-from typing import Final
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final, TypeAlias
 
 from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.web_urldispatcher import AbstractRoute, UrlMappingMatchInfo
 
 from bff import access, metrics
-from bff.middlewares import error_answer
+from bff.middlewares import SecurityHeaders, error_answer
 
-__all__ = ["DIRECT", "DirectPath"]
+__all__ = ["DIRECT", "DirectPath", "HandlerNow"]
+
+#: A handler's synchronous form: the headers of its ``200`` with no body when it needs no I/O
+#: to give that answer, else None (see :meth:`DirectPath.answer_now`). Values must be ASCII
+#: without controls: the caller checks what it does not build itself.
+HandlerNow: TypeAlias = Callable[[web.Request], Sequence[tuple[str, str]] | None]
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -46,6 +52,8 @@ class _Entry:
     __slots__ = (
         "access_route",
         "handler",
+        "handler_now",
+        "head_200",
         "kind",
         "label",
         "match_info",
@@ -53,10 +61,21 @@ class _Entry:
         "prefix_slash",
     )
 
-    def __init__(self, app: web.Application, prefix: str, route: AbstractRoute) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        prefix: str,
+        route: AbstractRoute,
+        handler_now: HandlerNow | None = None,
+        fixed: Sequence[tuple[str, str]] = (),
+    ) -> None:
         self.prefix = prefix
         self.prefix_slash = prefix + "/"
         self.handler = route.handler
+        self.handler_now = handler_now
+        # The fast lane's answer up to its per-request headers, built once.
+        head = ["HTTP/1.1 200 OK", "Content-Length: 0", *(f"{n}: {v}" for n, v in fixed), ""]
+        self.head_200 = "\r\n".join(head).encode()
         # One frozen match info per resource, shared by its requests: bff reads only its route
         # and app (nothing reads the ``tail`` of a proxied path: forward uses the raw target).
         info = UrlMappingMatchInfo({}, route)
@@ -75,14 +94,23 @@ class DirectPath:
         app: web.Application,
         routes: Iterable[tuple[str, AbstractRoute, AbstractRoute]],
         *,
-        exact: Iterable[tuple[str, AbstractRoute]] = (),
+        exact: Iterable[tuple[str, AbstractRoute, HandlerNow]] = (),
         reserved: Sequence[str],
         access_log: bool,
+        security: SecurityHeaders | None = None,
     ) -> None:
         """``routes``: (prefix, route of the prefix itself, route of ``prefix/...``), longest
         prefix first; ``reserved``: the paths of the app's own routes registered before them;
-        ``exact``: single paths that only one route takes (edge mode's auth endpoint)."""
-        self._exact: dict[str, _Entry] = {path: _Entry(app, path, route) for path, route in exact}
+        ``exact``: single paths that only one route takes (edge mode's auth endpoint), each
+        with its handler's synchronous form (see :meth:`answer_now`); ``security``: the app's
+        hook for the headers every answer gets, which the fast lane writes itself."""
+        self._exact: dict[str, _Entry] = {
+            path: _Entry(app, path, route, now, security.fixed(path) if security else ())
+            for path, route, now in exact
+        }
+        #: The raw paths :meth:`answer_now` may answer, for the front door's quick test.
+        self._now = {path: e for path, e in self._exact.items() if e.handler_now is not None}
+        self.now_paths: frozenset[str] = frozenset(self._now)
         entries: list[tuple[_Entry, _Entry]] = []
         for prefix, itself, below in routes:
             if any(_under(path, prefix) or _under(prefix, path) for path in reserved):
@@ -145,6 +173,47 @@ class DirectPath:
             if self._access_log and access.wanted():
                 took = time.perf_counter() - started
                 access.write(request, entry.access_route, rid, status, size, took)
+
+    def exact(self, path: str) -> _Entry | None:
+        """The entry of a raw request path that :meth:`answer_now` may answer, or None."""
+        return self._now.get(path)
+
+    def answer_now(
+        self, request: web.Request, entry: _Entry, write: Callable[[bytes], None]
+    ) -> bool:
+        """:meth:`handle` for an entry with a synchronous handler, without awaiting anything.
+
+        The handler gives the headers of a ``200`` with no body, or None when only the usual way
+        can answer (it needs I/O, or the answer is a refusal): then nothing is done here and
+        False returned. Else the answer is written through ``write`` as one piece, with the same
+        headers aiohttp and the app's hooks give it (``Content-Length``, ``Date``, the request
+        id, :meth:`SecurityHeaders.fixed`; no ``Server``), and counted and logged as
+        :meth:`handle` counts and logs it.
+
+        The front door calls it from ``data_received`` for a GET with no body, so an edge's auth
+        call that the session cache can decide costs no task, no coroutine, no response object
+        and no second turn of the event loop (issue 11, point 4)."""
+        now = entry.handler_now
+        if now is None:
+            return False
+        started = time.perf_counter()
+        request._match_info = entry.match_info
+        headers = now(request)
+        if headers is None:
+            return False
+        metrics.request_started()
+        rid = access.request_id(request)
+        lines = [entry.head_200, b"Date: ", rfc822_formatted_time().encode(), b"\r\nX-Request-ID: "]
+        lines.append(rid.encode())
+        for name, value in headers:
+            lines += (b"\r\n", name.encode(), b": ", value.encode())
+        lines.append(b"\r\n\r\n")
+        write(b"".join(lines))
+        metrics.request_done(request, entry.label, entry.kind, None, 200, started)
+        if self._access_log and access.wanted():
+            took = time.perf_counter() - started
+            access.write(request, entry.access_route, rid, 200, 0, took)
+        return True
 
 
 #: The app's :class:`DirectPath` (absent when tracing is on); the front door looks it up.

@@ -35,18 +35,21 @@ Decisions:
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Sequence
+from typing import Final, NamedTuple
 from urllib.parse import urlsplit
 
 from aiohttp import web
 from yarl import URL
 
 from bff import dpop
-from bff.errors import BadRequest, NotFound, Unavailable, UntrustedEdge
-from bff.proxy.forward import authorize
-from bff.services import SERVICES
+from bff.errors import BadRequest, BffError, NotFound, Unavailable, UntrustedEdge
+from bff.proxy.forward import authorize, authorize_now
+from bff.proxy.routing import Route, UpstreamTable
+from bff.services import SERVICES, Services
+from bff.sessions import Session
 
-__all__ = ["AUTHZ_PATH", "authz", "original_request"]
+__all__ = ["AUTHZ_PATH", "authz", "authz_now", "original_request"]
 
 #: Under the configured prefix (``/bff/authz`` by default).
 AUTHZ_PATH: Final = "/authz"
@@ -55,6 +58,7 @@ _TCHAR: Final = frozenset(
     "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 )
 _NO_ORIGINAL: Final = "the edge did not say which request to check"
+_NO_BEARER: Final[tuple[tuple[str, str], ...]] = ()
 _TARGET_HEADERS: Final = ("X-Original-URI", "X-Original-URL", "X-Forwarded-Uri")
 _METHOD_HEADERS: Final = ("X-Original-Method", "X-Forwarded-Method")
 
@@ -104,8 +108,18 @@ def original_request(request: web.Request) -> tuple[str, str]:
     return method, target
 
 
-async def authz(request: web.Request) -> web.Response:
-    """Any method: 200 (with the bearer when the route has one) or the direct proxy's error."""
+class _Ask(NamedTuple):
+    """What the edge asks about: the route, the upstream target, the original method."""
+
+    services: Services
+    table: UpstreamTable
+    route: Route
+    target: str
+    method: str
+    websocket: bool
+
+
+def _ask(request: web.Request) -> _Ask:
     services = request.app[SERVICES]
     table = services.upstreams
     if table is None:
@@ -119,17 +133,54 @@ async def authz(request: web.Request) -> web.Response:
         and method == "GET"
         and request.headers.get("Upgrade", "").lower() == "websocket"
     )
-    session, token, _ = await authorize(
-        services, table, route, request, method, websocket=websocket
-    )
+    return _Ask(services, table, route, upstream_target, method, websocket)
+
+
+def _answer(
+    request: web.Request, ask: _Ask, session: Session | None, token: str | None
+) -> web.Response:
     if request.headers.get("X-Bff-Denied") == "1":
         raise Unavailable("the decision changed while the edge asked; retry")
     headers = {"Cache-Control": "no-store"}
     key = dpop.session_key(session) if session is not None and token is not None else None
     if key is not None and token is not None:
         # A proof for the upstream URL bff would call; the edge passes both headers on.
-        url = URL(route.origin + upstream_target, encoded=True)
-        headers.update(dpop.upstream_auth(key, method, url, route.origin, token))
+        url = URL(ask.route.origin + ask.target, encoded=True)
+        headers.update(dpop.upstream_auth(key, ask.method, url, ask.route.origin, token))
     elif token is not None:
         headers["Authorization"] = f"Bearer {token}"
     return web.Response(status=200, headers=headers)
+
+
+async def authz(request: web.Request) -> web.Response:
+    """Any method: 200 (with the bearer when the route has one) or the direct proxy's error."""
+    ask = _ask(request)
+    session, token, _ = await authorize(
+        ask.services, ask.table, ask.route, request, ask.method, websocket=ask.websocket
+    )
+    return _answer(request, ask, session, token)
+
+
+def authz_now(request: web.Request) -> Sequence[tuple[str, str]] | None:
+    """:func:`authz`'s ``200`` when it needs no I/O (see
+    :func:`~bff.proxy.forward.authorize_now`): its headers, or None when only :func:`authz` can
+    answer (a store read, a refresh, a DPoP proof, or a refusal, which it then gives, counts
+    and logs). The front door's fast lane answers most edge calls this way (issue 11, point 4)."""
+    try:
+        ask = _ask(request)
+        decided = authorize_now(
+            ask.services, ask.table, ask.route, request, ask.method, websocket=ask.websocket
+        )
+    except BffError:
+        return None
+    if decided is None or request.headers.get("X-Bff-Denied") == "1":
+        return None
+    session, token, _ = decided
+    if token is None:
+        return _NO_BEARER
+    if session is not None and dpop.session_key(session) is not None:
+        return None  # a proof to sign
+    if not token.isascii() or not token.isprintable():
+        return None  # a value aiohttp's own header checks refuse (a 500), never written here
+    # Cache-Control: no-store comes with every answer under the prefix (SecurityHeaders.fixed).
+    return (("Authorization", "Bearer " + token),)

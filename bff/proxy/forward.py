@@ -40,7 +40,7 @@ from bff.proxy.websocket import check_handshake, forward_websocket
 from bff.services import SERVICES, Services
 from bff.sessions import Session
 
-__all__ = ["SMALL_BODY", "add_routes", "authorize", "forward"]
+__all__ = ["SMALL_BODY", "Decision", "add_routes", "authorize", "authorize_now", "forward"]
 
 log = logging.getLogger("bff.proxy")  # one logger name for the whole proxy package
 
@@ -85,6 +85,9 @@ async def forward(request: web.Request) -> web.StreamResponse:
     return await _http(request, services, table, route, upstream_target, session, token, fresh)
 
 
+Decision = tuple[Session | None, str | None, bool]
+
+
 async def authorize(
     services: Services,
     table: UpstreamTable,
@@ -93,7 +96,7 @@ async def authorize(
     method: str,
     *,
     websocket: bool,
-) -> tuple[Session | None, str | None, bool]:
+) -> Decision:
     """The one policy of a call to ``route``: the direct proxy and the edge's auth endpoint
     (:mod:`bff.proxy.edge`) both run it, so the two modes cannot drift apart.
 
@@ -104,12 +107,10 @@ async def authorize(
     (:mod:`bff.route_tokens`), 503 when the store or the OP is down; else returns the session (if
     any), the bearer to attach, and whether it was just obtained (under the single flight).
     """
-    if route.methods is not None and method not in route.methods:
-        raise MethodNotAllowed()
-    check_anti_forgery(request, table.public_url, websocket=websocket)
+    decided = authorize_now(services, table, route, request, method, websocket=websocket)
+    if decided is not None:
+        return decided
     mode = route.mode
-    if mode == "none":
-        return None, None, False
     if mode == "client":
         tokens = services.client_tokens
         if tokens is None:
@@ -121,8 +122,7 @@ async def authorize(
         if mode in ("user", "exchange"):
             raise NoSession() if secret is None else SessionExpired()
         return None, None, False
-    if route.scopes and not route.scopes.issubset(session.data.scopes):
-        raise InsufficientScope()
+    _check_scopes(route, session)
     plan = services.route_tokens.plan(route.upstream) if services.route_tokens else None
     if plan is not None and services.route_tokens is not None:
         # Issue 12: this route's own token (resource or exchange), never the session's main one.
@@ -130,6 +130,48 @@ async def authorize(
     version = session.data.version
     session, token = await services.refresher.access_token(session)
     return session, token, session.data.version != version
+
+
+def authorize_now(
+    services: Services,
+    table: UpstreamTable,
+    route: Route,
+    request: web.Request,
+    method: str,
+    *,
+    websocket: bool,
+) -> Decision | None:
+    """:func:`authorize` as far as it goes without I/O: the same refusals, and the decision
+    when it needs nothing but this process's session cache and a token that is not due for a
+    refresh; None when only :func:`authorize` can finish (a store read, a refresh, a route's
+    own token, a client-credentials token). Both modes go through here first."""
+    if route.methods is not None and method not in route.methods:
+        raise MethodNotAllowed()
+    check_anti_forgery(request, table.public_url, websocket=websocket)
+    mode = route.mode
+    if mode == "none":
+        return None, None, False
+    if mode == "client":
+        return None
+    secret = services.cookies.session_secret(request)
+    if secret is None:
+        if mode in ("user", "exchange"):
+            raise NoSession()
+        return None, None, False
+    session = services.sessions.cached(secret)
+    if session is None:
+        return None
+    _check_scopes(route, session)
+    if services.route_tokens is not None and services.route_tokens.plan(route.upstream):
+        return None
+    if services.refresher.needs_refresh(session):
+        return None
+    return session, session.data.access_token, False
+
+
+def _check_scopes(route: Route, session: Session) -> None:
+    if route.scopes and not route.scopes.issubset(session.data.scopes):
+        raise InsufficientScope()
 
 
 class _Deadline:

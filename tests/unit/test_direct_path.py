@@ -62,7 +62,11 @@ def test_the_edge_auth_endpoint_is_one_exact_path() -> None:
     app, routes = _app("/api")
     authz = app.router.add_route("*", "/bff/authz", _handler)
     direct = DirectPath(
-        app, routes, exact=[("/bff/authz", authz)], reserved=["/healthz"], access_log=True
+        app,
+        routes,
+        exact=[("/bff/authz", authz, lambda request: None)],
+        reserved=["/healthz"],
+        access_log=True,
     )
     entry = direct.match(make_mocked_request("POST", "/bff/authz"))
     assert entry is not None and entry.handler is _handler
