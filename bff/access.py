@@ -23,9 +23,9 @@ import asyncio
 import hashlib
 import logging
 import re
-import secrets
 import time
 from collections.abc import Awaitable, Callable
+from random import getrandbits
 from typing import Final
 
 from aiohttp import web
@@ -125,7 +125,9 @@ def request_id(request: web.Request) -> str:
         if given is not None and REQUEST_ID_SHAPE.fullmatch(given) and not _JWT_LIKE.search(given)
         else None
     )
-    request[REQUEST_ID] = rid = rid or secrets.token_hex(16)
+    # An id, not a secret (it goes to the upstream and into logs, never decides anything), so
+    # the per-process PRNG (reseeded in each forked worker) instead of a getrandom() call.
+    request[REQUEST_ID] = rid = rid or f"{getrandbits(128):032x}"
     return rid
 
 

@@ -74,8 +74,8 @@ class _Entry:
         self.handler = route.handler
         self.handler_now = handler_now
         # The fast lane's answer up to its per-request headers, built once.
-        head = ["HTTP/1.1 200 OK", "Content-Length: 0", *(f"{n}: {v}" for n, v in fixed), ""]
-        self.head_200 = "\r\n".join(head).encode()
+        head = ["HTTP/1.1 200 OK", "Content-Length: 0", *(f"{n}: {v}" for n, v in fixed)]
+        self.head_200 = "".join(f"{line}\r\n" for line in head).encode()
         # One frozen match info per resource, shared by its requests: bff reads only its route
         # and app (nothing reads the ``tail`` of a proxied path: forward uses the raw target).
         info = UrlMappingMatchInfo({}, route)
@@ -203,12 +203,9 @@ class DirectPath:
             return False
         metrics.request_started()
         rid = access.request_id(request)
-        lines = [entry.head_200, b"Date: ", rfc822_formatted_time().encode(), b"\r\nX-Request-ID: "]
-        lines.append(rid.encode())
-        for name, value in headers:
-            lines += (b"\r\n", name.encode(), b": ", value.encode())
-        lines.append(b"\r\n\r\n")
-        write(b"".join(lines))
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
+        tail = f"Date: {rfc822_formatted_time()}\r\nX-Request-ID: {rid}\r\n{extra}\r\n"
+        write(entry.head_200 + tail.encode())
         metrics.request_done(request, entry.label, entry.kind, None, 200, started)
         if self._access_log and access.wanted():
             took = time.perf_counter() - started
