@@ -54,7 +54,7 @@ _AUTHZ_CACHE = """
       proxy_cache_key "$http_cookie|$request_method|$request_uri|$http_x_csrf|$http_origin\
 |$http_sec_fetch_site|$http_upgrade";
       proxy_cache_valid 200 1s;
-      proxy_cache_lock on;
+      proxy_cache_lock off;
       proxy_ignore_headers Cache-Control Expires;"""
 
 
