@@ -445,3 +445,26 @@ def test_a_record_from_an_older_or_newer_version_still_reads(clock: FakeClock) -
     values["field_of_a_later_version"] = 1  # written by a newer instance in a rolling upgrade
     assert SessionData.from_bytes(json.dumps(values).encode()).refresh_token == REFRESH
     assert SessionData.from_bytes(data.to_bytes()).access_lifetime == 8.0
+
+
+async def test_the_cached_view_holds_a_session_no_longer_than_cache_ttl_and_never_past_its_end(
+    memory_store: MemoryStore, clock: FakeClock
+) -> None:
+    """``cached`` is what the fast lane decides on without the store: a session it returns must
+    be one ``load`` would return from its cache, so a logout elsewhere is seen within cache_ttl."""
+    sessions = _manager(memory_store, clock, cache_ttl=1.0)
+    created = await sessions.create(_data(clock))
+    assert sessions.cached(created.secret) == created
+    clock.advance(0.9)
+    assert sessions.cached(created.secret) == created
+    clock.advance(0.2)  # older than cache_ttl: only the store can say
+    assert sessions.cached(created.secret) is None
+    assert await sessions.load(created.secret) is not None  # read again, cached again
+    assert sessions.cached(created.secret) is not None
+    await sessions.end(created)  # this instance forgets it at once
+    assert sessions.cached(created.secret) is None
+    assert sessions.cached(new_secret()) is None
+    short = _manager(memory_store, clock, cache_ttl=5.0)
+    ending = await short.create(_data(clock))
+    clock.advance(ABSOLUTE)  # the session's absolute end falls inside the cache time
+    assert short.cached(ending.secret) is None
