@@ -30,6 +30,7 @@ start it *late* on a port bff was already told about. Revoked tokens are in ``re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import hashlib
 import hmac
@@ -139,6 +140,7 @@ class HostileOp:
         self.token_status: int | None = None
         self.token_error: str | None = None
         self.token_delay: float = 0.0
+        self._closing = asyncio.Event()  # ends every delay: a closing OP keeps no one waiting
         self.token_raw: bytes | None = None  # answer these bytes as the token response (200)
         self.expires_in = 300  # access token lifetime; 0 makes bff refresh on its next use
         self.discovery_issuer: str | None = None
@@ -183,6 +185,7 @@ class HostileOp:
         return f"{self.issuer}/token"
 
     async def start(self) -> None:
+        self._closing.clear()
         app = web.Application()
         p = self.path
         app.router.add_get(f"{p}/.well-known/openid-configuration", self._discovery)
@@ -201,6 +204,7 @@ class HostileOp:
             self.port = int(addresses[0][1])
 
     async def close(self) -> None:
+        self._closing.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -401,7 +405,8 @@ class HostileOp:
         self, form: dict[str, str], headers: dict[str, str]
     ) -> tuple[int, dict[str, Any]]:
         if self.token_delay:
-            await asyncio.sleep(self.token_delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.token_delay)
         if self.token_status is not None:
             return self.token_status, {"error": "server_error"}
         problem = self._authenticate(form, headers)

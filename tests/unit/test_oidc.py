@@ -558,11 +558,10 @@ async def test_a_slow_token_endpoint_is_provider_unavailable_after_the_timeout(
 ) -> None:
     client = OidcClient(settings_for(op, http_timeout=0.3), http, REDIRECT, clock=clock)
     code, verifier = await authorize_code(op, client, http)
-    op.token_delay = 1.5
-    started = time.monotonic()
+    op.token_delay = 3600  # never answers in this test: only bff's own timeout can end the call
     with pytest.raises(ProviderUnavailable):
-        await client.exchange_code(code, verifier)
-    assert time.monotonic() - started < 1.2
+        async with asyncio.timeout(60):  # a guard against a hang, not a measurement
+            await client.exchange_code(code, verifier)
 
 
 async def test_an_unreachable_token_endpoint_is_provider_unavailable(
