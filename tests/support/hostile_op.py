@@ -30,8 +30,8 @@ start it *late* on a port bff was already told about. Revoked tokens are in ``re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
