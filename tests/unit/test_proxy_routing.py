@@ -455,3 +455,65 @@ def test_a_users_answer_loses_the_headers_cdns_obey_over_cache_control() -> None
 def test_which_routes_answers_are_private(token: str, private: bool) -> None:
     routes = table(Upstream(path="/api", url="http://api.internal", token=token))  # type: ignore[arg-type]
     assert routes.routes[0].private is private
+
+
+# -- what the header policy keeps between requests (per name and drop set, bounded) --------------
+
+
+def test_a_names_verdict_kept_for_one_route_is_never_anothers() -> None:
+    routes = table(
+        Upstream(path="/a", url="http://a.internal", remove_headers=("x-debug",)),
+        Upstream(path="/b", url="http://b.internal"),
+    )
+    a, b = routes.routes if routes.routes[0].prefix == "/a" else routes.routes[::-1]
+    for _ in range(2):  # the second round answers from what the first kept
+        request = browser_request([("X-Debug", "1"), ("X_Debug", "2"), ("Accept", "x/y")])
+        assert upstream_headers(request, a.drop, (), (), None) == [("Accept", "x/y")]
+        assert upstream_headers(request, b.drop, (), (), None) == [
+            ("X-Debug", "1"),
+            ("X_Debug", "2"),
+            ("Accept", "x/y"),
+        ]
+
+
+def test_the_connection_list_kept_for_one_value_is_never_anothers() -> None:
+    sent = [("X-One", "1"), ("X_Two", "2"), ("Accept", "x/y")]
+    for _ in range(2):
+        one = browser_request([("Connection", "x-one"), *sent])
+        two = browser_request([("Connection", "X-Two"), *sent])
+        none = browser_request(sent)
+        assert upstream_headers(one, REQUEST_DROP, (), (), None) == [sent[1], sent[2]]
+        assert upstream_headers(two, REQUEST_DROP, (), (), None) == [sent[0], sent[2]]
+        assert upstream_headers(none, REQUEST_DROP, (), (), None) == sent
+        for private in (False, True):
+            answer = [("X-One", "1"), ("X-Two", "2"), ("ETag", '"e"')]
+            for connection, kept in (("x-one", ["X-Two", "ETag"]), ("X-TWO", ["X-One", "ETag"])):
+                headers = CIMultiDictProxy(CIMultiDict([("Connection", connection), *answer]))
+                out = downstream_headers(SimpleNamespace(headers=headers), private=private)  # type: ignore[arg-type]
+                assert [k for k in out if k != "Cache-Control"] == kept
+
+
+def test_an_answers_verdicts_differ_between_private_and_shared_routes() -> None:
+    headers = CIMultiDictProxy(CIMultiDict([("CDN-Cache-Control", "max-age=9"), ("ETag", '"e"')]))
+    for _ in range(2):
+        for private, names in (
+            (True, ["ETag", "Cache-Control"]),
+            (False, ["CDN-Cache-Control", "ETag"]),
+        ):
+            out = downstream_headers(SimpleNamespace(headers=headers), private=private)  # type: ignore[arg-type]
+            assert list(out) == names
+
+
+def test_the_kept_verdicts_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bff.proxy import headers as policy
+
+    monkeypatch.setattr(policy, "_VERDICTS", {})
+    monkeypatch.setattr(policy, "_CONNECTION_TOKENS", {})
+    monkeypatch.setattr(policy, "_NAMES_MAX", 8)
+    for i in range(40):
+        request = browser_request([(f"X-N{i}", "1"), ("Cookie", "s=1"), ("Connection", f"x-c{i}")])
+        assert upstream_headers(request, REQUEST_DROP, (), (), None) == [(f"X-N{i}", "1")]
+    assert [len(names) for names in policy._VERDICTS.values()] == [8]
+    assert len(policy._CONNECTION_TOKENS) == 8
+    request = browser_request([("X-N0", "1"), ("Cookie", "s=1")])
+    assert upstream_headers(request, REQUEST_DROP, (), (), None) == [("X-N0", "1")]
