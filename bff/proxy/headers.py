@@ -38,6 +38,7 @@ __all__ = [
     "OVERRIDES",
     "REQUEST_DROP",
     "WS_HANDSHAKE",
+    "answer_fields",
     "downstream_headers",
     "header_key",
     "private_cache_control",
@@ -289,10 +290,16 @@ def downstream_headers(response: _Answer, *, private: bool) -> CIMultiDict[str]:
     and its writer would silently leave those bytes out (``\xff\xfe`` became an empty value),
     so the browser would get a different value than the upstream sent. UTF-8 passes byte-exact.
     """
+    return CIMultiDict(answer_fields(response, private=private))
+
+
+def answer_fields(
+    response: _Answer, *, private: bool, whole: bool = False
+) -> list[tuple[str, str]]:
+    """:func:`downstream_headers` as a list of fields, in order; with ``whole`` (the body goes
+    out in one piece, aiohttp sets its length), without the upstream's ``Content-Length``."""
     headers = response.headers
-    drop, policy = (
-        (_PRIVATE_DROP, _passes_private_answer) if private else (_RESPONSE_DROP, _passes_answer)
-    )
+    drop, policy = _ANSWER_POLICIES[private, whole]
     named = _connection_tokens(headers.get("Connection"), upstream=False)
     passes = _verdicts(drop, policy)
     kept: list[tuple[str, str]] = []
@@ -302,11 +309,12 @@ def downstream_headers(response: _Answer, *, private: bool) -> CIMultiDict[str]:
             keep = _learn(passes, k, policy(k, drop), _NAMES_MAX)
         if keep and (named is None or k.lower() not in named) and (v.isascii() or _is_utf8(v)):
             kept.append((k, v))
-    out: CIMultiDict[str] = CIMultiDict(kept)
     if private:
         upstream = headers.getall("Cache-Control", ())
-        out["Cache-Control"] = private_cache_control(", ".join(upstream) if upstream else "")
-    return out
+        kept.append(
+            ("Cache-Control", private_cache_control(", ".join(upstream) if upstream else ""))
+        )
+    return kept
 
 
 # A header name's verdict depends only on the name as sent and the drop set (a route's, or one of
@@ -333,6 +341,14 @@ def _passes_private_answer(name: str, drop: frozenset[str]) -> bool:
     # A user's answer also loses RFC 9213's ``*-CDN-Cache-Control`` (by suffix).
     lowered = name.lower()
     return lowered not in drop and not lowered.endswith("cdn-cache-control")
+
+
+_ANSWER_POLICIES: Final[dict[tuple[bool, bool], tuple[frozenset[str], _Policy]]] = {
+    (False, False): (_RESPONSE_DROP, _passes_answer),
+    (True, False): (_PRIVATE_DROP, _passes_private_answer),
+    (False, True): (_RESPONSE_DROP | {"content-length"}, _passes_answer),
+    (True, True): (_PRIVATE_DROP | {"content-length"}, _passes_private_answer),
+}
 
 
 def _verdicts(drop: frozenset[str], policy: _Policy) -> dict[str, bool]:

@@ -27,6 +27,8 @@ __all__ = ["Route", "UpstreamTable", "normalise_path"]
 _HTTP_SCHEME: Final = {"ws": "http", "wss": "https"}
 _WS_SCHEME: Final = {"http": "ws", "https": "wss"}
 _PCHAR_SAFE: Final = "!$&'()*+,;=:@~"
+_RESOLVED_MAX: Final = 4096  # raw targets whose route and upstream target are kept
+_RESOLVED_KEY_MAX: Final = 512  # longer targets are worked out each time, never kept
 
 
 class Route:
@@ -162,6 +164,8 @@ class UpstreamTable:
         self.peers = peers if peers is not None else Peers((), self.public_url)
         self.pool_size = pool_size
         self.session_check_interval = session_check_interval
+        # Raw target -> (route, upstream target): an SPA calls the same few URLs over and over.
+        self._resolved: dict[str, tuple[Route, str]] = {}
 
     def match(self, path: str) -> Route | None:
         """The route whose prefix is the longest one of a normalised ``path``."""
@@ -177,13 +181,22 @@ class UpstreamTable:
         :class:`PathRejected` (400) for a traversal and :class:`NotFound` when no route takes
         the path once normalised.
         """
+        known = self._resolved.get(target)
+        if known is not None:
+            return known
         path, sep, query = target.partition("?")
         path = normalise_path(path)
         route = self.match(path)
         if route is None:
             raise NotFound()
         upstream_path = (route.base_path + path[len(route.prefix) :]) or "/"
-        return route, upstream_path + sep + drop_override_params(query)
+        known = route, upstream_path + sep + drop_override_params(query)
+        # Only what resolved is kept (a refusal is worked out again), bounded, oldest out first.
+        if len(target) <= _RESOLVED_KEY_MAX:
+            if len(self._resolved) >= _RESOLVED_MAX:
+                self._resolved.pop(next(iter(self._resolved)))
+            self._resolved[target] = known
+        return known
 
     async def open(self) -> None:
         """One keep-alive pool per upstream; call once the event loop runs."""

@@ -19,6 +19,7 @@ from bff.proxy.headers import (
     IDENTITY,
     OVERRIDES,
     REQUEST_DROP,
+    answer_fields,
     header_key,
     private_cache_control,
 )
@@ -88,6 +89,43 @@ def test_empty_segments_fold_so_they_cannot_dodge_a_longer_prefix() -> None:
 def test_encoded_characters_are_forwarded_canonically_encoded() -> None:
     assert ROUTES.resolve("/api/orders/caf%c3%a9%20x")[1] == "/v1/caf%C3%A9%20x"
     assert ROUTES.resolve("/api/orders/100%25")[1] == "/v1/100%25"
+
+
+def test_a_resolved_target_kept_is_never_another_targets_answer() -> None:
+    routes = table(
+        Upstream(path="/api", url="http://api.internal:9000"),
+        Upstream(path="/api/orders", url="http://orders.internal:8080/v1"),
+    )
+    expected = [
+        ("/api/orders/42", "/api/orders", "/v1/42"),
+        ("/api/orders/43", "/api/orders", "/v1/43"),
+        ("/api/orders/42?_method=DELETE&a=1", "/api/orders", "/v1/42?a=1"),
+        ("/api//orders/42", "/api/orders", "/v1/42"),
+        ("/api/ordersX", "/api", "/ordersX"),
+        ("/api/items", "/api", "/items"),
+    ]
+    for _ in range(2):  # the second round answers from what the first kept
+        for target, prefix, upstream in expected:
+            route, path = routes.resolve(target)
+            assert (route.prefix, path) == (prefix, upstream)
+        # A refusal is never kept as an answer, nor an answer given to a refused spelling.
+        for refused in ("/api/orders/../admin", "/api/orders/%2e%2e/admin"):
+            with pytest.raises(PathRejected):
+                routes.resolve(refused)
+        with pytest.raises(NotFound):
+            routes.resolve("/other")
+
+
+def test_the_kept_targets_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("bff.proxy.routing._RESOLVED_MAX", 8)
+    routes = table(Upstream(path="/api", url="http://api.internal"))
+    for i in range(40):
+        assert routes.resolve(f"/api/{i}")[1] == f"/{i}"
+    assert len(routes._resolved) == 8
+    assert routes.resolve("/api/0")[1] == "/0"
+    long = "/api/" + "x" * 600
+    assert routes.resolve(long)[1] == long[4:]
+    assert long not in routes._resolved
 
 
 def test_dotted_names_that_are_not_dot_segments_pass() -> None:
@@ -502,6 +540,22 @@ def test_an_answers_verdicts_differ_between_private_and_shared_routes() -> None:
         ):
             out = downstream_headers(SimpleNamespace(headers=headers), private=private)  # type: ignore[arg-type]
             assert list(out) == names
+
+
+def test_an_answer_sent_whole_loses_only_the_upstreams_content_length() -> None:
+    headers = CIMultiDictProxy(
+        CIMultiDict([("Content-Length", "2"), ("ETag", '"e"'), ("Set-Cookie", "a=1")])
+    )
+    answer: Any = SimpleNamespace(headers=headers)
+    for _ in range(2):
+        for private in (False, True):
+            tail = [("Cache-Control", "private")] if private else []
+            assert answer_fields(answer, private=private, whole=True) == [("ETag", '"e"'), *tail]
+            assert answer_fields(answer, private=private) == [
+                ("Content-Length", "2"),
+                ("ETag", '"e"'),
+                *tail,
+            ]
 
 
 def test_the_kept_verdicts_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
