@@ -174,10 +174,16 @@ async def _exchange(
         raise UpstreamFailed("the upstream pool is not open")
     method = request.method
     deadline: _Deadline | None = None
+    # A body-less exchange's deadline is watched with the route's others (bff.proxy.deadlines).
+    shared = route.deadlines if body is None else None
     started = time.perf_counter()  # for bff_upstream_duration_seconds
     try:
-        async with asyncio.timeout(route.timeout) as timeout:
-            if body is not None:  # each chunk of the browser's body pushes the deadline back
+        async with (
+            asyncio.timeout(route.timeout) if shared is None else asyncio.Timeout(None)
+        ) as timeout:
+            if shared is not None:
+                shared.start(timeout)
+            elif body is not None:  # each chunk of the browser's body pushes the deadline back
                 deadline = _Deadline(timeout)
                 body = _body(body, deadline, route.timeout)
             try:
@@ -201,7 +207,9 @@ async def _exchange(
                         resp.release()
                 return resp, None
             finally:
-                if deadline is not None:
+                if shared is not None:
+                    shared.stop(timeout)
+                elif deadline is not None:
                     deadline.active = False
     except TimeoutError:
         services.metrics.inc("bff_upstream_errors_total", kind="timeout")

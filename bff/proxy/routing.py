@@ -7,6 +7,7 @@ app is built, so matching is a few ``startswith`` calls: no regex, no per-reques
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 from typing import Final
 from urllib.parse import quote, unquote, unquote_to_bytes, urlsplit
@@ -17,6 +18,7 @@ from aiohttp import web
 from bff.config import Upstream
 from bff.errors import NotFound, PathRejected
 from bff.peers import Peers
+from bff.proxy.deadlines import Deadlines
 from bff.proxy.headers import REQUEST_DROP, WS_HANDSHAKE, header_key
 from bff.proxy.overrides import drop_override_params
 from bff.proxy.session_watch import SESSION_CHECK_INTERVAL
@@ -38,6 +40,7 @@ class Route:
         "base_path",
         "client_scopes",
         "connect_timeout",
+        "deadlines",
         "drop",
         "http",
         "methods",
@@ -87,6 +90,7 @@ class Route:
         self.websocket = upstream.websocket
         self.http: aiohttp.ClientSession | None = None  # for WebSockets, opened at start-up
         self.pool: UpstreamPool | None = None  # for HTTP exchanges, opened at start-up
+        self.deadlines: Deadlines | None = None  # of its body-less exchanges, with the pool
 
     def __repr__(self) -> str:  # the upstream address stays out of reprs shown to anyone
         return f"Route({self.prefix!r}, mode={self.mode!r})"
@@ -201,6 +205,7 @@ class UpstreamTable:
     async def open(self) -> None:
         """One keep-alive pool per upstream; call once the event loop runs."""
         for route in self.routes:
+            route.deadlines = Deadlines(route.timeout, asyncio.get_running_loop())
             route.pool = UpstreamPool(
                 route.origin,
                 connect_timeout=route.connect_timeout,
@@ -230,6 +235,7 @@ class UpstreamTable:
             if route.pool is not None:
                 await route.pool.close()
                 route.pool = None
+            route.deadlines = None  # exchanges still running keep theirs to the end
             if route.http is not None:
                 await route.http.close()
                 route.http = None
