@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from typing import Final, TypeAlias
+from typing import Final, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -45,11 +45,15 @@ __all__ = ["MAX_HOPS", "PEERS", "Peers", "client_address", "parse_node"]
 
 Address: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 #: A chain with more trusted hops than this is not believed (the peer is the client).
 MAX_HOPS: Final = 32
-_MEMO_MAX: Final = 4096  # chains whose forwarding headers are kept ready
-#: The request's chain, worked out at most once per request.
+_MEMO_MAX: Final = 4096  # chains whose forwarding headers are kept ready (and peers, walks)
+#: Hops longer than this in all (characters) are walked anew each time, never kept.
+_WALK_KEY_MAX: Final = 512
+#: The request's chain when its hops are too long to keep, worked out at most once per request.
 _CHAIN: Final = web.RequestKey("bff_peer_chain", tuple[str, ...])
 _TOKEN_CHARS: Final = frozenset(
     "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -113,7 +117,16 @@ def _for_value(address: str | None) -> str:
 class Peers:
     """The trusted networks and the public origin, built once at start-up (see ``app.py``)."""
 
-    __slots__ = ("_host", "_memo", "_networks", "_peer_memo", "_proto", "_suffix")
+    __slots__ = (
+        "_host",
+        "_memo",
+        "_networks",
+        "_peer_memo",
+        "_peers",
+        "_proto",
+        "_suffix",
+        "_walks",
+    )
 
     def __init__(self, trusted_proxies: Iterable[str], public_url: str) -> None:
         self._networks: tuple[Network, ...] = tuple(
@@ -125,6 +138,10 @@ class Peers:
         self._suffix = f";host={_forwarded_value(self._host)};proto={self._proto}"
         self._memo: dict[tuple[str, ...], tuple[tuple[str, str], ...]] = {}
         self._peer_memo: dict[str, bool] = {}
+        # The TCP peer's text -> (its chain when it is the client, whether it is trusted).
+        self._peers: dict[str, tuple[tuple[str, ...], bool]] = {}
+        # (trusted peer, *hops it sent) -> the chain: a proxy's few clients send the same ones.
+        self._walks: dict[tuple[str, ...], tuple[str, ...]] = {}
 
     def trusted(self, address: Address) -> bool:
         return any(address in network for network in self._networks)
@@ -148,29 +165,50 @@ class Peers:
         return known
 
     def chain(self, request: web.Request) -> tuple[str, ...]:
-        """The addresses from the client (first) to the TCP peer (last)."""
+        """The addresses from the client (first) to the TCP peer (last).
+
+        Worked out from parsed addresses, and asked on every proxied call: so what a peer's
+        text parses to is kept per peer, and the walk per (peer, hops) when the hops are short
+        (both bounded, first in first out). Neither depends on anything but its key."""
         peer = request.remote or ""
         if not self._networks:
             return (peer,)
-        cached = request.get(_CHAIN)
-        if cached is None:
-            cached = self._chain(request, peer)
-            request[_CHAIN] = cached
-        return cached
-
-    def _chain(self, request: web.Request, peer: str) -> tuple[str, ...]:
-        # The socket's zone id (a link-local peer) is not client text, and is not ours to judge.
-        peer_address = parse_node(peer.partition("%")[0])
-        if peer_address is None:
-            return (peer,)
-        if not self.trusted(peer_address):
-            return (str(peer_address),)
+        known = self._peers.get(peer)
+        if known is None:
+            known = self._peer(peer)
+        own, trusted = known
+        if not trusted:
+            return own
         hops = self._hops(request)
-        found = [str(peer_address)]
+        if not hops:
+            return own
+        if sum(map(len, hops)) > _WALK_KEY_MAX:  # too long to keep: walked once per request
+            cached = request.get(_CHAIN)
+            if cached is None:
+                cached = request[_CHAIN] = self._walk(own[0], hops)
+            return cached
+        key = (own[0], *hops)
+        found = self._walks.get(key)
+        if found is None:
+            found = self._walk(own[0], hops)
+            _remember(self._walks, key, found)
+        return found
+
+    def _peer(self, peer: str) -> tuple[tuple[str, ...], bool]:
+        """The TCP peer's own chain (itself, canonical) and whether it is a trusted proxy."""
+        # The socket's zone id (a link-local peer) is not client text, and is not ours to judge.
+        address = parse_node(peer.partition("%")[0])
+        known = ((peer,), False) if address is None else ((str(address),), self.trusted(address))
+        _remember(self._peers, peer, known)
+        return known
+
+    def _walk(self, peer: str, hops: list[str]) -> tuple[str, ...]:
+        """Rightmost-untrusted, from the trusted ``peer`` (canonical text) leftwards."""
+        found = [peer]
         for text in reversed(hops):
             address = parse_node(text)
             if address is None or len(found) > MAX_HOPS:
-                return (found[0],)
+                return (peer,)
             found.append(str(address))
             if not self.trusted(address):
                 break
@@ -213,6 +251,13 @@ class Peers:
             self._memo.pop(next(iter(self._memo)))
         self._memo[chain] = out
         return out
+
+
+def _remember(memo: dict[_K, _V], key: _K, value: _V) -> None:
+    """``memo[key] = value``, dropping the oldest entry once it holds :data:`_MEMO_MAX`."""
+    if len(memo) >= _MEMO_MAX:
+        memo.pop(next(iter(memo)))
+    memo[key] = value
 
 
 #: The app's :class:`Peers`, set by ``create_app``.

@@ -31,7 +31,7 @@ from bff.errors import (
     UpstreamTimeout,
 )
 from bff.middlewares import check_anti_forgery
-from bff.proxy.headers import downstream_headers, upstream_headers
+from bff.proxy.headers import answer_fields, downstream_headers, upstream_headers
 from bff.proxy.overrides import body_scanner
 from bff.proxy.routing import Route, UpstreamTable
 from bff.proxy.session_watch import SessionWatch
@@ -214,18 +214,24 @@ async def _exchange(
     pool = route.pool
     if pool is None:
         raise UpstreamFailed("the upstream pool is not open")
+    method = request.method
+    deadline: _Deadline | None = None
+    # A body-less exchange's deadline is watched with the route's others (bff.proxy.deadlines).
+    shared = route.deadlines if body is None else None
     started = time.perf_counter()  # for bff_upstream_duration_seconds
     try:
-        async with asyncio.timeout(route.timeout) as timeout:
-            deadline = _Deadline(timeout)
+        async with (
+            asyncio.timeout(route.timeout) if shared is None else asyncio.Timeout(None)
+        ) as timeout:
+            if shared is not None:
+                shared.start(timeout)
+            elif body is not None:  # each chunk of the browser's body pushes the deadline back
+                deadline = _Deadline(timeout)
+                body = _body(body, deadline, route.timeout)
             try:
-                with tracing.upstream_span(request.method, route.prefix, route.origin) as span:
-                    resp = await pool.request(
-                        request.method,
-                        target,
-                        tracing.inject(headers),  # traceparent of this client span
-                        _body(body, deadline, route.timeout) if body is not None else None,
-                    )
+                with tracing.upstream_span(method, route.prefix, route.origin) as span:
+                    # traceparent of this client span
+                    resp = await pool.request(method, target, tracing.inject(headers), body)
                     request[UPSTREAM] = (resp.status, time.perf_counter() - started)
                     if span is not None:
                         span.set_attribute("http.response.status_code", resp.status)
@@ -234,7 +240,7 @@ async def _exchange(
                 if (
                     length is not None
                     and length <= SMALL_BODY
-                    and request.method != "HEAD"
+                    and method != "HEAD"
                     and resp.status not in (204, 304)
                 ):
                     try:
@@ -243,7 +249,10 @@ async def _exchange(
                         resp.release()
                 return resp, None
             finally:
-                deadline.active = False
+                if shared is not None:
+                    shared.stop(timeout)
+                elif deadline is not None:
+                    deadline.active = False
     except TimeoutError:
         services.metrics.inc("bff_upstream_errors_total", kind="timeout")
         log.warning(
@@ -252,7 +261,7 @@ async def _exchange(
         )
         raise UpstreamTimeout() from None
     except aiohttp.ClientError as exc:
-        if deadline.refused is not None:  # the body scan refused the request mid-stream
+        if deadline is not None and deadline.refused is not None:  # the body scan refused it
             raise deadline.refused from None
         services.metrics.inc("bff_upstream_errors_total", kind="failed")
         log.warning(
@@ -324,9 +333,8 @@ async def _http(
             headers = outgoing(new_token)
             resp, body = await _exchange(request, services, route, target, headers, None)
     if body is not None:
-        out_headers = downstream_headers(resp, private=route.private)
-        out_headers.popall("Content-Length", None)
-        return web.Response(status=resp.status, reason=resp.reason, headers=out_headers, body=body)
+        fields = answer_fields(resp, private=route.private, whole=True)
+        return web.Response(status=resp.status, reason=resp.reason, headers=fields, body=body)
     return await _stream(request, services, table, route, resp, session)
 
 

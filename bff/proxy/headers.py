@@ -23,8 +23,8 @@ another.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from typing import Final, Protocol
+from collections.abc import Callable, Iterable
+from typing import Final, Protocol, TypeAlias, TypeVar
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -38,6 +38,7 @@ __all__ = [
     "OVERRIDES",
     "REQUEST_DROP",
     "WS_HANDSHAKE",
+    "answer_fields",
     "downstream_headers",
     "header_key",
     "private_cache_control",
@@ -240,6 +241,8 @@ _DIRECTIVE: Final = re.compile(
 _PRIVATE_DROP: Final = _RESPONSE_DROP | _SHARED_CACHE_HEADERS | {"cache-control"}
 _CACHE_CONTROL_MEMO: dict[str, str] = {}  # upstream value -> ours; upstreams send few distinct ones
 _MEMO_MAX: Final = 256
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 
 class _Answer(Protocol):
@@ -260,14 +263,15 @@ def upstream_headers(
     spells them), the forwarding families and those named in ``Connection``; then the route's
     own, the bearer and bff's forwarding headers (``forwarded``, from :mod:`bff.peers`)."""
     headers = request.headers
-    connection = headers.get("Connection")
-    if connection is not None:
-        drop = drop | {header_key(t.strip()) for t in connection.split(",")}
-    out = [
-        (k, v)
-        for k, v in headers.items()
-        if (name := k.lower().replace("_", "-")) not in drop and not name.startswith(_DROP_PREFIXES)
-    ]
+    named = _connection_tokens(headers.get("Connection"), upstream=True)
+    passes = _verdicts(drop, _passes_upstream)
+    out = []
+    for k, v in headers.items():
+        keep = passes.get(k)
+        if keep is None:
+            keep = _learn(passes, k, _passes_upstream(k, drop), _NAMES_MAX)
+        if keep and (named is None or header_key(k) not in named):
+            out.append((k, v))
     out.extend(extra)
     if token is not None:
         out.append(("Authorization", "Bearer " + token))
@@ -286,24 +290,95 @@ def downstream_headers(response: _Answer, *, private: bool) -> CIMultiDict[str]:
     and its writer would silently leave those bytes out (``\xff\xfe`` became an empty value),
     so the browser would get a different value than the upstream sent. UTF-8 passes byte-exact.
     """
+    return CIMultiDict(answer_fields(response, private=private))
+
+
+def answer_fields(
+    response: _Answer, *, private: bool, whole: bool = False
+) -> list[tuple[str, str]]:
+    """:func:`downstream_headers` as a list of fields, in order; with ``whole`` (the body goes
+    out in one piece, aiohttp sets its length), without the upstream's ``Content-Length``."""
     headers = response.headers
-    drop = _PRIVATE_DROP if private else _RESPONSE_DROP
-    connection = headers.get("Connection")
-    if connection is not None:
-        drop = drop | {t.strip().lower() for t in connection.split(",")}
-    out: CIMultiDict[str] = CIMultiDict()
+    drop, policy = _ANSWER_POLICIES[private, whole]
+    named = _connection_tokens(headers.get("Connection"), upstream=False)
+    passes = _verdicts(drop, policy)
+    kept: list[tuple[str, str]] = []
     for k, v in headers.items():
-        name = k.lower()
-        if (
-            name not in drop
-            and not (private and name.endswith("cdn-cache-control"))
-            and (v.isascii() or _is_utf8(v))
-        ):
-            out.add(k, v)
+        keep = passes.get(k)
+        if keep is None:
+            keep = _learn(passes, k, policy(k, drop), _NAMES_MAX)
+        if keep and (named is None or k.lower() not in named) and (v.isascii() or _is_utf8(v)):
+            kept.append((k, v))
     if private:
         upstream = headers.getall("Cache-Control", ())
-        out["Cache-Control"] = private_cache_control(", ".join(upstream) if upstream else "")
-    return out
+        kept.append(
+            ("Cache-Control", private_cache_control(", ".join(upstream) if upstream else ""))
+        )
+    return kept
+
+
+# A header name's verdict depends only on the name as sent and the drop set (a route's, or one of
+# the two answer policies): it is kept per drop set, so the policy's string work (case, ``_``,
+# prefixes) runs once per name, not per request. Names are the client's or the upstream's text:
+# bounded, oldest first out, like the ``Connection`` lists (browsers send ``keep-alive``).
+_NAMES_MAX: Final = 512
+_DROP_SETS_MAX: Final = 64
+_Policy: TypeAlias = Callable[[str, frozenset[str]], bool]
+_VERDICTS: dict[tuple[frozenset[str], _Policy], dict[str, bool]] = {}
+_CONNECTION_TOKENS: dict[tuple[str, bool], frozenset[str]] = {}
+
+
+def _passes_upstream(name: str, drop: frozenset[str]) -> bool:
+    key = header_key(name)
+    return key not in drop and not key.startswith(_DROP_PREFIXES)
+
+
+def _passes_answer(name: str, drop: frozenset[str]) -> bool:
+    return name.lower() not in drop
+
+
+def _passes_private_answer(name: str, drop: frozenset[str]) -> bool:
+    # A user's answer also loses RFC 9213's ``*-CDN-Cache-Control`` (by suffix).
+    lowered = name.lower()
+    return lowered not in drop and not lowered.endswith("cdn-cache-control")
+
+
+_ANSWER_POLICIES: Final[dict[tuple[bool, bool], tuple[frozenset[str], _Policy]]] = {
+    (False, False): (_RESPONSE_DROP, _passes_answer),
+    (True, False): (_PRIVATE_DROP, _passes_private_answer),
+    (False, True): (_RESPONSE_DROP | {"content-length"}, _passes_answer),
+    (True, True): (_PRIVATE_DROP | {"content-length"}, _passes_private_answer),
+}
+
+
+def _verdicts(drop: frozenset[str], policy: _Policy) -> dict[str, bool]:
+    """The verdicts kept for names under ``drop`` and ``policy`` (a function above)."""
+    memo = _VERDICTS.get((drop, policy))
+    if memo is None:
+        memo = _learn(_VERDICTS, (drop, policy), {}, _DROP_SETS_MAX)
+    return memo
+
+
+def _learn(memo: dict[_K, _V], key: _K, value: _V, limit: int) -> _V:
+    """``memo[key] = value`` (the oldest entry out once ``memo`` holds ``limit``); ``value``."""
+    if len(memo) >= limit:
+        memo.pop(next(iter(memo)))
+    memo[key] = value
+    return value
+
+
+def _connection_tokens(value: str | None, *, upstream: bool) -> frozenset[str] | None:
+    """The header names a ``Connection`` value lists (hop-by-hop, RFC 9110 7.6.1): spelled as
+    :func:`header_key` does for the browser's request, lower case for an upstream's answer."""
+    if value is None:
+        return None
+    known = _CONNECTION_TOKENS.get((value, upstream))
+    if known is None:
+        spell = header_key if upstream else str.lower
+        known = frozenset(spell(t.strip()) for t in value.split(","))
+        if len(value) <= _NAMES_MAX:
+            _learn(_CONNECTION_TOKENS, (value, upstream), known, _NAMES_MAX)
+    return known
 
 
 def private_cache_control(value: str) -> str:

@@ -7,6 +7,7 @@ app is built, so matching is a few ``startswith`` calls: no regex, no per-reques
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 from typing import Final
 from urllib.parse import quote, unquote, unquote_to_bytes, urlsplit
@@ -17,6 +18,7 @@ from aiohttp import web
 from bff.config import Upstream
 from bff.errors import NotFound, PathRejected
 from bff.peers import Peers
+from bff.proxy.deadlines import Deadlines
 from bff.proxy.headers import REQUEST_DROP, WS_HANDSHAKE, header_key
 from bff.proxy.overrides import drop_override_params
 from bff.proxy.session_watch import SESSION_CHECK_INTERVAL
@@ -27,6 +29,8 @@ __all__ = ["Route", "UpstreamTable", "normalise_path"]
 _HTTP_SCHEME: Final = {"ws": "http", "wss": "https"}
 _WS_SCHEME: Final = {"http": "ws", "https": "wss"}
 _PCHAR_SAFE: Final = "!$&'()*+,;=:@~"
+_RESOLVED_MAX: Final = 4096  # raw targets whose route and upstream target are kept
+_RESOLVED_KEY_MAX: Final = 512  # longer targets are worked out each time, never kept
 
 
 class Route:
@@ -36,6 +40,7 @@ class Route:
         "base_path",
         "client_scopes",
         "connect_timeout",
+        "deadlines",
         "drop",
         "http",
         "methods",
@@ -85,6 +90,7 @@ class Route:
         self.websocket = upstream.websocket
         self.http: aiohttp.ClientSession | None = None  # for WebSockets, opened at start-up
         self.pool: UpstreamPool | None = None  # for HTTP exchanges, opened at start-up
+        self.deadlines: Deadlines | None = None  # of its body-less exchanges, with the pool
 
     def __repr__(self) -> str:  # the upstream address stays out of reprs shown to anyone
         return f"Route({self.prefix!r}, mode={self.mode!r})"
@@ -162,6 +168,8 @@ class UpstreamTable:
         self.peers = peers if peers is not None else Peers((), self.public_url)
         self.pool_size = pool_size
         self.session_check_interval = session_check_interval
+        # Raw target -> (route, upstream target): an SPA calls the same few URLs over and over.
+        self._resolved: dict[str, tuple[Route, str]] = {}
 
     def match(self, path: str) -> Route | None:
         """The route whose prefix is the longest one of a normalised ``path``."""
@@ -177,17 +185,27 @@ class UpstreamTable:
         :class:`PathRejected` (400) for a traversal and :class:`NotFound` when no route takes
         the path once normalised.
         """
+        known = self._resolved.get(target)
+        if known is not None:
+            return known
         path, sep, query = target.partition("?")
         path = normalise_path(path)
         route = self.match(path)
         if route is None:
             raise NotFound()
         upstream_path = (route.base_path + path[len(route.prefix) :]) or "/"
-        return route, upstream_path + sep + drop_override_params(query)
+        known = route, upstream_path + sep + drop_override_params(query)
+        # Only what resolved is kept (a refusal is worked out again), bounded, oldest out first.
+        if len(target) <= _RESOLVED_KEY_MAX:
+            if len(self._resolved) >= _RESOLVED_MAX:
+                self._resolved.pop(next(iter(self._resolved)))
+            self._resolved[target] = known
+        return known
 
     async def open(self) -> None:
         """One keep-alive pool per upstream; call once the event loop runs."""
         for route in self.routes:
+            route.deadlines = Deadlines(route.timeout, asyncio.get_running_loop())
             route.pool = UpstreamPool(
                 route.origin,
                 connect_timeout=route.connect_timeout,
@@ -217,6 +235,7 @@ class UpstreamTable:
             if route.pool is not None:
                 await route.pool.close()
                 route.pool = None
+            route.deadlines = None  # exchanges still running keep theirs to the end
             if route.http is not None:
                 await route.http.close()
                 route.http = None

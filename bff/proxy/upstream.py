@@ -161,7 +161,10 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         """The whole body; the connection then goes back to the pool."""
         try:
-            return await self.content.read()
+            content = self.content
+            if content.is_eof():  # all of it came already (a small answer, with its head)
+                return content.read_nowait()
+            return await content.read()
         finally:
             self.release()
 
@@ -240,30 +243,34 @@ class UpstreamPool:
         """Send ``method target`` with ``headers`` (and ``body``, streamed); the answer's head.
 
         Raises ``aiohttp.ClientError`` subclasses as ``ClientSession.request`` would."""
-        head = [("Host", self._host_header), *headers]
+        fields = [("Host", self._host_header), *headers]
         length: int | None = None
         if body is None:
             if method not in _GET_METHODS and not _has(headers, "content-length"):
-                head.append(("Content-Length", "0"))
+                fields.append(("Content-Length", "0"))
         else:
             given = _get(headers, "content-length")
             if given is not None:
                 length = int(given)
             else:
-                head.append(("Transfer-Encoding", "chunked"))
+                fields.append(("Transfer-Encoding", "chunked"))
         status_line = f"{method} {target} HTTP/1.1"
         try:
-            data = _serialize_headers(status_line, _as_headers(head))  # refuses CR and LF
+            data = _serialize_headers(status_line, _as_headers(fields))  # refuses CR and LF
         except ValueError as exc:
             raise aiohttp.ClientError(str(exc)) from None
         retry = body is None and method in _IDEMPOTENT
+        head = method == "HEAD"
         while True:
-            protocol, reused = await self._acquire()
+            protocol = self._idle_connection()
+            reused = protocol is not None
+            if protocol is None:
+                protocol, reused = await self._new_connection()
             try:
                 if body is None:
-                    return await self._exchange(protocol, method, data, None)
-                sending = _send_body(protocol, status_line, head, body, length)
-                return await self._exchange(protocol, method, data, sending)
+                    return await self._exchange(protocol, head, data, None)
+                sending = _send_body(protocol, status_line, fields, body, length)
+                return await self._exchange(protocol, head, data, sending)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
                 if not (retry and reused):
                     raise
@@ -272,28 +279,29 @@ class UpstreamPool:
     async def _exchange(
         self,
         protocol: ResponseHandler,
-        method: str,
-        head: bytes,
+        head: bool,
+        data: bytes,
         sending: Coroutine[None, None, None] | None,
     ) -> UpstreamResponse:
-        """One request on ``protocol``: ``head`` alone, or ``sending`` (head and body) in a task
-        of its own, so that an answer that comes before the body's end is read at once."""
-        protocol.set_response_params(
-            skip_payload=method == "HEAD",
-            read_until_eof=True,  # an answer without length or chunks ends when the socket does
-            auto_decompress=False,  # bodies pass through as they are
-            read_bufsize=_READ_BUFSIZE,
-            max_line_size=_MAX_LINE,
-            max_field_size=_MAX_FIELD,
-            max_headers=_MAX_HEADERS,
-        )
+        """One request on ``protocol``: ``data`` (the head) alone, or ``sending`` (head and
+        body) in a task of its own, so that an answer that comes before the body's end is read
+        at once."""
         writer: asyncio.Task[None] | None = None
         try:
+            protocol.set_response_params(
+                skip_payload=head,
+                read_until_eof=True,  # an answer without length or chunks ends with the socket
+                auto_decompress=False,  # bodies pass through as they are
+                read_bufsize=_READ_BUFSIZE,
+                max_line_size=_MAX_LINE,
+                max_field_size=_MAX_FIELD,
+                max_headers=_MAX_HEADERS,
+            )
             transport = protocol.transport
             if transport is None or transport.is_closing():
                 raise aiohttp.ServerDisconnectedError()
             if sending is None:
-                transport.write(head)
+                transport.write(data)
             else:
                 writer = asyncio.get_running_loop().create_task(sending)
                 sending = None
@@ -313,16 +321,24 @@ class UpstreamPool:
             self._closed()
             raise
 
-    async def _acquire(self) -> tuple[ResponseHandler, bool]:
-        """An idle connection (and True), or a new one (and False) once one may be opened."""
-        now = time.monotonic()
+    def _idle_connection(self) -> ResponseHandler | None:
+        """The most recently used idle connection still open, if any (no wait, no await)."""
         idle = self._idle
+        if not idle:
+            return None
+        now = time.monotonic()
         while idle:
             protocol, since = idle.pop()
             if now - since < self._keepalive and protocol.is_connected():
-                return protocol, True
+                return protocol
             protocol.close()
             self._open -= 1
+        return None
+
+    async def _new_connection(self) -> tuple[ResponseHandler, bool]:
+        """Once one may be opened, a new connection (and False); or an idle one handed back
+        while waiting for the limit (and True)."""
+        idle = self._idle
         while self._open >= self._limit:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 from aiohttp import web
@@ -130,3 +131,27 @@ async def test_above_info_the_line_is_not_even_built(
     assert [r for r in caplog.records if r.name == "bff.access"] == []
     with caplog.at_level(logging.INFO, logger="bff.access"), pytest.raises(AssertionError):
         await call("/api/x")  # the same call at info builds the line (the check can fail)
+
+
+def test_new_request_ids_are_distinct_and_random_across_reads() -> None:
+    from bff.access import _IDS_PER_READ, _new_id
+
+    ids = [_new_id() for _ in range(3 * _IDS_PER_READ + 5)]  # several reads of the OS's source
+    assert len(set(ids)) == len(ids)
+    assert all(len(rid) == 32 and int(rid, 16) >= 0 for rid in ids)
+
+
+def test_a_forked_child_never_hands_out_its_parents_next_ids() -> None:
+    from bff import access
+
+    access._new_id()  # the parent holds ids read ahead
+    assert access._ids
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, b"1" if not access._ids else b"0")
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"1"
+    os.close(read)

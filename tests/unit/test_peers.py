@@ -317,3 +317,67 @@ def test_peer_trusted_parses_an_address_once() -> None:
     with mock.patch("bff.peers.parse_node", side_effect=AssertionError("parsed again")):
         assert peers.peer_trusted(request("10.0.0.1")) is True
     assert peers.peer_trusted(request("10.0.0.9")) is True
+
+
+# -- what is kept between requests (bounded, never another key's answer) ---------------------------
+
+
+def test_the_chain_kept_for_one_peer_is_never_another_peers() -> None:
+    peers = Peers(["10.0.0.0/8"], PUBLIC)
+    for _ in range(2):  # the second round answers from what the first kept
+        assert peers.chain(request("10.0.0.1")) == ("10.0.0.1",)
+        assert peers.chain(request("198.51.100.7")) == ("198.51.100.7",)
+        assert peers.chain(request("::ffff:198.51.100.8")) == ("198.51.100.8",)
+        # An untrusted peer's headers are never read, kept answer or not.
+        assert peers.chain(request("198.51.100.7", [("X-Forwarded-For", "1.1.1.1")])) == (
+            "198.51.100.7",
+        )
+        assert peers.chain(request("10.0.0.1", [("X-Forwarded-For", "1.1.1.1")])) == (
+            "1.1.1.1",
+            "10.0.0.1",
+        )
+        assert peers.chain(request("10.0.0.2", [("X-Forwarded-For", "1.1.1.1")])) == (
+            "1.1.1.1",
+            "10.0.0.2",
+        )
+        assert peers.chain(request("10.0.0.1", [("X-Forwarded-For", "2.2.2.2")])) == (
+            "2.2.2.2",
+            "10.0.0.1",
+        )
+        assert peers.chain(request("10.0.0.1", [("X-Forwarded-For", "2.2.2.2, 10.0.0.3")])) == (
+            "2.2.2.2",
+            "10.0.0.3",
+            "10.0.0.1",
+        )
+        assert peers.chain(request("10.0.0.1", [("Forwarded", "for=3.3.3.3")])) == (
+            "3.3.3.3",
+            "10.0.0.1",
+        )
+
+
+def test_what_is_kept_between_requests_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("bff.peers._MEMO_MAX", 16)
+    peers = Peers(["10.0.0.0/8"], PUBLIC)
+    for i in range(300):
+        peer, client = f"10.0.{i // 256}.{i % 256}", f"198.51.{i // 256}.{i % 256}"
+        assert peers.chain(request(peer, [("X-Forwarded-For", client)])) == (client, peer)
+    assert len(peers._peers) == len(peers._walks) == 16
+    assert peers.chain(request("10.0.0.0", [("X-Forwarded-For", "198.51.0.0")])) == (
+        "198.51.0.0",
+        "10.0.0.0",
+    )
+
+
+def test_a_long_chain_is_not_kept_but_still_worked_out_once_per_request() -> None:
+    peers = Peers(["10.0.0.0/8"], PUBLIC)
+    # What a client wrote left of itself is ignored, but it is part of the hops all the same.
+    hops = ", ".join(["203.0.113.1"] * 60 + [f"10.1.0.{i}" for i in range(MAX_HOPS - 1)])
+    req = request("10.0.0.1", [("X-Forwarded-For", hops)])
+    first = peers.chain(req)
+    assert first[0] == "203.0.113.1" and len(first) == MAX_HOPS + 1
+    assert not peers._walks
+    with mock.patch("bff.peers.parse_node", side_effect=AssertionError("parsed again")):
+        assert peers.chain(req) is first
+    other = request("10.0.0.1", [("X-Forwarded-For", f"{hops}, 198.51.100.8, 10.2.0.1")])
+    assert peers.chain(other) == ("198.51.100.8", "10.2.0.1", "10.0.0.1")
+    assert not peers._walks

@@ -19,6 +19,7 @@ from bff.proxy.headers import (
     IDENTITY,
     OVERRIDES,
     REQUEST_DROP,
+    answer_fields,
     header_key,
     private_cache_control,
 )
@@ -88,6 +89,43 @@ def test_empty_segments_fold_so_they_cannot_dodge_a_longer_prefix() -> None:
 def test_encoded_characters_are_forwarded_canonically_encoded() -> None:
     assert ROUTES.resolve("/api/orders/caf%c3%a9%20x")[1] == "/v1/caf%C3%A9%20x"
     assert ROUTES.resolve("/api/orders/100%25")[1] == "/v1/100%25"
+
+
+def test_a_resolved_target_kept_is_never_another_targets_answer() -> None:
+    routes = table(
+        Upstream(path="/api", url="http://api.internal:9000"),
+        Upstream(path="/api/orders", url="http://orders.internal:8080/v1"),
+    )
+    expected = [
+        ("/api/orders/42", "/api/orders", "/v1/42"),
+        ("/api/orders/43", "/api/orders", "/v1/43"),
+        ("/api/orders/42?_method=DELETE&a=1", "/api/orders", "/v1/42?a=1"),
+        ("/api//orders/42", "/api/orders", "/v1/42"),
+        ("/api/ordersX", "/api", "/ordersX"),
+        ("/api/items", "/api", "/items"),
+    ]
+    for _ in range(2):  # the second round answers from what the first kept
+        for target, prefix, upstream in expected:
+            route, path = routes.resolve(target)
+            assert (route.prefix, path) == (prefix, upstream)
+        # A refusal is never kept as an answer, nor an answer given to a refused spelling.
+        for refused in ("/api/orders/../admin", "/api/orders/%2e%2e/admin"):
+            with pytest.raises(PathRejected):
+                routes.resolve(refused)
+        with pytest.raises(NotFound):
+            routes.resolve("/other")
+
+
+def test_the_kept_targets_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("bff.proxy.routing._RESOLVED_MAX", 8)
+    routes = table(Upstream(path="/api", url="http://api.internal"))
+    for i in range(40):
+        assert routes.resolve(f"/api/{i}")[1] == f"/{i}"
+    assert len(routes._resolved) == 8
+    assert routes.resolve("/api/0")[1] == "/0"
+    long = "/api/" + "x" * 600
+    assert routes.resolve(long)[1] == long[4:]
+    assert long not in routes._resolved
 
 
 def test_dotted_names_that_are_not_dot_segments_pass() -> None:
@@ -455,3 +493,81 @@ def test_a_users_answer_loses_the_headers_cdns_obey_over_cache_control() -> None
 def test_which_routes_answers_are_private(token: str, private: bool) -> None:
     routes = table(Upstream(path="/api", url="http://api.internal", token=token))  # type: ignore[arg-type]
     assert routes.routes[0].private is private
+
+
+# -- what the header policy keeps between requests (per name and drop set, bounded) --------------
+
+
+def test_a_names_verdict_kept_for_one_route_is_never_anothers() -> None:
+    routes = table(
+        Upstream(path="/a", url="http://a.internal", remove_headers=("x-debug",)),
+        Upstream(path="/b", url="http://b.internal"),
+    )
+    a, b = routes.routes if routes.routes[0].prefix == "/a" else routes.routes[::-1]
+    for _ in range(2):  # the second round answers from what the first kept
+        request = browser_request([("X-Debug", "1"), ("X_Debug", "2"), ("Accept", "x/y")])
+        assert upstream_headers(request, a.drop, (), (), None) == [("Accept", "x/y")]
+        assert upstream_headers(request, b.drop, (), (), None) == [
+            ("X-Debug", "1"),
+            ("X_Debug", "2"),
+            ("Accept", "x/y"),
+        ]
+
+
+def test_the_connection_list_kept_for_one_value_is_never_anothers() -> None:
+    sent = [("X-One", "1"), ("X_Two", "2"), ("Accept", "x/y")]
+    for _ in range(2):
+        one = browser_request([("Connection", "x-one"), *sent])
+        two = browser_request([("Connection", "X-Two"), *sent])
+        none = browser_request(sent)
+        assert upstream_headers(one, REQUEST_DROP, (), (), None) == [sent[1], sent[2]]
+        assert upstream_headers(two, REQUEST_DROP, (), (), None) == [sent[0], sent[2]]
+        assert upstream_headers(none, REQUEST_DROP, (), (), None) == sent
+        for private in (False, True):
+            answer = [("X-One", "1"), ("X-Two", "2"), ("ETag", '"e"')]
+            for connection, kept in (("x-one", ["X-Two", "ETag"]), ("X-TWO", ["X-One", "ETag"])):
+                headers = CIMultiDictProxy(CIMultiDict([("Connection", connection), *answer]))
+                out = downstream_headers(SimpleNamespace(headers=headers), private=private)  # type: ignore[arg-type]
+                assert [k for k in out if k != "Cache-Control"] == kept
+
+
+def test_an_answers_verdicts_differ_between_private_and_shared_routes() -> None:
+    headers = CIMultiDictProxy(CIMultiDict([("CDN-Cache-Control", "max-age=9"), ("ETag", '"e"')]))
+    for _ in range(2):
+        for private, names in (
+            (True, ["ETag", "Cache-Control"]),
+            (False, ["CDN-Cache-Control", "ETag"]),
+        ):
+            out = downstream_headers(SimpleNamespace(headers=headers), private=private)  # type: ignore[arg-type]
+            assert list(out) == names
+
+
+def test_an_answer_sent_whole_loses_only_the_upstreams_content_length() -> None:
+    headers = CIMultiDictProxy(
+        CIMultiDict([("Content-Length", "2"), ("ETag", '"e"'), ("Set-Cookie", "a=1")])
+    )
+    answer: Any = SimpleNamespace(headers=headers)
+    for _ in range(2):
+        for private in (False, True):
+            tail = [("Cache-Control", "private")] if private else []
+            assert answer_fields(answer, private=private, whole=True) == [("ETag", '"e"'), *tail]
+            assert answer_fields(answer, private=private) == [
+                ("Content-Length", "2"),
+                ("ETag", '"e"'),
+                *tail,
+            ]
+
+
+def test_the_kept_verdicts_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bff.proxy import headers as policy
+
+    monkeypatch.setattr(policy, "_VERDICTS", {})
+    monkeypatch.setattr(policy, "_CONNECTION_TOKENS", {})
+    monkeypatch.setattr(policy, "_NAMES_MAX", 8)
+    for i in range(40):
+        request = browser_request([(f"X-N{i}", "1"), ("Cookie", "s=1"), ("Connection", f"x-c{i}")])
+        assert upstream_headers(request, REQUEST_DROP, (), (), None) == [(f"X-N{i}", "1")]
+    assert [len(names) for names in policy._VERDICTS.values()] == [8]
+    assert len(policy._CONNECTION_TOKENS) == 8
+    request = browser_request([("X-N0", "1"), ("Cookie", "s=1")])
+    assert upstream_headers(request, REQUEST_DROP, (), (), None) == [("X-N0", "1")]
