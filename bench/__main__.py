@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -346,6 +347,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="make bench")
     parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each target, in turns; medians printed"
+    )
     parser.add_argument("--logins", type=int, default=1000)
     parser.add_argument("--stream-bytes", type=int, default=GiB)
     args = parser.parse_args()
@@ -415,17 +419,30 @@ upstreams:
                 result["bff_cpu_us"] = (_cpu_seconds(bff_pids) - before_bff) / requests * 1e6
                 return result
 
+            def interleaved(conns: int) -> list[dict[str, float]]:
+                """Each target ``--repeat`` times, in turns (so a noisy moment of the machine
+                hits one run of each, not every run of one), then each column's median."""
+                runs: list[list[dict[str, float]]] = [[] for _ in range(5)]
+                for _ in range(args.repeat):
+                    nginx_pids = _nginx_workers()
+                    for i, (url, headers, pids) in enumerate(
+                        (
+                            (f"http://127.0.0.1:{upstream}/items", {}, nginx_pids),
+                            (f"http://127.0.0.1:{baseline}/items", {}, nginx_pids),
+                            (f"{public}/api/items", auth, bff_pids),
+                            (f"http://127.0.0.1:{edge}/api/items", auth, bff_pids + nginx_pids),
+                            (f"http://127.0.0.1:{cached}/api/items", auth, bff_pids + nginx_pids),
+                        )
+                    ):
+                        runs[i].append(measured(url, conns, headers, pids))
+                return [
+                    {key: statistics.median(run[key] for run in target) for key in target[0]}
+                    for target in runs
+                ]
+
             rows = []
             for conns in (32, 256):
-                direct = measured(f"http://127.0.0.1:{upstream}/items", conns, {}, _nginx_workers())
-                plain = measured(f"http://127.0.0.1:{baseline}/items", conns, {}, _nginx_workers())
-                ours = measured(f"{public}/api/items", conns, auth, bff_pids)
-                at_edge = measured(
-                    f"http://127.0.0.1:{edge}/api/items", conns, auth, bff_pids + _nginx_workers()
-                )
-                with_cache = measured(
-                    f"http://127.0.0.1:{cached}/api/items", conns, auth, bff_pids + _nginx_workers()
-                )
+                direct, plain, ours, at_edge, with_cache = interleaved(conns)
                 rows.append((conns, direct, plain, ours, at_edge, with_cache))
             print()
             print(
@@ -456,7 +473,8 @@ upstreams:
                 )
             print(
                 "(CPU us/req: the measured processes' own CPU time per request - nginx counts "
-                "all its servers; bff its workers only; edge mode counts nginx and bff)"
+                "all its servers; bff its workers only; edge mode counts nginx and bff. Each "
+                f"figure is the median of {args.repeat} runs taken in turns with the others)"
             )
 
             # Streaming: 1 GiB down and 1 GiB up through bff, watching the workers' peak RSS.
