@@ -335,11 +335,19 @@ def request_done(
     response: web.StreamResponse | None,
     status: int,
     started: float,
+    *,
+    websocket: bool | None = None,
 ) -> None:
-    """Count a request that :func:`request_started` began, once, under its route label."""
+    """Count a request that :func:`request_started` began, once, under its route label.
+
+    ``websocket``: whether it was one, when the caller knows (the fast lane: never); else it is
+    told from the response (or, with none, a cancelled handshake) on a proxied route."""
     pending = _pending  # a flush may have swapped it during the request
     pending.in_flight -= 1
-    if kind == "proxy" and (
+    if websocket is not None:
+        if websocket:
+            kind = "websocket"
+    elif kind == "proxy" and (
         isinstance(response, web.WebSocketResponse)
         # A WebSocket's handler may end cancelled when the browser's connection goes.
         or (response is None and request.headers.get("Upgrade", "").lower() == "websocket")

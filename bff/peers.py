@@ -182,7 +182,9 @@ class Peers:
         hops = self._hops(request)
         if not hops:
             return own
-        if sum(map(len, hops)) > _WALK_KEY_MAX:  # too long to keep: walked once per request
+        # Too long to keep (in characters, or in hops: empty ones cost nothing in characters but
+        # a tuple slot each): walked once per request, never remembered.
+        if len(hops) > MAX_HOPS + 1 or sum(map(len, hops)) > _WALK_KEY_MAX:
             cached = request.get(_CHAIN)
             if cached is None:
                 cached = request[_CHAIN] = self._walk(own[0], hops)

@@ -306,10 +306,16 @@ class _LaneParser:
         messages, upgraded, tail = self._inner.feed_data(data)
         while messages and not upgraded:
             kept = self._handler.answer_now(messages)
-            if kept or len(messages) < MAX_MSG_QUEUE_SIZE:
+            if len(messages) < MAX_MSG_QUEUE_SIZE:
                 return kept, upgraded, tail
-            # The parser stopped at its queue limit and every message is answered: go on with
-            # the bytes it kept back, or they would wait for the client's next packet.
+            # The parser stopped at its queue limit and kept the rest of the bytes back. All
+            # answered: go on with them now. Some left for start(): fewer than the limit reach
+            # its queue, so aiohttp would not pause reading, and nothing would parse the rest
+            # before the client's next packet (a hang); pause as a full queue does, and start()
+            # parses the rest once it drained the queue.
+            if kept:
+                self._handler.pause_for_queue()
+                return kept, upgraded, tail
             messages, upgraded, tail = self._inner.feed_data(b"")
         return messages, upgraded, tail
 
@@ -350,6 +356,11 @@ class FrontDoorHandler(RequestHandler):
                 return messages[index:]
         return ()
 
+    def pause_for_queue(self) -> None:
+        """What aiohttp does when its message queue is full (see :class:`_LaneParser`)."""
+        if not self._buffer_paused:
+            self._pause_reading_for_buffer()
+
     def _answered(self, message: Any, payload: Any) -> bool:
         lane = self._lane
         entry = lane.exact(message.path) if lane is not None else None
@@ -374,8 +385,8 @@ class FrontDoorHandler(RequestHandler):
         try:
             if not lane.answer_now(cast(web.Request, request), entry, transport.write):
                 return False
-        except Exception as exc:  # a bug: the usual way answers it (a 500), and logs it
-            self.log_exception("fast lane", exc_info=exc)
+        except Exception as exc:  # a bug before anything was written (answer_now's promise):
+            self.log_exception("fast lane", exc_info=exc)  # the usual way answers it, a 500
             return False
         if self._parser is not None:
             self._parser.message_consumed()

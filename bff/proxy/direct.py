@@ -23,6 +23,7 @@ prefix an app route could also match (an upstream at ``/healthz``): there, the r
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final, TypeAlias
@@ -35,6 +36,8 @@ from bff import access, metrics
 from bff.middlewares import SecurityHeaders, error_answer
 
 __all__ = ["DIRECT", "DirectPath", "HandlerNow"]
+
+log = logging.getLogger("bff.proxy")
 
 #: A handler's synchronous form: the headers of its ``200`` with no body when it needs no I/O
 #: to give that answer, else None (see :meth:`DirectPath.answer_now`). Values must be ASCII
@@ -188,7 +191,8 @@ class DirectPath:
         False returned. Else the answer is written through ``write`` as one piece, with the same
         headers aiohttp and the app's hooks give it (``Content-Length``, ``Date``, the request
         id, :meth:`SecurityHeaders.fixed`; no ``Server``), and counted and logged as
-        :meth:`handle` counts and logs it.
+        :meth:`handle` counts and logs it. It raises only before anything is written: once the
+        answer is out, the usual way must not give a second one.
 
         The front door calls it from ``data_received`` for a GET with no body, so an edge's auth
         call that the session cache can decide costs no task, no coroutine, no response object
@@ -201,15 +205,24 @@ class DirectPath:
         headers = now(request)
         if headers is None:
             return False
-        metrics.request_started()
         rid = access.request_id(request)
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
         tail = f"Date: {rfc822_formatted_time()}\r\nX-Request-ID: {rid}\r\n{extra}\r\n"
         write(entry.head_200 + tail.encode())
-        metrics.request_done(request, entry.label, entry.kind, None, 200, started)
-        if self._access_log and access.wanted():
-            took = time.perf_counter() - started
-            access.write(request, entry.access_route, rid, 200, 0, took)
+        # Answered: whatever happens now, the usual way must not answer a second time.
+        try:
+            metrics.request_started()
+            metrics.request_done(
+                request, entry.label, entry.kind, None, 200, started, websocket=False
+            )
+            if self._access_log and access.wanted():
+                took = time.perf_counter() - started
+                access.write(request, entry.access_route, rid, 200, 0, took)
+        except Exception as exc:  # a bug in the bookkeeping: logged by type, never by message
+            log.error(
+                "fast_lane.bookkeeping_failed",
+                extra={"event": "fast_lane.bookkeeping_failed", "error": type(exc).__name__},
+            )
         return True
 
 

@@ -243,6 +243,97 @@ async def test_a_burst_longer_than_the_parsers_queue_is_answered_whole(
     assert lane.count(True) >= 400
 
 
+async def test_a_burst_the_lane_answers_only_in_part_is_answered_whole(
+    served: Served, lane: list[bool]
+) -> None:
+    """When the parser stopped at its queue limit and the lane left some of that batch to the
+    usual way, the rest of the bytes must still be parsed once the queue drains, without the
+    client sending anything more (found by review: a hang until the keep-alive timeout)."""
+    usual = {31, 60}
+    reader, writer = await asyncio.open_connection(HOST, served.port)
+    try:
+        writer.write(
+            b"".join(
+                ask(
+                    served.cookie,
+                    f"r{i}",
+                    target="/bff/authz?usual" if i in usual else "/bff/authz",
+                )
+                for i in range(100)
+            )
+        )
+        answers = await read_answers(reader, 100)
+    finally:
+        writer.close()
+    assert [a.get("X-Request-ID") for a in answers] == [f"r{i}" for i in range(100)]
+    assert lane.count(True) >= 31
+
+
+async def test_an_answer_the_lane_wrote_is_the_only_one_even_if_its_bookkeeping_fails(
+    served: Served,
+    lane: list[bool],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After the lane wrote its answer, an error (here from the access line, once) must not send
+    the request the usual way too: two answers to one request would pair every later answer on
+    the connection with the wrong request."""
+    from bff import access
+
+    real = access.write
+    failures = [RuntimeError("access line")]
+
+    def broken_once(*args: Any, **kwargs: Any) -> None:
+        if failures:
+            raise failures.pop()
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(access, "write", broken_once)
+    caplog.set_level(logging.INFO, logger="bff.access")  # access lines wanted: write is called
+    reader, writer = await asyncio.open_connection(HOST, served.port)
+    try:
+        writer.write(ask(served.cookie, "one"))
+        writer.write(ask(served.cookie, "two", target="/bff/authz?usual"))
+        answers = await read_answers(reader, 2)
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 30) == b""  # and nothing more
+    finally:
+        writer.close()
+    assert [a.get("X-Request-ID") for a in answers] == ["one", "two"]
+    assert lane == [True] and not failures
+    assert any(r.msg == "fast_lane.bookkeeping_failed" for r in caplog.records)
+
+
+async def test_a_websocket_handshakes_auth_call_is_counted_as_a_call_not_a_websocket(
+    served: Served, lane: list[bool]
+) -> None:
+    """nginx passes ``Upgrade`` on to the auth call without ``Connection: upgrade``; the usual
+    way counts that call under ``kind="proxy"``, and so must the lane."""
+    metrics.flush()
+
+    def count(kind: str) -> float:
+        return sum(
+            sample.value
+            for metric in metrics.REQUEST_SECONDS.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_count") and sample.labels.get("kind") == kind
+        )
+
+    before = {kind: count(kind) for kind in ("proxy", "websocket")}
+    reader, writer = await asyncio.open_connection(HOST, served.port)
+    try:
+        writer.write(
+            ask(served.cookie, "ws").replace(b"\r\n\r\n", b"\r\nUpgrade: websocket\r\n\r\n")
+        )
+        (answer,) = await read_answers(reader, 1)
+    finally:
+        writer.close()
+    assert lane == [True] and answer.status == 200
+    metrics.flush()
+    assert count("proxy") == before["proxy"] + 1
+    assert count("websocket") == before["websocket"]
+
+
 async def test_a_client_that_does_not_read_gets_every_answer_in_order_once_it_does(
     served: Served, lane: list[bool]
 ) -> None:

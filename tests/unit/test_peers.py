@@ -381,3 +381,18 @@ def test_a_long_chain_is_not_kept_but_still_worked_out_once_per_request() -> Non
     other = request("10.0.0.1", [("X-Forwarded-For", f"{hops}, 198.51.100.8, 10.2.0.1")])
     assert peers.chain(other) == ("198.51.100.8", "10.2.0.1", "10.0.0.1")
     assert not peers._walks
+
+
+def test_a_chain_of_many_empty_hops_is_not_kept() -> None:
+    """Empty hops cost nothing in characters but a tuple slot each: a trusted proxy passing a
+    browser's ``X-Forwarded-For`` of commas must not make the memo hold thousands of slots per
+    entry (found by review: ~1 GiB per worker with 4096 such entries)."""
+    peers = Peers(["10.0.0.0/8"], PUBLIC)
+    for n in (MAX_HOPS + 1, 500, 5000):
+        req = request("10.0.0.1", [("X-Forwarded-For", "," * n + "198.51.100.7")])
+        # The walk stops at the rightmost untrusted hop; what a client wrote left of it is ignored.
+        assert peers.chain(req) == ("198.51.100.7", "10.0.0.1")
+    assert not peers._walks
+    short = request("10.0.0.1", [("X-Forwarded-For", "198.51.100.7")])
+    assert peers.chain(short) == ("198.51.100.7", "10.0.0.1")
+    assert len(peers._walks) == 1  # a short chain is still kept
