@@ -8,7 +8,8 @@ Layout (all on 127.0.0.1, free ports):
 
 * nginx #1, the *upstream*: answers ``200 ok`` to everything, keep-alive.
 * nginx #2, the *baseline proxy*: ``proxy_pass`` to the upstream with a fixed Authorization header.
-* nginx #3, the *edge*: edge mode as ``deploy/edge/nginx.conf`` does it, ``auth_request`` to bff's
+* nginx #3, the *edge*: edge mode as ``deploy/edge/nginx.conf`` does it (the same directives on
+  the API path), ``auth_request`` to bff's
   ``/bff/authz`` (from 127.0.0.2, bff's only trusted proxy, so the direct runs stay untrusted)
   and ``proxy_pass`` to the upstream with the bearer bff answered; on a second port the same with
   ``deploy/edge/nginx.conf``'s optional auth cache on (1 s, one session: nearly every call a hit).
@@ -60,19 +61,30 @@ _AUTHZ_CACHE = """
 
 
 def _edge_server(port: int, *, cache: bool) -> str:
-    """An nginx server in edge mode as deploy/edge/nginx.conf has it, reduced to the API path."""
+    """An nginx server in edge mode as deploy/edge/nginx.conf has it on the API path: the same
+    directives in the API location and the auth subrequest (WebSocket and DPoP headers, no
+    buffering, the forwarding chain, the denied call's second look), the cache as it ships."""
     return f"""
   server {{
     listen 127.0.0.1:{port} reuseport;
     location /api/ {{
       auth_request /_bff_authz;
       auth_request_set $bff_authorization $upstream_http_authorization;
+      auth_request_set $bff_dpop $upstream_http_dpop;
+      error_page 401 403 500 = @bff_denied;
       proxy_pass http://api/;
       proxy_http_version 1.1;
-      proxy_set_header Connection "";
       proxy_set_header Authorization $bff_authorization;
+      proxy_set_header DPoP $bff_dpop;
       proxy_set_header Cookie "";
-      proxy_set_header X-Forwarded-For $remote_addr;
+      proxy_set_header Host $proxy_host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection $connection_upgrade;
+      proxy_hide_header Set-Cookie;
+      proxy_buffering off;
+      proxy_request_buffering off;
+      proxy_read_timeout 300s;
     }}
     location = /_bff_authz {{
       internal;
@@ -83,7 +95,25 @@ def _edge_server(port: int, *, cache: bool) -> str:
       proxy_set_header Content-Length "";
       proxy_set_header Connection "";
       proxy_set_header X-Original-URI $request_uri;
-      proxy_set_header X-Original-Method $request_method;{_AUTHZ_CACHE if cache else ""}
+      proxy_set_header X-Original-Method $request_method;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;{_AUTHZ_CACHE if cache else ""}
+    }}
+    location @bff_denied {{
+      rewrite ^ /bff/authz break;
+      proxy_pass http://bff;
+      proxy_bind 127.0.0.2;
+      proxy_http_version 1.1;
+      proxy_method GET;
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length "";
+      proxy_set_header Connection "";
+      proxy_set_header X-Original-URI $request_uri;
+      proxy_set_header X-Original-Method $request_method;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Bff-Denied 1;
+      proxy_hide_header Authorization;
     }}
   }}"""
 
@@ -130,6 +160,7 @@ http {{
     }}
   }}
   upstream bff {{ server 127.0.0.1:{bff_port}; keepalive 256; }}
+  map $http_upgrade $connection_upgrade {{ default upgrade; "" ""; }}
   proxy_cache_path {workdir}/authz keys_zone=bff_authz:10m inactive=10s use_temp_path=off;
 {_edge_server(edge_port, cache=False)}
 {_edge_server(cached_port, cache=True)}
