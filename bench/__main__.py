@@ -60,6 +60,19 @@ _AUTHZ_CACHE = """
       proxy_ignore_headers Cache-Control Expires;"""
 
 
+# How the edge asks bff (the auth subrequest and the denied call's second look), from 127.0.0.2.
+_ASK_BFF = """
+      proxy_bind 127.0.0.2;
+      proxy_http_version 1.1;
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length "";
+      proxy_set_header Connection "";
+      proxy_set_header X-Original-URI $request_uri;
+      proxy_set_header X-Original-Method $request_method;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"""
+
+
 def _edge_server(port: int, *, cache: bool) -> str:
     """An nginx server in edge mode as deploy/edge/nginx.conf has it on the API path: the same
     directives in the API location and the auth subrequest (WebSocket and DPoP headers, no
@@ -88,30 +101,12 @@ def _edge_server(port: int, *, cache: bool) -> str:
     }}
     location = /_bff_authz {{
       internal;
-      proxy_pass http://bff/bff/authz;
-      proxy_bind 127.0.0.2;
-      proxy_http_version 1.1;
-      proxy_pass_request_body off;
-      proxy_set_header Content-Length "";
-      proxy_set_header Connection "";
-      proxy_set_header X-Original-URI $request_uri;
-      proxy_set_header X-Original-Method $request_method;
-      proxy_set_header Upgrade $http_upgrade;
-      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;{_AUTHZ_CACHE if cache else ""}
+      proxy_pass http://bff/bff/authz;{_ASK_BFF}{_AUTHZ_CACHE if cache else ""}
     }}
     location @bff_denied {{
       rewrite ^ /bff/authz break;
       proxy_pass http://bff;
-      proxy_bind 127.0.0.2;
-      proxy_http_version 1.1;
-      proxy_method GET;
-      proxy_pass_request_body off;
-      proxy_set_header Content-Length "";
-      proxy_set_header Connection "";
-      proxy_set_header X-Original-URI $request_uri;
-      proxy_set_header X-Original-Method $request_method;
-      proxy_set_header Upgrade $http_upgrade;
-      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_method GET;{_ASK_BFF}
       proxy_set_header X-Bff-Denied 1;
       proxy_hide_header Authorization;
     }}
