@@ -50,10 +50,11 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from bff import dpop, metrics, tracing
+from bff.background import Background
 from bff.errors import ProviderUnavailable, SessionExpired, StoreUnavailable
 from bff.locks import StoreLock, poll_delays
 from bff.metrics import Metrics
@@ -99,7 +100,7 @@ class TokenRefresher:
         self.caller_timeout: float = oidc.settings.http_timeout
         # ... and how long the holder itself goes on waiting for the OP's answer (see above).
         self.answer_timeout = answer_timeout
-        self._background: set[asyncio.Future[Any]] = set()
+        self._background = Background()  # refreshes that outlive their callers
         self._short_lifetime_logged = False
         self._metrics = metrics or Metrics()
         self._clock = clock
@@ -208,7 +209,7 @@ class TokenRefresher:
             if await lock.acquire():
                 tracing.end_span(wait)
                 metrics.observe_lock_wait("acquired", started)
-                work = self._spawn(self._refresh_then_release(lock, session, force))
+                work = self._background.spawn(self._refresh_then_release(lock, session, force))
                 try:
                     return await asyncio.wait_for(asyncio.shield(work), self.caller_timeout)
                 except (ProviderUnavailable, TimeoutError) as exc:
@@ -230,18 +231,6 @@ class TokenRefresher:
                 return fresh
             if self._clock() > deadline:
                 raise ProviderUnavailable("a token refresh is taking too long")
-
-    def _spawn(self, work: Coroutine[Any, Any, Session]) -> asyncio.Future[Session]:
-        """A task nobody's cancellation stops, kept referenced until it ends."""
-        task = asyncio.ensure_future(work)
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
-        return task
-
-    def _background_done(self, task: asyncio.Future[Any]) -> None:
-        self._background.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: the callers already had their answer
 
     async def _refresh_then_release(
         self, lock: StoreLock, session: Session, force: bool

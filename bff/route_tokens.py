@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from bff import dpop
+from bff.background import Background
 from bff.errors import Forbidden, ProviderUnavailable, SessionExpired, StoreUnavailable
 from bff.keys import DecryptError, open_sealed, seal, secret_key
 from bff.locks import StoreLock, poll_delays
@@ -177,7 +178,7 @@ class RouteTokens:
         self._clock = clock
         self._plans: dict[int, RoutePlan | None] = {}
         self._inflight: dict[tuple[str, ...], asyncio.Future[Any]] = {}
-        self._background: set[asyncio.Future[Any]] = set()
+        self._background = Background()  # refreshes that outlive their callers
         self._local: dict[tuple[str, str], _Exchanged] = {}
         self._forced_at: dict[tuple[str, str], float] = {}
 
@@ -252,17 +253,6 @@ class RouteTokens:
         if not task.cancelled():
             task.exception()  # retrieved: every caller may have gone away
 
-    def _spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
-        task = asyncio.ensure_future(work)
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
-        return task
-
-    def _background_done(self, task: asyncio.Future[Any]) -> None:
-        self._background.discard(task)
-        if not task.cancelled():
-            task.exception()
-
     # -- resource tokens: the session's single flight -------------------------------------------
 
     @staticmethod
@@ -307,7 +297,9 @@ class RouteTokens:
         delays = poll_delays()
         while True:
             if await lock.acquire():
-                work = self._spawn(self._resource_then_release(lock, session, plan, rejected))
+                work = self._background.spawn(
+                    self._resource_then_release(lock, session, plan, rejected)
+                )
                 try:
                     return await asyncio.wait_for(asyncio.shield(work), self.caller_timeout)
                 except TimeoutError:
